@@ -1,0 +1,653 @@
+//! Istio configuration as typed serde structs, and loading it from YAML files.
+//!
+//! Input: paths to files or directories of `.yaml`/`.yml` (multi-document). Output: a
+//! [`ConfigSet`] holding every Istio networking object (any of `v1alpha3`, `v1beta1`, `v1`) and
+//! the Kubernetes Services found beside them, plus load diagnostics: parse errors naming file,
+//! line, object and field path; one info line per skipped kind; a warning per [later] field.
+//! Objects without a namespace are in `default`.
+
+pub mod common;
+pub mod destination_rule;
+pub mod gateway;
+pub mod service_entry;
+pub mod virtual_service;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+pub use self::common::*;
+pub use self::destination_rule::*;
+pub use self::gateway::*;
+pub use self::service_entry::*;
+pub use self::virtual_service::*;
+use crate::diagnostic::{Diagnostic, ObjectRef, Severity, Source, codes};
+
+/// The namespace of objects that do not name one.
+pub const DEFAULT_NAMESPACE: &str = "default";
+/// Istio's API group for traffic management.
+pub const ISTIO_NETWORKING_GROUP: &str = "networking.istio.io";
+/// Versions of the group that share one schema.
+pub const ISTIO_VERSIONS: [&str; 3] = ["v1alpha3", "v1beta1", "v1"];
+
+/// `metadata` of an object, the fields nodeproxy uses.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    /// `metadata.name`.
+    #[serde(default)]
+    pub name: String,
+    /// `metadata.namespace` (default `default`).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// RFC 3339 creation time; orders conflicting VirtualServices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
+}
+
+/// One object of the set: its identity, where it came from, and its spec.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Object<T> {
+    /// `metadata.name`.
+    pub name: String,
+    /// Namespace, `default` when unset.
+    pub namespace: String,
+    /// Labels.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Creation time if the object carries one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub creation_timestamp: Option<String>,
+    /// File and line it was read from.
+    pub source: Source,
+    /// The typed spec.
+    pub spec: T,
+}
+
+impl<T> Object<T> {
+    /// `kind/namespace/name` for diagnostics.
+    pub fn object_ref(&self, kind: &str) -> ObjectRef {
+        ObjectRef {
+            kind: kind.to_string(),
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// Every object nodeproxy uses, in load order (file order, then document order).
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigSet {
+    /// VirtualServices.
+    pub virtual_services: Vec<Object<VirtualService>>,
+    /// DestinationRules.
+    pub destination_rules: Vec<Object<DestinationRule>>,
+    /// Gateways.
+    pub gateways: Vec<Object<Gateway>>,
+    /// ServiceEntries.
+    pub service_entries: Vec<Object<ServiceEntry>>,
+    /// WorkloadEntries.
+    pub workload_entries: Vec<Object<WorkloadEntry>>,
+    /// Kubernetes Services (registry entries with `<name>.<ns>.svc.cluster.local` hosts).
+    pub kube_services: Vec<Object<KubeService>>,
+}
+
+/// Istio kinds nodeproxy models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `VirtualService`.
+    VirtualService,
+    /// `DestinationRule`.
+    DestinationRule,
+    /// `Gateway`.
+    Gateway,
+    /// `ServiceEntry`.
+    ServiceEntry,
+    /// `WorkloadEntry`.
+    WorkloadEntry,
+    /// Kubernetes `Service` (core/v1).
+    KubeService,
+}
+
+impl Kind {
+    /// The `kind:` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::Gateway => "Gateway",
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::WorkloadEntry => "WorkloadEntry",
+            Kind::KubeService => "Service",
+        }
+    }
+
+    fn from_api(api_version: &str, kind: &str) -> Result<Option<Kind>, String> {
+        if let Some(version) = api_version.strip_prefix("networking.istio.io/") {
+            let k = match kind {
+                "VirtualService" => Kind::VirtualService,
+                "DestinationRule" => Kind::DestinationRule,
+                "Gateway" => Kind::Gateway,
+                "ServiceEntry" => Kind::ServiceEntry,
+                "WorkloadEntry" => Kind::WorkloadEntry,
+                _ => return Ok(None),
+            };
+            if !ISTIO_VERSIONS.contains(&version) {
+                return Err(format!(
+                    "unknown apiVersion `{api_version}` (expected one of networking.istio.io/v1alpha3, v1beta1, v1)"
+                ));
+            }
+            return Ok(Some(k));
+        }
+        if api_version == "v1" && kind == "Service" {
+            return Ok(Some(Kind::KubeService));
+        }
+        Ok(None)
+    }
+}
+
+impl ConfigSet {
+    /// Load every path (file or directory, recursively, `.yaml`/`.yml` in name order).
+    /// Returns what could be loaded and the diagnostics; an unreadable path is an error
+    /// diagnostic, never a panic.
+    pub fn load(paths: &[PathBuf]) -> (ConfigSet, Vec<Diagnostic>) {
+        let mut set = ConfigSet::default();
+        let mut diags = Vec::new();
+        for path in paths {
+            match collect_files(path) {
+                Ok(files) => {
+                    for file in files {
+                        match std::fs::read_to_string(&file) {
+                            Ok(text) => set.load_str(&file, &text, &mut diags),
+                            Err(e) => diags.push(read_error(&file, &e)),
+                        }
+                    }
+                }
+                Err(e) => diags.push(read_error(path, &e)),
+            }
+        }
+        set.check_duplicates(&mut diags);
+        (set, diags)
+    }
+
+    /// Load a multi-document YAML text as if read from `file`.
+    pub fn load_str(&mut self, file: &Path, text: &str, diags: &mut Vec<Diagnostic>) {
+        for (index, (line, doc)) in split_documents(text).into_iter().enumerate() {
+            let source = Source {
+                file: file.to_path_buf(),
+                line,
+                document: index,
+            };
+            self.load_document(doc, source, diags);
+        }
+    }
+
+    /// Parse one document; on failure record a diagnostic and load nothing from it.
+    fn load_document(&mut self, doc: &str, source: Source, diags: &mut Vec<Diagnostic>) {
+        let value: serde_yaml::Value = match serde_yaml::from_str(doc) {
+            Ok(v) => v,
+            Err(e) => {
+                let mut src = source.clone();
+                if let Some(loc) = e.location() {
+                    src.line += loc.line().saturating_sub(1);
+                }
+                let mut d = Diagnostic::new(
+                    codes::PARSE_ERROR,
+                    Severity::Error,
+                    format!("invalid YAML: {e}"),
+                );
+                d.source = Some(src);
+                diags.push(d);
+                return;
+            }
+        };
+        if value.is_null() {
+            return; // empty document (comments only, trailing `---`)
+        }
+        let str_at = |k: &str| {
+            value
+                .get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_string()
+        };
+        let api_version = str_at("apiVersion");
+        let kind_name = str_at("kind");
+        let meta = value.get("metadata");
+        let name = meta
+            .and_then(|m| m.get("name"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        let namespace = meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(|v| v.as_str())
+            .unwrap_or(DEFAULT_NAMESPACE)
+            .to_string();
+        let obj = ObjectRef {
+            kind: if kind_name.is_empty() {
+                "<no kind>".into()
+            } else {
+                kind_name.clone()
+            },
+            namespace,
+            name: if name.is_empty() {
+                "<no name>".into()
+            } else {
+                name.clone()
+            },
+        };
+        if kind_name == "List" && api_version == "v1" {
+            if let Some(items) = value.get("items").and_then(|v| v.as_sequence()) {
+                for item in items {
+                    if let Ok(text) = serde_yaml::to_string(item) {
+                        self.load_document(&text, source.clone(), diags);
+                    }
+                }
+            }
+            return;
+        }
+        let kind = match Kind::from_api(&api_version, &kind_name) {
+            Ok(Some(k)) => k,
+            Ok(None) => {
+                let what = if api_version.is_empty() && kind_name.is_empty() {
+                    "document has no apiVersion/kind, skipped".to_string()
+                } else {
+                    format!("{api_version} {kind_name} is not used by nodeproxy, skipped")
+                };
+                diags.push(
+                    Diagnostic::new(codes::SKIPPED_KIND, Severity::Info, what).on(obj, source),
+                );
+                return;
+            }
+            Err(msg) => {
+                diags.push(
+                    Diagnostic::new(codes::PARSE_ERROR, Severity::Error, msg)
+                        .on(obj, source)
+                        .at("apiVersion"),
+                );
+                return;
+            }
+        };
+        if name.is_empty() {
+            diags.push(
+                Diagnostic::new(
+                    codes::PARSE_ERROR,
+                    Severity::Error,
+                    "object has no metadata.name",
+                )
+                .on(obj.clone(), source.clone())
+                .at("metadata.name"),
+            );
+            return;
+        }
+        let ok = match kind {
+            Kind::VirtualService => push(doc, &obj, &source, diags, &mut self.virtual_services),
+            Kind::DestinationRule => push(doc, &obj, &source, diags, &mut self.destination_rules),
+            Kind::Gateway => push(doc, &obj, &source, diags, &mut self.gateways),
+            Kind::ServiceEntry => push(doc, &obj, &source, diags, &mut self.service_entries),
+            Kind::WorkloadEntry => push(doc, &obj, &source, diags, &mut self.workload_entries),
+            Kind::KubeService => push(doc, &obj, &source, diags, &mut self.kube_services),
+        };
+        if ok && kind != Kind::KubeService {
+            report_later_fields(kind, &value, &obj, &source, diags);
+        }
+    }
+
+    /// Two objects with one identity: the later one is reported (Kubernetes would have
+    /// replaced it; silently keeping both hides a mistake).
+    fn check_duplicates(&self, diags: &mut Vec<Diagnostic>) {
+        fn check<T>(kind: &str, objs: &[Object<T>], diags: &mut Vec<Diagnostic>) {
+            let mut seen: BTreeMap<(&str, &str), &Source> = BTreeMap::new();
+            for o in objs {
+                if let Some(first) = seen.insert((&o.namespace, &o.name), &o.source) {
+                    diags.push(
+                        Diagnostic::new(
+                            codes::DUPLICATE_OBJECT,
+                            Severity::Error,
+                            format!("defined twice (first at {first})"),
+                        )
+                        .on(o.object_ref(kind), o.source.clone()),
+                    );
+                }
+            }
+        }
+        check("VirtualService", &self.virtual_services, diags);
+        check("DestinationRule", &self.destination_rules, diags);
+        check("Gateway", &self.gateways, diags);
+        check("ServiceEntry", &self.service_entries, diags);
+        check("WorkloadEntry", &self.workload_entries, diags);
+        check("Service", &self.kube_services, diags);
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope<T> {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(default = "Option::default")]
+    spec: Option<T>,
+}
+
+/// Deserialize `doc` as `T` with field-path tracking; push on success.
+fn push<T: DeserializeOwned + Default>(
+    doc: &str,
+    obj: &ObjectRef,
+    source: &Source,
+    diags: &mut Vec<Diagnostic>,
+    into: &mut Vec<Object<T>>,
+) -> bool {
+    let de = serde_yaml::Deserializer::from_str(doc);
+    match serde_path_to_error::deserialize::<_, Envelope<T>>(de) {
+        Ok(env) => {
+            into.push(Object {
+                name: env.metadata.name,
+                namespace: env
+                    .metadata
+                    .namespace
+                    .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
+                labels: env.metadata.labels,
+                creation_timestamp: env.metadata.creation_timestamp,
+                source: source.clone(),
+                spec: env.spec.unwrap_or_default(),
+            });
+            true
+        }
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let mut src = source.clone();
+            if let Some(loc) = inner.location() {
+                src.line += loc.line().saturating_sub(1);
+            }
+            // serde_yaml appends " at line L column C" (relative to the document); we report the
+            // absolute line in the prefix instead.
+            let msg = inner.to_string();
+            let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+            diags.push(
+                Diagnostic::new(codes::PARSE_ERROR, Severity::Error, msg)
+                    .on(obj.clone(), src)
+                    .at(path),
+            );
+            false
+        }
+    }
+}
+
+/// Split a multi-document YAML text on `---` lines; returns (1-based first line, text).
+fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let mut start_byte = 0;
+    let mut start_line = 1;
+    let mut offset = 0;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let trimmed = line.trim_end();
+        let is_sep =
+            trimmed == "---" || trimmed.starts_with("--- ") || trimmed.starts_with("---\t");
+        if is_sep {
+            docs.push((start_line, &text[start_byte..offset]));
+            start_byte = offset + line.len();
+            start_line = i + 2;
+        }
+        offset += line.len();
+    }
+    docs.push((start_line, &text[start_byte..]));
+    docs
+}
+
+/// Files under `path`: the file itself, or every `.yaml`/`.yml` below a directory, sorted.
+fn collect_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut out = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(path)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let p = entry.path();
+        if entry.file_type()?.is_dir() {
+            out.extend(collect_files(&p)?);
+        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+fn read_error(path: &Path, e: &std::io::Error) -> Diagnostic {
+    let mut d = Diagnostic::new(
+        codes::READ_ERROR,
+        Severity::Error,
+        format!("cannot read: {e}"),
+    );
+    d.source = Some(Source {
+        file: path.to_path_buf(),
+        line: 0,
+        document: 0,
+    });
+    d
+}
+
+/// Fields of the [later] tier, as paths below the object (`[]` = every element).
+fn later_fields(kind: Kind) -> Vec<String> {
+    let policy = [
+        "loadBalancer.zoneAwareLbSetting",
+        "loadBalancer.warmup",
+        "loadBalancer.warmupDurationSecs",
+        "connectionPool.http.maxConcurrentStreams",
+        "connectionPool.http.http2KeepAlive",
+        "outlierDetection.outlierDetectionHttpErrorCodes",
+        "loadBalancer.consistentHash.httpCookie.attributes",
+        "tls",
+    ];
+    let policy_only = ["tunnel", "proxyProtocol", "retryBudget"];
+    let mut out = Vec::new();
+    match kind {
+        Kind::VirtualService => {
+            out.extend(
+                [
+                    "spec.http[].delegate",
+                    "spec.http[].match[].statPrefix",
+                    "spec.http[].retries.retryRemoteLocalities",
+                    "spec.tcp[].match[].sourceSubnet",
+                ]
+                .map(String::from),
+            );
+        }
+        Kind::DestinationRule => {
+            out.push("spec.workloadSelector".into());
+            for base in ["spec.trafficPolicy", "spec.subsets[].trafficPolicy"] {
+                for f in policy.iter().chain(policy_only.iter()) {
+                    out.push(format!("{base}.{f}"));
+                }
+                for f in policy {
+                    out.push(format!("{base}.portLevelSettings[].{f}"));
+                }
+            }
+        }
+        Kind::Gateway => {
+            for f in [
+                "bind",
+                "name",
+                "defaultEndpoint",
+                "tls.credentialNames",
+                "tls.tlsCertificates",
+                "tls.caCrl",
+                "tls.caCertCredentialName",
+                "tls.subjectAltNames",
+                "tls.verifyCertificateSpki",
+                "tls.verifyCertificateHash",
+                "tls.minProtocolVersion",
+                "tls.maxProtocolVersion",
+                "tls.cipherSuites",
+            ] {
+                out.push(format!("spec.servers[].{f}"));
+            }
+        }
+        Kind::ServiceEntry => out.push("spec.subjectAltNames".into()),
+        Kind::WorkloadEntry | Kind::KubeService => {}
+    }
+    out
+}
+
+fn report_later_fields(
+    kind: Kind,
+    value: &serde_yaml::Value,
+    obj: &ObjectRef,
+    source: &Source,
+    diags: &mut Vec<Diagnostic>,
+) {
+    for pattern in later_fields(kind) {
+        let mut found = Vec::new();
+        find_paths(value, &pattern, String::new(), &mut found);
+        for path in found {
+            diags.push(
+                Diagnostic::new(
+                    codes::UNSUPPORTED_FIELD,
+                    Severity::Warning,
+                    "field is not supported by nodeproxy, ignored",
+                )
+                .on(obj.clone(), source.clone())
+                .at(path),
+            );
+        }
+    }
+}
+
+/// Walk `value` along a dotted pattern (`a.b[].c`), collecting concrete paths that exist.
+fn find_paths(value: &serde_yaml::Value, pattern: &str, prefix: String, out: &mut Vec<String>) {
+    let (head, rest) = match pattern.split_once('.') {
+        Some((h, r)) => (h, Some(r)),
+        None => (pattern, None),
+    };
+    let (key, each) = match head.strip_suffix("[]") {
+        Some(k) => (k, true),
+        None => (head, false),
+    };
+    let Some(child) = value.get(key) else { return };
+    if child.is_null() {
+        return;
+    }
+    let here = if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    };
+    if each {
+        if let Some(items) = child.as_sequence() {
+            for (i, item) in items.iter().enumerate() {
+                let p = format!("{here}[{i}]");
+                match rest {
+                    Some(r) => find_paths(item, r, p, out),
+                    None => out.push(p),
+                }
+            }
+        }
+    } else {
+        match rest {
+            Some(r) => find_paths(child, r, here, out),
+            None => out.push(here),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> (ConfigSet, Vec<Diagnostic>) {
+        let mut set = ConfigSet::default();
+        let mut diags = Vec::new();
+        set.load_str(Path::new("t.yaml"), text, &mut diags);
+        (set, diags)
+    }
+
+    #[test]
+    fn all_three_versions_load_alike() {
+        for v in ISTIO_VERSIONS {
+            let (set, diags) = load(&format!(
+                "apiVersion: networking.istio.io/{v}\nkind: VirtualService\nmetadata: {{name: r}}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {{host: reviews, subset: v1}}\n"
+            ));
+            assert!(diags.is_empty(), "{diags:?}");
+            assert_eq!(set.virtual_services[0].namespace, "default");
+            assert_eq!(
+                set.virtual_services[0].spec.http[0].route[0]
+                    .destination
+                    .subset
+                    .as_deref(),
+                Some("v1")
+            );
+        }
+    }
+
+    #[test]
+    fn errors_name_file_line_object_and_field() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: r\n  namespace: shop\nspec:\n  hosts: [reviews]\n  http:\n  - retries:\n      attempts: 3\n      retryon: 5xx\n";
+        let (set, diags) = load(text);
+        assert!(set.virtual_services.is_empty());
+        let skipped: Vec<_> = diags
+            .iter()
+            .filter(|d| d.code == codes::SKIPPED_KIND)
+            .collect();
+        assert_eq!(skipped.len(), 1);
+        let err = diags.iter().find(|d| d.is_error()).expect("an error");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("t.yaml:15: ERROR NP0001 VirtualService/shop/r:"),
+            "{text}"
+        );
+        assert!(text.contains("retryon"), "{text}");
+        assert_eq!(err.field.as_deref(), Some("spec.http[0].retries.retryon"));
+    }
+
+    #[test]
+    fn bad_duration_is_an_error_with_path() {
+        let (_, diags) = load(
+            "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [a]\n  http:\n  - timeout: 3x\n    route: [{destination: {host: a}}]\n",
+        );
+        let err = diags.iter().find(|d| d.is_error()).expect("error");
+        assert_eq!(err.field.as_deref(), Some("spec.http[0].timeout"));
+        assert!(err.message.contains("3x"), "{}", err.message);
+    }
+
+    #[test]
+    fn later_fields_are_warned_not_rejected() {
+        let (set, diags) = load(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL}\n  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy:\n      loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 10s}\n",
+        );
+        assert_eq!(set.destination_rules.len(), 1);
+        let fields: Vec<_> = diags.iter().filter_map(|d| d.field.clone()).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "spec.trafficPolicy.tls",
+                "spec.subsets[0].trafficPolicy.loadBalancer.warmupDurationSecs"
+            ]
+        );
+        assert!(diags.iter().all(|d| d.severity == Severity::Warning));
+    }
+
+    #[test]
+    fn documents_split_with_lines() {
+        let docs = split_documents("a: 1\n---\nb: 2\n--- # c\nc: 3\n");
+        assert_eq!(docs.iter().map(|d| d.0).collect::<Vec<_>>(), vec![1, 3, 5]);
+    }
+
+    #[test]
+    fn unknown_istio_version_is_an_error() {
+        let (_, diags) = load(
+            "apiVersion: networking.istio.io/v2\nkind: Gateway\nmetadata: {name: g}\nspec: {}\n",
+        );
+        assert!(diags[0].is_error());
+    }
+}

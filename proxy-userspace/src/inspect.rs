@@ -1,0 +1,485 @@
+//! Read-only views of a compiled snapshot for people: `nodeproxy validate`, `routes` and
+//! `simulate` (istioctl-like tables, or JSON).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::Serialize;
+
+use crate::compile::{
+    AbortStatus, HttpAction, HttpMatch, HttpRule, ListenerKind, RequestView, RuleMatch, Snapshot,
+    SourceInfo, StrMatch, match_http,
+};
+use crate::diagnostic::Diagnostic;
+
+/// Text lines for diagnostics, most severe first.
+pub fn diagnostics_text(diags: &[Diagnostic]) -> String {
+    let mut sorted: Vec<&Diagnostic> = diags.iter().collect();
+    sorted.sort_by_key(|d| std::cmp::Reverse(d.severity));
+    let mut out = String::new();
+    for d in sorted {
+        let _ = writeln!(out, "{d}");
+    }
+    out
+}
+
+fn str_match(m: &StrMatch) -> String {
+    match m {
+        StrMatch::Exact(v) => format!("={v}"),
+        StrMatch::Prefix(v) => format!("^{v}"),
+        StrMatch::Regex(r) => format!(
+            "~{}",
+            serde_json::to_string(r)
+                .unwrap_or_default()
+                .trim_matches('"')
+        ),
+        StrMatch::Present => "present".into(),
+    }
+}
+
+/// One match block as `uri^/api, end-user=jason, method=GET`.
+pub fn describe_match(m: &HttpMatch) -> String {
+    let mut parts = Vec::new();
+    if let Some(u) = &m.uri {
+        parts.push(format!(
+            "uri{}{}",
+            str_match(u),
+            if m.ignore_uri_case { " (any case)" } else { "" }
+        ));
+    }
+    for (name, v) in [
+        ("method", &m.method),
+        ("scheme", &m.scheme),
+        ("authority", &m.authority),
+    ] {
+        if let Some(x) = v {
+            parts.push(format!("{name}{}", str_match(x)));
+        }
+    }
+    for (k, v) in &m.headers {
+        parts.push(format!("{k}{}", str_match(v)));
+    }
+    for (k, v) in &m.without_headers {
+        parts.push(format!("!{k}{}", str_match(v)));
+    }
+    for (k, v) in &m.query_params {
+        parts.push(format!("?{k}{}", str_match(v)));
+    }
+    for (k, v) in &m.source_labels {
+        parts.push(format!("source {k}={v}"));
+    }
+    if parts.is_empty() {
+        "*".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// The action of a rule as `outbound|80|v1|reviews... 80%, ...`.
+pub fn describe_action(r: &HttpRule) -> String {
+    match &r.action {
+        HttpAction::Route(wc) => wc
+            .probabilities()
+            .iter()
+            .map(|(c, p)| format!("{} {:.4}%", c.name, p * 100.0).replace(".0000%", "%"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        HttpAction::Redirect(rd) => format!(
+            "redirect {} {}",
+            rd.code,
+            rd.uri
+                .as_deref()
+                .or(rd.prefix_rewrite.as_deref())
+                .unwrap_or("")
+        ),
+        HttpAction::DirectResponse { status, .. } => format!("direct response {status}"),
+    }
+}
+
+/// `nodeproxy routes`: the route tables as a table.
+pub fn routes_text(snap: &Snapshot, host: Option<&str>, port: Option<u16>) -> String {
+    let mut rows = vec![[
+        "TABLE".to_string(),
+        "VIRTUAL HOST".into(),
+        "DOMAINS".into(),
+        "MATCH".into(),
+        "ACTION".into(),
+        "VIRTUAL SERVICE".into(),
+    ]];
+    for table in &snap.http_tables {
+        if port.is_some_and(|p| table.name != p.to_string() && table.name != format!("gateway:{p}"))
+        {
+            continue;
+        }
+        let only = host.map(|h| table.vhost(h));
+        for (i, vh) in table.vhosts.iter().enumerate() {
+            if only.is_some_and(|o| o != Some(i)) {
+                continue;
+            }
+            let domains = if vh.domains.len() > 3 {
+                format!(
+                    "{} +{} more",
+                    vh.domains[..2].join(", "),
+                    vh.domains.len() - 2
+                )
+            } else {
+                vh.domains.join(", ")
+            };
+            if vh.https_redirect && vh.rules.is_empty() {
+                rows.push([
+                    table.name.clone(),
+                    vh.name.clone(),
+                    domains.clone(),
+                    "*".into(),
+                    "301 to https".into(),
+                    "-".into(),
+                ]);
+            }
+            for r in &vh.rules {
+                let m = if r.matches.is_empty() {
+                    "*".to_string()
+                } else {
+                    r.matches
+                        .iter()
+                        .map(describe_match)
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                };
+                rows.push([
+                    table.name.clone(),
+                    vh.name.clone(),
+                    domains.clone(),
+                    m,
+                    describe_action(r),
+                    r.origin.clone(),
+                ]);
+            }
+        }
+    }
+    let mut out = render(&rows);
+    let l4: Vec<_> = snap
+        .listeners
+        .iter()
+        .filter(|l| !l.tcp.is_empty() || !l.tls.is_empty())
+        .filter(|l| port.is_none_or(|p| l.port == p))
+        .collect();
+    if !l4.is_empty() {
+        let mut rows = vec![[
+            "LISTENER".to_string(),
+            "KIND".into(),
+            "MATCH".into(),
+            "ACTION".into(),
+            "VIRTUAL SERVICE".into(),
+        ]];
+        for l in l4 {
+            let addr = match (l.address, &l.kind) {
+                (Some(a), _) => format!("{a}:{}", l.port),
+                (None, ListenerKind::Gateway { .. }) => format!("gateway:{}", l.port),
+                (None, _) => format!("*:{}", l.port),
+            };
+            for (kind, rules) in [("tcp", &l.tcp), ("tls", &l.tls)] {
+                for r in rules {
+                    let m = if r.matches.is_empty() {
+                        "*".to_string()
+                    } else {
+                        r.matches
+                            .iter()
+                            .map(|m| {
+                                if m.sni_hosts.is_empty() {
+                                    format!("{:?}", m.destination_subnets)
+                                } else {
+                                    format!("sni {}", m.sni_hosts.join(","))
+                                }
+                            })
+                            .collect::<Vec<_>>()
+                            .join(" | ")
+                    };
+                    let action = r
+                        .route
+                        .probabilities()
+                        .iter()
+                        .map(|(c, p)| format!("{} {:.0}%", c.name, p * 100.0))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    rows.push([addr.clone(), kind.into(), m, action, r.origin.clone()]);
+                }
+            }
+        }
+        out.push('\n');
+        out.push_str(&render(&rows));
+    }
+    out
+}
+
+fn render<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i + 1 == N {
+                    c.clone()
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+/// Input of `nodeproxy simulate`.
+#[derive(Debug, Clone, Default)]
+pub struct SimRequest {
+    /// Host header.
+    pub host: String,
+    /// Port (default: the service's only port, else 80).
+    pub port: Option<u16>,
+    /// Path and query.
+    pub path: String,
+    /// Method.
+    pub method: String,
+    /// Extra headers.
+    pub headers: Vec<(String, String)>,
+    /// Client labels.
+    pub source_labels: BTreeMap<String, String>,
+}
+
+/// What `simulate` found.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SimResult {
+    /// Route table used.
+    pub table: Option<String>,
+    /// Virtual host.
+    pub virtual_host: Option<String>,
+    /// Outcome summary (`route`, `404 NR`...).
+    pub outcome: String,
+    /// The matched rule.
+    pub rule: Option<HttpRule>,
+    /// Its index.
+    pub rule_index: Option<usize>,
+    /// Matching block, described.
+    pub matched: Option<String>,
+}
+
+/// Evaluate a request against the snapshot without sending anything.
+pub fn simulate(snap: &Snapshot, req: &SimRequest) -> Result<SimResult, String> {
+    let mut headers = HeaderMap::new();
+    for (k, v) in &req.headers {
+        let name = HeaderName::from_bytes(k.trim().to_ascii_lowercase().as_bytes())
+            .map_err(|_| format!("invalid header name `{k}`"))?;
+        let value = HeaderValue::from_str(v.trim())
+            .map_err(|_| format!("invalid value for header `{k}`"))?;
+        headers.append(name, value);
+    }
+    let port = req.port.unwrap_or_else(|| {
+        let host = crate::compile::strip_port(&req.host).to_ascii_lowercase();
+        snap.registry
+            .services
+            .iter()
+            .find(|s| crate::compile::registry::kube_aliases(&s.host).contains(&host))
+            .filter(|s| s.ports.len() == 1)
+            .map(|s| s.ports[0].number)
+            .unwrap_or(80)
+    });
+    let table = snap
+        .mesh_http_table(port)
+        .filter(|t| t.vhost(&req.host).is_some())
+        .or_else(|| {
+            snap.gateway_listener(port)
+                .and_then(|l| l.http)
+                .map(|i| &snap.http_tables[i])
+        });
+    let Some(table) = table else {
+        return Ok(SimResult {
+            table: None,
+            virtual_host: None,
+            outcome: format!("no HTTP route table for port {port}"),
+            rule: None,
+            rule_index: None,
+            matched: None,
+        });
+    };
+    let Some(vi) = table.vhost(&req.host) else {
+        return Ok(SimResult {
+            table: Some(table.name.clone()),
+            virtual_host: None,
+            outcome: format!(
+                "404 NR: no virtual host for `{}` on {}",
+                req.host, table.name
+            ),
+            rule: None,
+            rule_index: None,
+            matched: None,
+        });
+    };
+    let vh = &table.vhosts[vi];
+    let source = SourceInfo {
+        ip: None,
+        labels: req.source_labels.clone(),
+        namespace: None,
+    };
+    let view = RequestView {
+        method: &req.method,
+        scheme: "http",
+        authority: &req.host,
+        path_and_query: &req.path,
+        headers: &headers,
+        source: &source,
+    };
+    let (rules, m) = match match_http(&vh.rules, &view) {
+        RuleMatch::NoneApply => (&vh.default_rules, match_http(&vh.default_rules, &view)),
+        m => (&vh.rules, m),
+    };
+    Ok(match m {
+        RuleMatch::Matched { rule, block } => SimResult {
+            table: Some(table.name.clone()),
+            virtual_host: Some(vh.name.clone()),
+            outcome: "route".into(),
+            matched: Some(
+                block
+                    .map(|b| describe_match(&rules[rule].matches[b]))
+                    .unwrap_or_else(|| "* (catch-all)".into()),
+            ),
+            rule: Some(rules[rule].clone()),
+            rule_index: Some(rule),
+        },
+        _ if vh.https_redirect => SimResult {
+            table: Some(table.name.clone()),
+            virtual_host: Some(vh.name.clone()),
+            outcome: "301 to https (httpsRedirect)".into(),
+            rule: None,
+            rule_index: None,
+            matched: None,
+        },
+        _ => SimResult {
+            table: Some(table.name.clone()),
+            virtual_host: Some(vh.name.clone()),
+            outcome: "404 NR: the virtual host has rules but none matches".into(),
+            rule: None,
+            rule_index: None,
+            matched: None,
+        },
+    })
+}
+
+/// `simulate` as text.
+pub fn simulate_text(r: &SimResult) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "route table:   {}", r.table.as_deref().unwrap_or("-"));
+    let _ = writeln!(
+        out,
+        "virtual host:  {}",
+        r.virtual_host.as_deref().unwrap_or("-")
+    );
+    let _ = writeln!(out, "outcome:       {}", r.outcome);
+    let Some(rule) = &r.rule else { return out };
+    let _ = writeln!(
+        out,
+        "rule:          #{} {} of {}",
+        r.rule_index.unwrap_or(0),
+        rule.name
+            .as_deref()
+            .map(|n| format!("`{n}`"))
+            .unwrap_or_default(),
+        rule.origin
+    );
+    let _ = writeln!(
+        out,
+        "matched by:    {}",
+        r.matched.as_deref().unwrap_or("-")
+    );
+    match &rule.action {
+        HttpAction::Route(wc) => {
+            let _ = writeln!(out, "destinations:");
+            for (c, p) in wc.probabilities() {
+                let missing = matches!(c.cluster, crate::compile::ClusterRef::Missing(_));
+                let _ = writeln!(
+                    out,
+                    "  {:>8.4}%  {}{}",
+                    p * 100.0,
+                    c.name,
+                    if missing {
+                        "  (cluster does not exist: 503 NC)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        HttpAction::Redirect(rd) => {
+            let _ = writeln!(
+                out,
+                "redirect:      {} uri={:?} prefix={:?} authority={:?} scheme={:?}",
+                rd.code, rd.uri, rd.prefix_rewrite, rd.authority, rd.scheme
+            );
+        }
+        HttpAction::DirectResponse { status, body } => {
+            let _ = writeln!(out, "direct:        {status} ({} byte body)", body.len());
+        }
+    }
+    if let Some(f) = &rule.fault {
+        if let Some((d, ppm)) = f.delay {
+            let _ = writeln!(
+                out,
+                "fault delay:   {:?} for {}% of requests",
+                d,
+                ppm as f64 / 10_000.0
+            );
+        }
+        if let Some((s, ppm)) = f.abort {
+            let status = match s {
+                AbortStatus::Http(c) => format!("HTTP {c}"),
+                AbortStatus::Grpc(c) => format!("gRPC {c}"),
+            };
+            let _ = writeln!(
+                out,
+                "fault abort:   {status} for {}% of requests",
+                ppm as f64 / 10_000.0
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "timeout:       {}",
+        rule.timeout
+            .map(|t| format!("{t:?}"))
+            .unwrap_or_else(|| "none".into())
+    );
+    let rt = &rule.retry;
+    let _ = writeln!(
+        out,
+        "retries:       {} (perTryTimeout {}, retryOn {})",
+        rt.num_retries,
+        rt.per_try_timeout
+            .map(|t| format!("{t:?}"))
+            .unwrap_or_else(|| "none".into()),
+        rt.retry_on.tokens()
+    );
+    for m in &rule.mirrors {
+        let _ = writeln!(
+            out,
+            "mirror:        {} for {}% of requests",
+            m.name,
+            m.per_million as f64 / 10_000.0
+        );
+    }
+    if let Some(rw) = &rule.rewrite {
+        let _ = writeln!(
+            out,
+            "rewrite:       uri={:?} authority={:?}",
+            rw.uri, rw.authority
+        );
+    }
+    out
+}

@@ -1,0 +1,15 @@
+//! nodeproxy: a sidecar-less service-mesh data plane for one Linux node.
+//!
+//! Configuration flows one way: [`config`] (Istio YAML or Kubernetes objects) → [`analyze`]
+//! (diagnostics) → [`compile`] (an immutable [`compile::Snapshot`]) → the proxy, the kernel maps
+//! and the admin API, each reading the snapshot lock-free.
+
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod analyze;
+pub mod compile;
+pub mod config;
+pub mod diagnostic;
+pub mod inspect;
+pub mod publish;

@@ -1,0 +1,259 @@
+//! `nodeproxy`: the node proxy binary and its istioctl-like inspection commands.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use nodeproxy::diagnostic::has_errors;
+use nodeproxy::inspect;
+use nodeproxy::publish::{FileSource, Publisher, build};
+
+#[derive(Parser)]
+#[command(
+    name = "nodeproxy",
+    version,
+    about = "Sidecar-less service-mesh node proxy with Istio traffic management"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum Capture {
+    /// Listen on every service address and port (no privileges needed).
+    None,
+    /// Transparent capture of enrolled pods with eBPF (root).
+    Ebpf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate Istio YAML files or directories; exit 1 on any error.
+    Validate {
+        /// Files or directories of .yaml/.yml.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Print the compiled route tables.
+    Routes {
+        /// Files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Only the virtual host serving this Host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Only this port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Show which rule a request would match and what would happen to it (no traffic sent).
+    Simulate {
+        /// Files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Host header.
+        #[arg(long)]
+        host: String,
+        /// Service or gateway port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Path and query.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// Method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Request header `name: value` (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// Client workload label `k=v` (repeatable).
+        #[arg(long = "source-label")]
+        source_labels: Vec<String>,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Run the proxy.
+    Run {
+        /// Files or directories of Istio YAML (watched; SIGHUP reloads).
+        #[arg(long = "config", required = true)]
+        config: Vec<PathBuf>,
+        /// Traffic capture mode (default: ebpf as root, none otherwise).
+        #[arg(long, value_enum)]
+        capture: Option<Capture>,
+        /// Admin API address.
+        #[arg(long, default_value = nodeproxy::admin::DEFAULT_ADMIN_ADDR)]
+        admin: SocketAddr,
+        /// Address for Gateway server ports.
+        #[arg(long, default_value = "0.0.0.0")]
+        gateway_ip: IpAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Validate { paths, output } => {
+            let built = build(&paths);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&built.diagnostics)?),
+                Output::Text => print!("{}", inspect::diagnostics_text(&built.diagnostics)),
+            }
+            Ok(if has_errors(&built.diagnostics) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Routes {
+            paths,
+            host,
+            port,
+            output,
+        } => {
+            let snap = snapshot_or_report(&paths)?;
+            match output {
+                Output::Json => {
+                    let tables: Vec<_> = snap
+                        .http_tables
+                        .iter()
+                        .filter(|t| {
+                            port.is_none_or(|p| {
+                                t.name == p.to_string() || t.name == format!("gateway:{p}")
+                            })
+                        })
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(
+                            &serde_json::json!({ "httpTables": tables, "listeners": snap.listeners })
+                        )?
+                    )
+                }
+                Output::Text => print!("{}", inspect::routes_text(&snap, host.as_deref(), port)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Simulate {
+            paths,
+            host,
+            port,
+            path,
+            method,
+            headers,
+            source_labels,
+            output,
+        } => {
+            let snap = snapshot_or_report(&paths)?;
+            let headers = headers
+                .iter()
+                .map(|h| {
+                    h.split_once(':')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .with_context(|| format!("-H `{h}`: expected `name: value`"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let source_labels = source_labels
+                .iter()
+                .map(|l| {
+                    l.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .with_context(|| format!("--source-label `{l}`: expected `key=value`"))
+                })
+                .collect::<anyhow::Result<BTreeMap<_, _>>>()?;
+            let req = inspect::SimRequest {
+                host,
+                port,
+                path,
+                method,
+                headers,
+                source_labels,
+            };
+            let result = inspect::simulate(&snap, &req).map_err(anyhow::Error::msg)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&result)?),
+                Output::Text => print!("{}", inspect::simulate_text(&result)),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            config,
+            capture,
+            admin,
+            gateway_ip,
+        } => {
+            let _ = gateway_ip;
+            if capture == Some(Capture::Ebpf) {
+                bail!(
+                    "--capture ebpf: the eBPF data path is not built yet (issue 4); use --capture none"
+                );
+            }
+            let publisher = Publisher::new();
+            let source = FileSource::new(config, publisher.clone());
+            if let Err(diags) = source.reload("startup") {
+                eprint!("{}", inspect::diagnostics_text(&diags));
+                bail!("configuration rejected: nothing to serve");
+            }
+            let _watch = source.spawn_watch().context("watch configuration")?;
+            let bound = nodeproxy::admin::spawn_admin(admin, nodeproxy::admin::Admin { publisher })
+                .with_context(|| format!("bind admin API on {admin}"))?;
+            eprintln!("nodeproxy: configuration loaded, admin API on http://{bound}");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Build or print the diagnostics and fail.
+fn snapshot_or_report(paths: &[PathBuf]) -> anyhow::Result<nodeproxy::compile::Snapshot> {
+    let built = build(paths);
+    match built.snapshot {
+        Some(s) => Ok(s),
+        None => {
+            eprint!("{}", inspect::diagnostics_text(&built.diagnostics));
+            bail!("configuration has errors")
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The istioctl-like commands: validate, routes, simulate, and `run`'s admin API.
+
+use std::time::Duration;
+
+use nodeproxy_tests::{eventually, free_port, http_get, nodeproxy, spawn_nodeproxy};
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn validate_example_configs_exits_zero_with_nothing_above_info() {
+    let out = nodeproxy(&["validate", "config/"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        stdout(&out),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = stdout(&out);
+    assert!(
+        !text.contains("ERROR") && !text.contains("WARNING"),
+        "{text}"
+    );
+}
+
+#[test]
+fn validate_war_story_fails_naming_subset_host_and_virtual_service() {
+    let out = nodeproxy(&["validate", "tests/fixtures/war-story.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    let line = text
+        .lines()
+        .find(|l| l.contains("ERROR"))
+        .expect("an error line");
+    assert!(line.starts_with("tests/fixtures/war-story.yaml:"), "{line}");
+    for needle in [
+        "IST0101",
+        "VirtualService/default/reviews-canary",
+        "subset `v2`",
+        "reviews.default.svc.cluster.local",
+    ] {
+        assert!(line.contains(needle), "{needle} missing in: {line}");
+    }
+    let json = nodeproxy(&[
+        "validate",
+        "--output",
+        "json",
+        "tests/fixtures/war-story.yaml",
+    ]);
+    assert_eq!(json.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json output");
+    let errors: Vec<_> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["severity"] == "ERROR")
+        .collect();
+    assert_eq!(errors[0]["code"]["id"], "IST0101");
+    assert_eq!(errors[0]["object"]["name"], "reviews-canary");
+}
+
+#[test]
+fn validate_tutorial_directory_loads_as_is() {
+    let out = nodeproxy(&["validate", "tests/fixtures/tutorial"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("apps/v1 Deployment is not used by nodeproxy, skipped"),
+        "{text}"
+    );
+}
+
+#[test]
+fn routes_shows_the_canary_split() {
+    let out = nodeproxy(&["routes", "config/canary.yaml", "--port", "80"]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(
+        text.contains("outbound|80|v1|reviews.canary.svc.cluster.local 80%"),
+        "{text}"
+    );
+    assert!(
+        text.contains("outbound|80|v2|reviews.canary.svc.cluster.local 20%"),
+        "{text}"
+    );
+    let json = nodeproxy(&["routes", "config/canary.yaml", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
+    assert_eq!(
+        v["httpTables"][0]["vhosts"][0]["rules"][0]["action"]["route"]["total"],
+        100
+    );
+}
+
+#[test]
+fn simulate_explains_header_routing() {
+    let out = nodeproxy(&[
+        "simulate",
+        "config/header-routing.yaml",
+        "--host",
+        "reviews.headers.svc.cluster.local",
+        "-H",
+        "user-agent: Mobile Safari",
+    ]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(text.contains("rule:          #2 `mobile`"), "{text}");
+    assert!(
+        text.contains("100.0000%  outbound|80|v2|reviews.headers.svc.cluster.local"),
+        "{text}"
+    );
+    let plain = stdout(&nodeproxy(&[
+        "simulate",
+        "config/header-routing.yaml",
+        "--host",
+        "reviews.headers",
+    ]));
+    assert!(
+        plain.contains("`default`") && plain.contains("v1|reviews.headers"),
+        "{plain}"
+    );
+    let fault = stdout(&nodeproxy(&[
+        "simulate",
+        "config/fault-header-scoped.yaml",
+        "--host",
+        "127.0.17.1",
+        "-H",
+        "end-user: jason",
+        "-o",
+        "json",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&fault).expect("json");
+    assert_eq!(v["rule"]["fault"]["abort"][0]["http"], 500);
+    assert_eq!(v["rule"]["fault"]["abort"][1], 1_000_000);
+}
+
+#[test]
+fn simulate_bad_header_is_a_clear_error() {
+    let out = nodeproxy(&[
+        "simulate",
+        "config/canary.yaml",
+        "--host",
+        "x",
+        "-H",
+        "no-colon",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("-H `no-colon`: expected `name: value`"));
+}
+
+#[test]
+fn run_serves_ready_and_config_dump() {
+    let port = free_port();
+    let admin = format!("127.0.0.1:{port}");
+    let _proxy = spawn_nodeproxy(&[
+        "run",
+        "--capture",
+        "none",
+        "--admin",
+        &admin,
+        "--config",
+        "config/canary.yaml",
+    ]);
+    let (status, _) = eventually("admin /ready", Duration::from_secs(20), || {
+        http_get(&admin, "/ready").filter(|(s, _)| *s == 200)
+    });
+    assert_eq!(status, 200);
+    let (status, body) = http_get(&admin, "/config_dump").expect("config_dump");
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json dump");
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["lastChangeSource"], "startup");
+    assert_eq!(
+        v["snapshot"]["registry"]["services"][0]["host"],
+        "reviews.canary.svc.cluster.local"
+    );
+}
+
+#[test]
+fn run_refuses_a_broken_config() {
+    let out = nodeproxy(&[
+        "run",
+        "--capture",
+        "none",
+        "--admin",
+        "127.0.0.1:0",
+        "--config",
+        "tests/fixtures/war-story.yaml",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("IST0101") && err.contains("configuration rejected"),
+        "{err}"
+    );
+}

@@ -1,0 +1,4 @@
+//! Integration suite: the real `nodeproxy` binary against real files and sockets on loopback.
+//! One test binary; one module per topic.
+
+mod cli;
