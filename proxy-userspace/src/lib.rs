@@ -8,8 +8,12 @@
 
 pub mod admin;
 pub mod analyze;
+pub mod app;
 pub mod compile;
 pub mod config;
 pub mod diagnostic;
 pub mod inspect;
+pub mod proxy;
 pub mod publish;
+pub mod telemetry;
+pub mod upstream;

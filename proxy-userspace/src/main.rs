@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use nodeproxy::diagnostic::has_errors;
 use nodeproxy::inspect;
-use nodeproxy::publish::{FileSource, Publisher, build};
+use nodeproxy::publish::build;
 
 #[derive(Parser)]
 #[command(
@@ -103,6 +103,9 @@ enum Command {
         /// Address for Gateway server ports.
         #[arg(long, default_value = "0.0.0.0")]
         gateway_ip: IpAddr,
+        /// Append `-shadow` to the Host of mirrored requests (Istio <= 1.27 behaviour).
+        #[arg(long)]
+        shadow_host_suffix: bool,
     },
 }
 
@@ -212,33 +215,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             capture,
             admin,
             gateway_ip,
+            shadow_host_suffix,
         } => {
-            let _ = gateway_ip;
             if capture == Some(Capture::Ebpf) {
                 bail!(
                     "--capture ebpf: the eBPF data path is not built yet (issue 4); use --capture none"
                 );
             }
-            let publisher = Publisher::new();
-            let source = FileSource::new(config, publisher.clone());
-            if let Err(diags) = source.reload("startup") {
-                eprint!("{}", inspect::diagnostics_text(&diags));
-                bail!("configuration rejected: nothing to serve");
-            }
-            let _watch = source.spawn_watch().context("watch configuration")?;
-            let bound = nodeproxy::admin::spawn_admin(admin, nodeproxy::admin::Admin { publisher })
-                .with_context(|| format!("bind admin API on {admin}"))?;
-            eprintln!("nodeproxy: configuration loaded, admin API on http://{bound}");
-            let rt = tokio::runtime::Builder::new_current_thread()
+            let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(async {
+                let running = nodeproxy::app::start(nodeproxy::app::Options {
+                    config,
+                    admin,
+                    gateway_ip,
+                    shadow_host_suffix,
+                })
+                .await?;
+                eprintln!(
+                    "nodeproxy: serving, admin API on http://{}",
+                    running.admin_addr
+                );
                 let mut term =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
                     _ = term.recv() => {}
                 }
+                drop(running);
                 anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)

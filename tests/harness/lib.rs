@@ -116,3 +116,6 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
         .unwrap_or_default();
     Some((status, body))
 }
+
+pub mod backend;
+pub mod proxy;

@@ -2,3 +2,4 @@
 //! One test binary; one module per topic.
 
 mod cli;
+mod traffic;

@@ -31,9 +31,35 @@ impl FullRegex {
         })
     }
 
-    /// Whole-input match.
+    /// Compile `pattern` unanchored (for `uriRegexRewrite`, which substitutes every match).
+    pub fn unanchored(pattern: &str) -> Result<Self, regex::Error> {
+        Ok(FullRegex {
+            source: pattern.to_string(),
+            re: Regex::new(pattern)?,
+        })
+    }
+
+    /// Whole-input match (for anchored patterns).
     pub fn is_match(&self, s: &str) -> bool {
         self.re.is_match(s)
+    }
+
+    /// Replace every match, with Envoy's `\1`..`\9` group references in `sub`.
+    pub fn replace_all(&self, s: &str, sub: &str) -> String {
+        let mut rust_sub = String::with_capacity(sub.len());
+        let mut chars = sub.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' if chars.peek().is_some_and(|d| d.is_ascii_digit()) => {
+                    rust_sub.push_str("${");
+                    rust_sub.push(chars.next().expect("peeked"));
+                    rust_sub.push('}');
+                }
+                '$' => rust_sub.push_str("$$"),
+                other => rust_sub.push(other),
+            }
+        }
+        self.re.replace_all(s, rust_sub.as_str()).into_owned()
     }
 }
 
@@ -812,6 +838,17 @@ pub fn match_l4<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn regex_rewrite_uses_envoy_group_syntax() {
+        let re = FullRegex::unanchored("^/service/([^/]+)(/.*)$").unwrap();
+        assert_eq!(
+            re.replace_all("/service/foo/v1/api", "\\2/instance/\\1"),
+            "/v1/api/instance/foo"
+        );
+        let re = FullRegex::unanchored("a").unwrap();
+        assert_eq!(re.replace_all("banana", "$"), "b$n$n$");
+    }
 
     #[test]
     fn regex_is_full_match() {

@@ -1,0 +1,81 @@
+//! Wiring: configuration source, publisher, admin API and the data plane, started together
+//! and stopped together. `main.rs` and the in-process integration tests both use [`start`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use tokio::task::JoinHandle;
+
+use crate::admin::{Admin, spawn_admin};
+use crate::inspect::diagnostics_text;
+use crate::proxy::{ProxyOptions, Shared, listener};
+use crate::publish::{FileSource, Publisher, WatchGuard};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Config files or directories.
+    pub config: Vec<PathBuf>,
+    /// Admin API address (port 0: any).
+    pub admin: SocketAddr,
+    /// Gateway listen address.
+    pub gateway_ip: IpAddr,
+    /// Mirror Host `-shadow` suffix.
+    pub shadow_host_suffix: bool,
+}
+
+/// A running proxy; dropping it stops the data plane and the config watch.
+pub struct Running {
+    /// Where the admin API listens.
+    pub admin_addr: SocketAddr,
+    /// The publisher (snapshot in force, status).
+    pub publisher: Arc<Publisher>,
+    /// Data-plane state.
+    pub shared: Arc<Shared>,
+    _watch: WatchGuard,
+    dataplane: JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.dataplane.abort();
+    }
+}
+
+/// Load the configuration (refusing to start on errors), start watching it, serve the admin
+/// API on its own thread, and start the data plane on the current Tokio runtime.
+pub async fn start(opts: Options) -> anyhow::Result<Running> {
+    let publisher = Publisher::new();
+    let source = FileSource::new(opts.config.clone(), publisher.clone());
+    if let Err(diags) = source.reload("startup") {
+        bail!(
+            "configuration rejected, nothing to serve:\n{}",
+            diagnostics_text(&diags)
+        );
+    }
+    let watch = source.spawn_watch().context("watch configuration")?;
+    let admin_addr = spawn_admin(
+        opts.admin,
+        Admin {
+            publisher: publisher.clone(),
+        },
+    )
+    .with_context(|| format!("bind admin API on {}", opts.admin))?;
+    let shared = Shared::new(
+        publisher.load(),
+        ProxyOptions {
+            gateway_ip: opts.gateway_ip,
+            shadow_host_suffix: opts.shadow_host_suffix,
+        },
+    );
+    let dataplane = tokio::spawn(listener::run(shared.clone(), publisher.clone()));
+    Ok(Running {
+        admin_addr,
+        publisher,
+        shared,
+        _watch: watch,
+        dataplane,
+    })
+}

@@ -1,0 +1,1066 @@
+//! The HTTP request pipeline, in Envoy's order (ISTIO-API.md §2.5):
+//! `route → CORS → fault delay → fault abort → action → rewrite + headers → pick cluster →
+//! mirrors → retries { LB → breakers → upstream } → response headers`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use rand::Rng;
+
+use super::body::{BoxBody, Guarded, OnEnd};
+use super::error::{BODY_FAULT, BODY_NO_HEALTHY, BODY_OVERFLOW, BODY_TIMEOUT, Flags, LocalReply};
+use super::{ConnInfo, Shared};
+use crate::compile::policy::{HashKey, LbAlgorithm};
+use crate::compile::{
+    AbortStatus, ClusterRef, Cors, HttpAction, HttpRule, Protocol, Redirect, RequestView, RetryOn,
+    RuleMatch, StrMatch, match_http,
+};
+use crate::telemetry::AccessLog;
+use crate::upstream::outlier::{self, Outcome};
+use crate::upstream::pool::{self, EndpointPool, Lease, PoolError};
+use crate::upstream::{ClusterState, EndpointState, View, lb};
+
+/// Largest request body buffered for retries and mirrors.
+pub const MAX_BUFFERED_BODY: usize = 8 << 20;
+
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+];
+
+/// What the request pipeline decided, for the access log.
+struct Outcome_ {
+    flags: Flags,
+    cluster: Option<String>,
+    upstream: Option<String>,
+    route: Option<String>,
+}
+
+/// Handle one downstream request.
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Response<BoxBody> {
+    let start = Instant::now();
+    let view = shared.view.load_full();
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/grpc"));
+    let mut log = AccessLog::start(&req, &conn);
+    let (resp, out) = pipeline(&shared, &view, &conn, req, start).await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(local) => {
+            let flags = local.flags;
+            let r = local.into_response(grpc);
+            log.finish_local(&r, flags, out.route.as_deref(), out.cluster.as_deref());
+            return r;
+        }
+    };
+    log.set(out.flags, out.route, out.cluster, out.upstream);
+    let status = resp.status();
+    let (parts, body) = resp.into_parts();
+    let body = Guarded::new(
+        body,
+        None,
+        Vec::new(),
+        Some(Box::new(log.with_status(status)) as Box<dyn OnEnd>),
+    );
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+type Result2 = (Result<Response<BoxBody>, LocalReply>, Outcome_);
+
+async fn pipeline(
+    shared: &Arc<Shared>,
+    view: &Arc<View>,
+    conn: &ConnInfo,
+    req: Request<Incoming>,
+    start: Instant,
+) -> Result2 {
+    let mut out = Outcome_ {
+        flags: Flags::NONE,
+        cluster: None,
+        upstream: None,
+        route: None,
+    };
+    let snap = &view.snapshot;
+    let listener = match conn.listener.lookup(snap) {
+        Some(l) => l,
+        None => return (Err(LocalReply::new(404, "", Flags::NR)), out),
+    };
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let table = match listener.http {
+        Some(t) => &snap.http_tables[t],
+        None => return (Err(LocalReply::new(404, "", Flags::NR)), out),
+    };
+    let Some(vi) = table.vhost(&authority).or(listener.fallback_vhost) else {
+        return (Err(LocalReply::new(404, "", Flags::NR)), out);
+    };
+    let vhost = &table.vhosts[vi];
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    if vhost.https_redirect {
+        let host = crate::compile::strip_port(&authority);
+        let r = Response::builder()
+            .status(StatusCode::MOVED_PERMANENTLY)
+            .header(header::LOCATION, format!("https://{host}{path_and_query}"))
+            .header(header::CONTENT_LENGTH, 0)
+            .body(empty())
+            .expect("redirect");
+        return (Ok(r), out);
+    }
+    let source = snap.source_info(conn.peer.ip());
+    let scheme = conn.scheme;
+    let view_req = RequestView {
+        method: req.method().as_str(),
+        scheme,
+        authority: &authority,
+        path_and_query: &path_and_query,
+        headers: req.headers(),
+        source: &source,
+    };
+    let (rules, m) = match match_http(&vhost.rules, &view_req) {
+        RuleMatch::NoneApply => (
+            &vhost.default_rules,
+            match_http(&vhost.default_rules, &view_req),
+        ),
+        m => (&vhost.rules, m),
+    };
+    let RuleMatch::Matched { rule, block } = m else {
+        return (Err(LocalReply::new(404, "", Flags::NR)), out);
+    };
+    let rule = &rules[rule];
+    out.route = Some(rule.name.clone().unwrap_or_else(|| rule.origin.clone()));
+    // CORS preflight.
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let cors_allowed = match (&rule.cors, &origin) {
+        (Some(c), Some(o)) => c.allow_origins.iter().any(|m| m.matches(o)),
+        _ => false,
+    };
+    if let (Some(cors), Some(o)) = (&rule.cors, &origin) {
+        let preflight = req.method() == Method::OPTIONS
+            && req
+                .headers()
+                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+        if preflight && (cors_allowed || !cors.forward_unmatched_preflights) {
+            return (Ok(preflight_response(cors, o, cors_allowed)), out);
+        }
+    }
+    // Fault injection: delay (outside the route timeout), then abort, each its own draw.
+    if let Some(f) = &rule.fault {
+        if let Some((d, ppm)) = f.delay
+            && fires(ppm)
+        {
+            out.flags = out.flags.with(Flags::DI);
+            tokio::time::sleep(d).await;
+        }
+        if let Some((status, ppm)) = f.abort
+            && fires(ppm)
+        {
+            let mut r = match status {
+                AbortStatus::Http(s) => LocalReply::new(s, BODY_FAULT, out.flags.with(Flags::FI)),
+                AbortStatus::Grpc(g) => {
+                    let mut r = LocalReply::new(200, BODY_FAULT, out.flags.with(Flags::FI));
+                    r.grpc_status = Some(g);
+                    r
+                }
+            };
+            if matches!(status, AbortStatus::Grpc(_)) {
+                let resp = r.into_response(true);
+                out.flags = out.flags.with(Flags::FI);
+                return (Ok(resp), out);
+            }
+            r.flags = out.flags.with(Flags::FI);
+            return (Err(r), out);
+        }
+    }
+    let wc = match &rule.action {
+        HttpAction::DirectResponse { status, body } => {
+            let mut b = Response::builder()
+                .status(*status)
+                .header(header::CONTENT_LENGTH, body.len());
+            if !body.is_empty() {
+                b = b.header(header::CONTENT_TYPE, "text/plain");
+            }
+            let mut r = b
+                .body(full(Bytes::from(body.clone())))
+                .expect("direct response");
+            rule.headers.response.apply(r.headers_mut());
+            return (Ok(r), out);
+        }
+        HttpAction::Redirect(rd) => {
+            let matched_prefix = block.and_then(|b| match &rule.matches[b].uri {
+                Some(StrMatch::Prefix(p)) => Some(p.as_str()),
+                _ => None,
+            });
+            let loc = redirect_location(
+                rd,
+                scheme,
+                &authority,
+                &path_and_query,
+                matched_prefix,
+                conn.port(),
+            );
+            let r = Response::builder()
+                .status(rd.code)
+                .header(header::LOCATION, loc)
+                .header(header::CONTENT_LENGTH, 0)
+                .body(empty())
+                .expect("redirect");
+            return (Ok(r), out);
+        }
+        HttpAction::Route(wc) => wc,
+    };
+    let dest = if wc.clusters.len() == 1 {
+        &wc.clusters[0]
+    } else {
+        wc.pick(rand::rng().random_range(0..wc.total))
+    };
+    out.cluster = Some(dest.name.clone());
+    let ClusterRef::Cluster(cid) = dest.cluster else {
+        return (
+            Err(LocalReply::new(503, "", out.flags.with(Flags::NC))),
+            out,
+        );
+    };
+    let cluster = &snap.clusters[cid];
+    let state = view.clusters[cid].clone();
+
+    // Build the upstream request: buffered body, rewritten path, header mutations.
+    let downstream_version = req.version();
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_BUFFERED_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let too_big = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            return (
+                Err(if too_big {
+                    LocalReply::new(413, "request body too large to buffer", out.flags)
+                } else {
+                    LocalReply::new(400, "", out.flags.with(Flags::DPE))
+                }),
+                out,
+            );
+        }
+    };
+    let mut headers = parts.headers;
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
+    }
+    headers.remove(header::HOST);
+    let mut upstream_authority = authority.clone();
+    let mut path = path_and_query.clone();
+    if let Some(rw) = &rule.rewrite {
+        path = rewrite_path(rw, rule, block, &path);
+        if let Some(a) = &rw.authority {
+            upstream_authority = a.clone();
+        }
+    }
+    rule.headers.request.apply(&mut headers);
+    dest.headers.request.apply(&mut headers);
+    if let Some(a) = dest
+        .headers
+        .authority
+        .as_ref()
+        .or(rule.headers.authority.as_ref())
+    {
+        upstream_authority = a.clone();
+    }
+    if !headers.contains_key("x-request-id") {
+        let id: u128 = rand::rng().random();
+        if let Ok(v) = HeaderValue::from_str(&format!("{id:032x}")) {
+            headers.insert("x-request-id", v);
+        }
+    }
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
+    );
+    let method = parts.method;
+
+    // Mirrors: fire and forget, bounded.
+    for m in &rule.mirrors {
+        if let ClusterRef::Cluster(mid) = m.cluster
+            && fires(m.per_million)
+        {
+            let mstate = view.clusters[mid].clone();
+            let mcluster = snap.clusters[mid].clone();
+            let mut host = upstream_authority.clone();
+            if shared.options.shadow_host_suffix {
+                host = shadow_host(&host);
+            }
+            let req = UpstreamRequest {
+                method: method.clone(),
+                path: path.clone(),
+                authority: host,
+                headers: headers.clone(),
+                body: body.clone(),
+            };
+            shared.spawn_mirror(mstate, mcluster.protocol, req);
+        }
+    }
+
+    let hash = hash_key(&cluster.policy.lb.algorithm, &headers, &path, conn.peer);
+    let ureq = UpstreamRequest {
+        method,
+        path,
+        authority: upstream_authority,
+        headers,
+        body,
+    };
+    let h2 = match cluster.protocol {
+        Protocol::Http2 | Protocol::Grpc => {
+            !cluster.policy.pool.use_client_protocol || downstream_version == Version::HTTP_2
+        }
+        _ if cluster.policy.pool.use_client_protocol => downstream_version == Version::HTTP_2,
+        _ => cluster.policy.pool.h2_upgrade,
+    };
+    let result = forward(
+        &state,
+        cluster.passthrough,
+        rule,
+        &ureq,
+        h2,
+        hash.as_ref().map(|h| h.0),
+        start,
+    )
+    .await;
+    out.flags = out.flags.with(result.flags);
+    out.upstream = result.upstream.clone();
+    match result.response {
+        Ok((resp, guards, deadline)) => {
+            let (mut parts, body) = resp.into_parts();
+            for h in &HOP_BY_HOP {
+                parts.headers.remove(h);
+            }
+            rule.headers.response.apply(&mut parts.headers);
+            dest.headers.response.apply(&mut parts.headers);
+            if let Ok(v) = HeaderValue::from_str(&result.upstream_ms.to_string()) {
+                parts.headers.insert("x-envoy-upstream-service-time", v);
+            }
+            if let Some((_, Some(cookie))) = &hash
+                && let Ok(v) = HeaderValue::from_str(cookie)
+            {
+                parts.headers.append(header::SET_COOKIE, v);
+            }
+            if cors_allowed && let (Some(c), Some(o)) = (&rule.cors, &origin) {
+                cors_headers(c, o, &mut parts.headers);
+            }
+            let body = Guarded::new(body, deadline, guards, None).boxed_unsync();
+            (Ok(Response::from_parts(parts, body)), out)
+        }
+        Err(local) => {
+            let mut local = local;
+            local.flags = out.flags;
+            (Err(local), out)
+        }
+    }
+}
+
+fn fires(per_million: u32) -> bool {
+    per_million >= 1_000_000
+        || (per_million > 0 && rand::rng().random_range(0..1_000_000) < per_million)
+}
+
+fn empty() -> BoxBody {
+    full(Bytes::new())
+}
+
+fn full(b: Bytes) -> BoxBody {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// `httpbin:8000` → `httpbin-shadow:8000` (Envoy's mirror Host suffix).
+pub fn shadow_host(host: &str) -> String {
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => format!("{h}-shadow:{p}"),
+        _ => format!("{host}-shadow"),
+    }
+}
+
+/// The path after `rewrite.uri` (replacing the matched prefix, or the whole path for exact,
+/// regex or no uri match; query kept) or `uriRegexRewrite`.
+pub fn rewrite_path(
+    rw: &crate::compile::Rewrite,
+    rule: &HttpRule,
+    block: Option<usize>,
+    path_and_query: &str,
+) -> String {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let new_path = if let Some(u) = &rw.uri {
+        match block.and_then(|b| rule.matches[b].uri.as_ref()) {
+            Some(StrMatch::Prefix(p)) => {
+                let n = if rule.matches[block.unwrap_or(0)].ignore_uri_case {
+                    p.len().min(path.len())
+                } else {
+                    p.len()
+                };
+                format!("{u}{}", &path[n.min(path.len())..])
+            }
+            Some(_) => u.clone(),
+            // No uri match: the matched prefix is `/` (Envoy prefix_rewrite on a `/` match).
+            None => format!("{u}{}", path.strip_prefix('/').unwrap_or(path)),
+        }
+    } else if let Some((re, sub)) = &rw.uri_regex {
+        re.replace_all(path, sub)
+    } else {
+        path.to_string()
+    };
+    match query {
+        Some(q) => format!("{new_path}?{q}"),
+        None => new_path,
+    }
+}
+
+fn redirect_location(
+    rd: &Redirect,
+    scheme: &str,
+    authority: &str,
+    path_and_query: &str,
+    matched_prefix: Option<&str>,
+    listener_port: u16,
+) -> String {
+    let scheme = rd.scheme.as_deref().unwrap_or(scheme);
+    let host = rd
+        .authority
+        .clone()
+        .unwrap_or_else(|| crate::compile::strip_port(authority).to_string());
+    let port = rd
+        .port
+        .or(rd.from_request_port.then_some(listener_port))
+        .filter(|p| !((scheme == "http" && *p == 80) || (scheme == "https" && *p == 443)));
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let path = if let Some(u) = &rd.uri {
+        // `uri` replaces the whole path and the query.
+        return format!(
+            "{scheme}://{host}{}{u}",
+            port.map(|p| format!(":{p}")).unwrap_or_default()
+        );
+    } else if let (Some(pr), Some(mp)) = (&rd.prefix_rewrite, matched_prefix) {
+        format!("{pr}{}", path.get(mp.len()..).unwrap_or(""))
+    } else {
+        path.to_string()
+    };
+    let q = query.map(|q| format!("?{q}")).unwrap_or_default();
+    format!(
+        "{scheme}://{host}{}{path}{q}",
+        port.map(|p| format!(":{p}")).unwrap_or_default()
+    )
+}
+
+fn preflight_response(c: &Cors, origin: &str, allowed: bool) -> Response<BoxBody> {
+    let mut r = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_LENGTH, 0)
+        .body(empty())
+        .expect("preflight");
+    if allowed {
+        let h = r.headers_mut();
+        cors_headers(c, origin, h);
+        for (name, v) in [
+            (header::ACCESS_CONTROL_ALLOW_METHODS, &c.allow_methods),
+            (header::ACCESS_CONTROL_ALLOW_HEADERS, &c.allow_headers),
+        ] {
+            if !v.is_empty()
+                && let Ok(v) = HeaderValue::from_str(v)
+            {
+                h.insert(name, v);
+            }
+        }
+        if let Some(age) = c.max_age {
+            h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(age));
+        }
+    }
+    r
+}
+
+fn cors_headers(c: &Cors, origin: &str, h: &mut HeaderMap) {
+    if let Ok(v) = HeaderValue::from_str(origin) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+    }
+    if c.allow_credentials {
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            HeaderValue::from_static("true"),
+        );
+    }
+    if !c.expose_headers.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&c.expose_headers)
+    {
+        h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v);
+    }
+}
+
+/// The consistent-hash key of a request, and a `set-cookie` value when one was generated.
+fn hash_key(
+    alg: &LbAlgorithm,
+    headers: &HeaderMap,
+    path: &str,
+    peer: SocketAddr,
+) -> Option<(u64, Option<String>)> {
+    let key = match alg {
+        LbAlgorithm::RingHash { key, .. } | LbAlgorithm::Maglev { key, .. } => key,
+        _ => return None,
+    };
+    match key {
+        HashKey::Header(name) => headers
+            .get(name.as_str())
+            .map(|v| (lb::hash64(v.as_bytes()), None)),
+        HashKey::SourceIp => Some((lb::hash64(peer.ip()), None)),
+        HashKey::QueryParameter(q) => path.split_once('?').and_then(|(_, qs)| {
+            qs.split('&').find_map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (k == q).then(|| (lb::hash64(v), None))
+            })
+        }),
+        HashKey::Cookie {
+            name,
+            path: cpath,
+            ttl,
+        } => {
+            let existing = headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|kv| {
+                    let (k, v) = kv.trim().split_once('=')?;
+                    (k == name).then(|| v.to_string())
+                });
+            match (existing, ttl) {
+                (Some(v), _) => Some((lb::hash64(v.as_str()), None)),
+                (None, Some(ttl)) => {
+                    // Envoy generates the cookie and hashes this request with it, so the client
+                    // sticks to the endpoint chosen now.
+                    let value = format!("{:016x}", lb::hash64((peer, rand::rng().random::<u64>())));
+                    let mut cookie = format!("{name}=\"{value}\"");
+                    if ttl.as_secs() > 0 {
+                        cookie.push_str(&format!("; Max-Age={}", ttl.as_secs()));
+                    }
+                    if let Some(p) = cpath {
+                        cookie.push_str(&format!("; Path={p}"));
+                    }
+                    cookie.push_str("; HttpOnly");
+                    Some((lb::hash64(format!("\"{value}\"").as_str()), Some(cookie)))
+                }
+                (None, None) => None,
+            }
+        }
+    }
+}
+
+/// A buffered request to send upstream (possibly several times).
+#[derive(Clone)]
+pub struct UpstreamRequest {
+    /// Method.
+    pub method: Method,
+    /// Path and query.
+    pub path: String,
+    /// Host/`:authority`.
+    pub authority: String,
+    /// Headers (hop-by-hop removed).
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl UpstreamRequest {
+    fn build(&self, h2: bool, attempt: u32) -> Request<pool::ReqBody> {
+        let uri: Uri = if h2 {
+            format!("http://{}{}", self.authority, self.path).parse()
+        } else {
+            self.path.parse()
+        }
+        .unwrap_or_else(|_| Uri::from_static("/"));
+        let mut req = Request::builder()
+            .method(self.method.clone())
+            .uri(uri)
+            .version(if h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            });
+        if let Some(h) = req.headers_mut() {
+            *h = self.headers.clone();
+            if !h2 && let Ok(v) = HeaderValue::from_str(&self.authority) {
+                h.insert(header::HOST, v);
+            }
+            h.insert("x-envoy-attempt-count", HeaderValue::from(attempt));
+        }
+        req.body(Full::new(self.body.clone()))
+            .expect("upstream request")
+    }
+}
+
+/// An upstream response with the guards its body keeps alive and the route deadline.
+type Streaming = (Response<Incoming>, Vec<Box<dyn Send>>, Option<Instant>);
+
+/// What forwarding produced.
+struct Forwarded {
+    response: Result<Streaming, LocalReply>,
+    flags: Flags,
+    upstream: Option<String>,
+    upstream_ms: u128,
+}
+
+/// Decrements a counter on drop.
+struct CounterGuard<T: AsRef<std::sync::atomic::AtomicU32> + Send>(T);
+
+impl<T: AsRef<std::sync::atomic::AtomicU32> + Send> Drop for CounterGuard<T> {
+    fn drop(&mut self) {
+        self.0.as_ref().fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct ActiveReq(Arc<ClusterState>);
+impl AsRef<std::sync::atomic::AtomicU32> for ActiveReq {
+    fn as_ref(&self) -> &std::sync::atomic::AtomicU32 {
+        &self.0.active_requests
+    }
+}
+struct ActiveRetry(Arc<ClusterState>);
+impl AsRef<std::sync::atomic::AtomicU32> for ActiveRetry {
+    fn as_ref(&self) -> &std::sync::atomic::AtomicU32 {
+        &self.0.active_retries
+    }
+}
+struct EpReq(Arc<EndpointState>);
+impl AsRef<std::sync::atomic::AtomicU32> for EpReq {
+    fn as_ref(&self) -> &std::sync::atomic::AtomicU32 {
+        &self.0.active_requests
+    }
+}
+
+/// Why one attempt failed.
+enum AttemptError {
+    Overflow,
+    NoHealthy,
+    Connect(String),
+    Reset(String),
+    Timeout,
+    Passthrough,
+}
+
+/// Is this response retriable under `on`? (`x-envoy-overloaded` never is.)
+fn response_retriable(on: &RetryOn, resp: &Response<Incoming>) -> bool {
+    if resp.headers().contains_key("x-envoy-overloaded") {
+        return false;
+    }
+    let s = resp.status().as_u16();
+    if (on.five_xx && s >= 500)
+        || (on.gateway_error && matches!(s, 502..=504))
+        || (on.retriable_4xx && s == 409)
+        || on.status_codes.contains(&s)
+    {
+        return true;
+    }
+    if on.envoy_ratelimited && resp.headers().contains_key("x-envoy-ratelimited") {
+        return true;
+    }
+    if !on.grpc_codes.is_empty()
+        && let Some(code) = resp
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+    {
+        return on.grpc_codes.contains(&code);
+    }
+    false
+}
+
+fn error_retriable(on: &RetryOn, e: &AttemptError) -> bool {
+    match e {
+        AttemptError::Connect(_) => {
+            on.connect_failure
+                || on.five_xx
+                || on.gateway_error
+                || on.reset
+                || on.reset_before_request
+        }
+        AttemptError::Reset(_) | AttemptError::Timeout => {
+            on.five_xx || on.gateway_error || on.reset
+        }
+        AttemptError::Overflow | AttemptError::NoHealthy | AttemptError::Passthrough => false,
+    }
+}
+
+/// The retry loop: pick an endpoint, pass the breakers, send, classify; back off and retry on
+/// another host while the policy allows and the route deadline has not passed.
+async fn forward(
+    state: &Arc<ClusterState>,
+    passthrough: bool,
+    rule: &HttpRule,
+    req: &UpstreamRequest,
+    h2: bool,
+    hash: Option<u64>,
+    start: Instant,
+) -> Forwarded {
+    let policy = state.policy.load_full();
+    let retry = &rule.retry;
+    // The route timeout starts once the whole downstream request is here (now), after faults.
+    let deadline = rule.timeout.map(|t| Instant::now() + t);
+    let mut tried: Vec<crate::upstream::Target> = Vec::new();
+    let mut flags = Flags::NONE;
+    let mut last_err: Option<AttemptError>;
+    let mut upstream = None;
+    let mut retry_guard: Option<Box<dyn Send>> = None;
+    let mut attempt = 0u32;
+    // Take a slot of the maxRetries breaker for the next retry; false: the retry is skipped.
+    let take_retry = |guard: &mut Option<Box<dyn Send>>| -> bool {
+        let n = state.active_retries.fetch_add(1, Ordering::Relaxed);
+        if n >= policy.pool.max_retries {
+            state.active_retries.fetch_sub(1, Ordering::Relaxed);
+            state
+                .stats
+                .upstream_rq_retry_overflow
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        *guard = Some(Box::new(CounterGuard(ActiveRetry(state.clone()))));
+        state
+            .stats
+            .upstream_rq_retry
+            .fetch_add(1, Ordering::Relaxed);
+        true
+    };
+    loop {
+        attempt += 1;
+        if attempt > 1 {
+            // Fully jittered exponential back-off: uniform [0, (2^n - 1) * base), capped 10x base.
+            let n = (attempt - 1).min(16);
+            let cap = retry.backoff_base * 10;
+            let upper = (retry.backoff_base * ((1u32 << n) - 1)).min(cap);
+            let sleep = if upper.is_zero() {
+                Duration::ZERO
+            } else {
+                Duration::from_nanos(rand::rng().random_range(0..upper.as_nanos() as u64))
+            };
+            if let Some(d) = deadline
+                && Instant::now() + sleep >= d
+            {
+                tokio::time::sleep_until(d.into()).await;
+                last_err = Some(AttemptError::Timeout);
+                break;
+            }
+            tokio::time::sleep(sleep).await;
+        }
+        let per_try_deadline = match (retry.per_try_timeout, deadline) {
+            (Some(p), Some(d)) => Some((Instant::now() + p).min(d)),
+            (Some(p), None) => Some(Instant::now() + p),
+            (None, d) => d,
+        };
+        let per_try_is_route = per_try_deadline == deadline;
+        match attempt_once(
+            state,
+            passthrough,
+            &policy,
+            req,
+            h2,
+            hash,
+            &tried,
+            per_try_deadline,
+            attempt,
+        )
+        .await
+        {
+            Ok((resp, ep, guards)) => {
+                upstream = Some(ep.target.to_string());
+                outlier::record(state, &ep, Outcome::Status(resp.status().as_u16()));
+                let retriable = response_retriable(&retry.retry_on, &resp);
+                if retriable
+                    && attempt <= retry.num_retries
+                    && deadline.is_none_or(|d| Instant::now() < d)
+                    && take_retry(&mut retry_guard)
+                {
+                    if !is_consistent_hash(&policy.lb.algorithm) && retry.ignore_previous_hosts {
+                        tried.push(ep.target.clone());
+                    }
+                    drop(resp);
+                    continue;
+                }
+                if retriable && retry.num_retries > 0 {
+                    // The retry limit (or budget) was reached with a retriable answer.
+                    flags = flags.with(Flags::URX);
+                }
+                let mut g = guards;
+                if let Some(rg) = retry_guard.take() {
+                    g.push(rg);
+                }
+                return Forwarded {
+                    response: Ok((resp, g, deadline)),
+                    flags,
+                    upstream,
+                    upstream_ms: start.elapsed().as_millis(),
+                };
+            }
+            Err((e, ep)) => {
+                if let Some(ep) = &ep {
+                    upstream = Some(ep.target.to_string());
+                    if matches!(
+                        e,
+                        AttemptError::Connect(_) | AttemptError::Reset(_) | AttemptError::Timeout
+                    ) {
+                        outlier::record(state, ep, Outcome::LocalFailure);
+                    }
+                    if !is_consistent_hash(&policy.lb.algorithm) && retry.ignore_previous_hosts {
+                        tried.push(ep.target.clone());
+                    }
+                }
+                if matches!(e, AttemptError::Timeout) {
+                    state
+                        .stats
+                        .upstream_rq_timeout
+                        .fetch_add(1, Ordering::Relaxed);
+                    if per_try_is_route {
+                        last_err = Some(e);
+                        break;
+                    }
+                }
+                let retriable = error_retriable(&retry.retry_on, &e);
+                last_err = Some(e);
+                if retriable && attempt <= retry.num_retries && take_retry(&mut retry_guard) {
+                    continue;
+                }
+                if retriable && retry.num_retries > 0 {
+                    flags = flags.with(Flags::URX);
+                }
+                break;
+            }
+        }
+    }
+    let retried = attempt > 1;
+    let reply = match last_err {
+        Some(AttemptError::Overflow) => {
+            let mut r = LocalReply::new(503, BODY_OVERFLOW, Flags::UO);
+            r.overloaded = true;
+            r
+        }
+        Some(AttemptError::NoHealthy) => LocalReply::new(503, BODY_NO_HEALTHY, Flags::UH),
+        Some(AttemptError::Timeout) => LocalReply::new(504, BODY_TIMEOUT, Flags::UT),
+        Some(AttemptError::Passthrough) => LocalReply::new(
+            503,
+            "passthrough to the original destination needs --capture ebpf",
+            Flags::UF,
+        ),
+        Some(AttemptError::Connect(reason)) => {
+            let body = if retried {
+                format!(
+                    "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure, transport failure reason: {reason}"
+                )
+            } else {
+                format!(
+                    "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: {reason}"
+                )
+            };
+            LocalReply::new(503, body, Flags::UF)
+        }
+        Some(AttemptError::Reset(reason)) => {
+            let body = if retried {
+                format!(
+                    "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: {reason}"
+                )
+            } else {
+                format!(
+                    "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+                )
+            };
+            LocalReply::new(503, body, Flags::UC)
+        }
+        None => LocalReply::new(503, BODY_NO_HEALTHY, Flags::UH),
+    };
+    let mut reply = reply;
+    reply.flags = reply.flags.with(flags);
+    let flags = reply.flags;
+    Forwarded {
+        response: Err(reply),
+        flags,
+        upstream,
+        upstream_ms: start.elapsed().as_millis(),
+    }
+}
+
+fn is_consistent_hash(a: &LbAlgorithm) -> bool {
+    matches!(a, LbAlgorithm::RingHash { .. } | LbAlgorithm::Maglev { .. })
+}
+
+type AttemptOk = (Response<Incoming>, Arc<EndpointState>, Vec<Box<dyn Send>>);
+
+#[allow(clippy::too_many_arguments)]
+async fn attempt_once(
+    state: &Arc<ClusterState>,
+    passthrough: bool,
+    policy: &crate::compile::policy::ClusterPolicy,
+    req: &UpstreamRequest,
+    h2: bool,
+    hash: Option<u64>,
+    tried: &[crate::upstream::Target],
+    deadline: Option<Instant>,
+    attempt: u32,
+) -> Result<AttemptOk, (AttemptError, Option<Arc<EndpointState>>)> {
+    if passthrough {
+        return Err((AttemptError::Passthrough, None));
+    }
+    // Circuit breaker on concurrent requests (http2MaxRequests): immediate 503 UO.
+    let n = state.active_requests.fetch_add(1, Ordering::Relaxed);
+    let req_guard = CounterGuard(ActiveReq(state.clone()));
+    if n >= policy.pool.max_requests {
+        state
+            .stats
+            .upstream_rq_pending_overflow
+            .fetch_add(1, Ordering::Relaxed);
+        return Err((AttemptError::Overflow, None));
+    }
+    let set = state.lb_set();
+    let Some(ep) = lb::pick(&state.lb, &policy.lb.algorithm, &set, hash, tried) else {
+        return Err((AttemptError::NoHealthy, None));
+    };
+    ep.active_requests.fetch_add(1, Ordering::Relaxed);
+    let ep_guard = CounterGuard(EpReq(ep.clone()));
+    let work = async {
+        let lease = pool::acquire(state, &ep, h2, deadline)
+            .await
+            .map_err(|e| match e {
+                PoolError::Overflow => AttemptError::Overflow,
+                PoolError::Connect(r) => AttemptError::Connect(r),
+                PoolError::ConnectTimeout => AttemptError::Connect("connection timeout".into()),
+                PoolError::Deadline => AttemptError::Timeout,
+            })?;
+        let upstream_req = req.build(h2, attempt);
+        match lease {
+            Lease::H1 { mut send, used } => {
+                if send.ready().await.is_err() {
+                    return Err(AttemptError::Reset("connection termination".into()));
+                }
+                let r = send.send_request(upstream_req).await;
+                EndpointPool::recycle(state.clone(), ep.clone(), send, used + 1);
+                r.map_err(|e| AttemptError::Reset(reset_reason(&e)))
+            }
+            Lease::H2(mut send) => {
+                if send.ready().await.is_err() {
+                    return Err(AttemptError::Reset("connection termination".into()));
+                }
+                send.send_request(upstream_req)
+                    .await
+                    .map_err(|e| AttemptError::Reset(reset_reason(&e)))
+            }
+        }
+    };
+    let r = match deadline {
+        Some(d) => match tokio::time::timeout_at(d.into(), work).await {
+            Ok(r) => r,
+            Err(_) => Err(AttemptError::Timeout),
+        },
+        None => work.await,
+    };
+    match r {
+        Ok(resp) => Ok((
+            resp,
+            ep.clone(),
+            vec![Box::new(req_guard) as Box<dyn Send>, Box::new(ep_guard)],
+        )),
+        Err(e) => Err((e, Some(ep))),
+    }
+}
+
+fn reset_reason(e: &hyper::Error) -> String {
+    if e.is_canceled() || e.is_incomplete_message() || e.is_closed() {
+        "connection termination".into()
+    } else {
+        format!("protocol error: {e}")
+    }
+}
+
+/// Send one mirrored request and discard the answer.
+pub async fn send_mirror(state: Arc<ClusterState>, protocol: Protocol, req: UpstreamRequest) {
+    let policy = state.policy.load_full();
+    let h2 = matches!(protocol, Protocol::Http2 | Protocol::Grpc) || policy.pool.h2_upgrade;
+    let deadline = Some(Instant::now() + Duration::from_secs(30));
+    if let Ok((resp, _, guards)) =
+        attempt_once(&state, false, &policy, &req, h2, None, &[], deadline, 1).await
+    {
+        let _ = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect()).await;
+        drop(guards);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_suffix_goes_before_the_port() {
+        assert_eq!(shadow_host("httpbin:8000"), "httpbin-shadow:8000");
+        assert_eq!(shadow_host("httpbin"), "httpbin-shadow");
+    }
+
+    #[test]
+    fn redirect_builds_location() {
+        let rd = Redirect {
+            uri: Some("/v1/".into()),
+            prefix_rewrite: None,
+            authority: None,
+            port: None,
+            from_request_port: false,
+            scheme: None,
+            code: 301,
+        };
+        assert_eq!(
+            redirect_location(&rd, "http", "a.b:80", "/old?x=1", None, 80),
+            "http://a.b/v1/"
+        );
+        let rd = Redirect {
+            uri: None,
+            prefix_rewrite: Some("/new".into()),
+            authority: Some("c.d".into()),
+            port: Some(8080),
+            from_request_port: false,
+            scheme: Some("https".into()),
+            code: 302,
+        };
+        assert_eq!(
+            redirect_location(&rd, "http", "a.b", "/old/x?y", Some("/old"), 80),
+            "https://c.d:8080/new/x?y"
+        );
+    }
+}

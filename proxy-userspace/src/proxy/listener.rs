@@ -1,0 +1,166 @@
+//! Listeners follow the snapshot: each new version binds the addresses that appeared and stops
+//! accepting on those that went away (connections already accepted run to completion). Each
+//! connection's protocol comes from its listener: HTTP ports are served by hyper (HTTP/1.1 and
+//! h2c prior knowledge), TCP ports are copied byte for byte, TLS ports are routed by SNI, and
+//! undeclared ports are sniffed.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use super::{ConnInfo, ListenerRef, Shared, http, tcp};
+use crate::compile::{ListenerKind, Protocol, Snapshot};
+use crate::publish::Publisher;
+use crate::upstream::outlier;
+
+/// Addresses to listen on for a snapshot in `--capture none` mode.
+pub fn desired(snap: &Snapshot, shared: &Shared) -> Vec<(SocketAddr, ListenerRef)> {
+    let mut out = Vec::new();
+    for l in &snap.listeners {
+        match (&l.kind, l.address) {
+            (ListenerKind::Mesh { .. }, Some(ip)) => {
+                let a = SocketAddr::new(ip, l.port);
+                out.push((a, ListenerRef::Mesh(a)));
+            }
+            (ListenerKind::Gateway { .. }, _) => out.push((
+                SocketAddr::new(shared.options.gateway_ip, l.port),
+                ListenerRef::Gateway(l.port),
+            )),
+            // Services without addresses are identified by port alone; binding 0.0.0.0:port
+            // would capture the node's own traffic to that port, so --capture none skips them.
+            (ListenerKind::Mesh { .. }, None) => {}
+        }
+    }
+    out
+}
+
+/// Keep listeners in step with the publisher until it is dropped.
+pub async fn run(shared: Arc<Shared>, publisher: Arc<Publisher>) {
+    let mut versions = publisher.subscribe();
+    let mut active: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
+    let sweeper = tokio::spawn(sweep_outliers(shared.clone()));
+    loop {
+        let snap = publisher.load();
+        shared.update(snap.clone());
+        let want: HashMap<SocketAddr, ListenerRef> = desired(&snap, &shared).into_iter().collect();
+        active.retain(|addr, task| {
+            let keep = want.contains_key(addr);
+            if !keep {
+                tracing::info!(%addr, "listener removed");
+                task.abort();
+            }
+            keep
+        });
+        for (addr, lref) in want {
+            if active.contains_key(&addr) {
+                continue;
+            }
+            match bind(addr) {
+                Ok(l) => {
+                    tracing::info!(%addr, "listening");
+                    active.insert(addr, tokio::spawn(accept_loop(shared.clone(), l, lref)));
+                }
+                Err(e) => tracing::error!(%addr, error = %e, "cannot listen"),
+            }
+        }
+        if versions.changed().await.is_err() {
+            break;
+        }
+    }
+    sweeper.abort();
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, lref: ListenerRef) {
+    let local = listener.local_addr().ok();
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok().or(local).unwrap_or(peer);
+        let conn = Arc::new(ConnInfo {
+            peer,
+            local,
+            original_dst: local,
+            listener: lref,
+            scheme: "http",
+        });
+        tokio::spawn(serve_connection(shared.clone(), conn, stream));
+    }
+}
+
+/// Serve one accepted connection according to its listener's protocol.
+pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, stream: TcpStream) {
+    let protocol = {
+        let view = shared.view.load();
+        match conn.listener.lookup(&view.snapshot) {
+            Some(l) => l.protocol,
+            None => return,
+        }
+    };
+    match protocol {
+        Protocol::Http | Protocol::Http2 | Protocol::Grpc => serve_http(shared, conn, stream).await,
+        Protocol::Tcp => tcp::proxy(shared, conn, stream, false).await,
+        Protocol::Https | Protocol::Tls => tcp::proxy(shared, conn, stream, true).await,
+        Protocol::Unknown => {
+            let mut buf = [0u8; 16];
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.peek(&mut buf))
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or(0);
+            if n > 0 && tcp::looks_like_http(&buf[..n]) {
+                serve_http(shared, conn, stream).await
+            } else {
+                tcp::proxy(shared, conn, stream, false).await
+            }
+        }
+    }
+}
+
+async fn serve_http(shared: Arc<Shared>, conn: Arc<ConnInfo>, stream: TcpStream) {
+    let svc = service_fn(move |req| {
+        let (shared, conn) = (shared.clone(), conn.clone());
+        async move { Ok::<_, std::convert::Infallible>(http::handle(shared, conn, req).await) }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+        .await;
+}
+
+/// Run outlier-detection sweeps for every cluster at its interval.
+async fn sweep_outliers(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        let view = shared.view.load_full();
+        let now = Instant::now();
+        for (c, st) in view.snapshot.clusters.iter().zip(&view.clusters) {
+            if c.policy.outlier.is_some() {
+                outlier::maybe_sweep(st, now);
+            }
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! TCP and TLS (SNI) forwarding: pick a rule (first match wins; no match falls back to the
+//! service's own cluster, or for TLS rules closes with NR), pick a destination per connection,
+//! pass the maxConnections breaker, connect, and copy bytes both ways.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::error::Flags;
+use super::{ConnInfo, Shared};
+use crate::compile::{ClusterRef, match_l4};
+use crate::telemetry::tcp_access;
+use crate::upstream::outlier::{self, Outcome};
+use crate::upstream::{lb, pool};
+
+/// How long to wait for a ClientHello.
+const SNI_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Proxy one TCP connection (`sni_routed`: use the listener's TLS rules).
+pub async fn proxy(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    mut down: TcpStream,
+    sni_routed: bool,
+) {
+    let start = Instant::now();
+    let view = shared.view.load_full();
+    let snap = &view.snapshot;
+    let mut flags = Flags::NONE;
+    let Some(listener) = conn.listener.lookup(snap) else {
+        tcp_access(
+            conn.peer,
+            conn.local,
+            None,
+            None,
+            None,
+            Flags::NR,
+            0,
+            0,
+            start,
+        );
+        return;
+    };
+    let sni = if sni_routed {
+        read_sni(&down).await
+    } else {
+        None
+    };
+    let source = snap.source_info(conn.peer.ip());
+    let dst_ip = Some(conn.original_dst.ip());
+    let chosen = if sni_routed && !listener.tls.is_empty() {
+        match match_l4(&listener.tls, dst_ip, &source, sni.as_deref()) {
+            Some(r) => Some(&r.route),
+            None => {
+                tcp_access(
+                    conn.peer,
+                    conn.local,
+                    sni.as_deref(),
+                    None,
+                    None,
+                    Flags::NR,
+                    0,
+                    0,
+                    start,
+                );
+                return;
+            }
+        }
+    } else {
+        match_l4(&listener.tcp, dst_ip, &source, None).map(|r| &r.route)
+    };
+    let (cluster_ref, name) = match chosen {
+        Some(wc) => {
+            let c = if wc.clusters.len() == 1 {
+                &wc.clusters[0]
+            } else {
+                wc.pick(rand::rng().random_range(0..wc.total))
+            };
+            (c.cluster.clone(), c.name.clone())
+        }
+        None => match listener.default_cluster {
+            Some(id) => (ClusterRef::Cluster(id), snap.clusters[id].name.clone()),
+            None => {
+                tcp_access(
+                    conn.peer,
+                    conn.local,
+                    sni.as_deref(),
+                    None,
+                    None,
+                    Flags::NR,
+                    0,
+                    0,
+                    start,
+                );
+                return;
+            }
+        },
+    };
+    let ClusterRef::Cluster(cid) = cluster_ref else {
+        tcp_access(
+            conn.peer,
+            conn.local,
+            sni.as_deref(),
+            Some(&name),
+            None,
+            Flags::NC,
+            0,
+            0,
+            start,
+        );
+        return;
+    };
+    let state = view.clusters[cid].clone();
+    let policy = state.policy.load_full();
+    if snap.clusters[cid].passthrough {
+        tcp_access(
+            conn.peer,
+            conn.local,
+            sni.as_deref(),
+            Some(&name),
+            None,
+            Flags::UF,
+            0,
+            0,
+            start,
+        );
+        return;
+    }
+    let set = state.lb_set();
+    let hash = Some(lb::hash64(conn.peer.ip()));
+    let Some(ep) = lb::pick(
+        &state.lb,
+        &policy.lb.algorithm,
+        &set,
+        hash.filter(|_| {
+            matches!(
+                policy.lb.algorithm,
+                crate::compile::policy::LbAlgorithm::RingHash { .. }
+                    | crate::compile::policy::LbAlgorithm::Maglev { .. }
+            )
+        }),
+        &[],
+    ) else {
+        tcp_access(
+            conn.peer,
+            conn.local,
+            sni.as_deref(),
+            Some(&name),
+            None,
+            Flags::UH,
+            0,
+            0,
+            start,
+        );
+        return;
+    };
+    // TCP proxy: maxConnections overflow closes the downstream connection at once (UO).
+    if state
+        .connections
+        .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+            (n < policy.pool.max_connections).then_some(n + 1)
+        })
+        .is_err()
+    {
+        state
+            .stats
+            .upstream_cx_overflow
+            .fetch_add(1, Ordering::Relaxed);
+        tcp_access(
+            conn.peer,
+            conn.local,
+            sni.as_deref(),
+            Some(&name),
+            None,
+            Flags::UO,
+            0,
+            0,
+            start,
+        );
+        return;
+    }
+    struct Slot(Arc<crate::upstream::ClusterState>);
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            self.0.connections.fetch_sub(1, Ordering::AcqRel);
+            self.0.conn_released.notify_waiters();
+        }
+    }
+    let _slot = Slot(state.clone());
+    let upstream = ep.target.to_string();
+    let mut up = match pool::connect_tcp(&ep.target, policy.pool.connect_timeout).await {
+        Ok(s) => s,
+        Err(_) => {
+            outlier::record(&state, &ep, Outcome::LocalFailure);
+            flags = flags.with(Flags::UF);
+            tcp_access(
+                conn.peer,
+                conn.local,
+                sni.as_deref(),
+                Some(&name),
+                Some(&upstream),
+                flags,
+                0,
+                0,
+                start,
+            );
+            let _ = down.shutdown().await;
+            return;
+        }
+    };
+    ep.active_connections.fetch_add(1, Ordering::Relaxed);
+    // Byte-for-byte until either side closes.
+    let (received, sent) = tokio::io::copy_bidirectional(&mut down, &mut up)
+        .await
+        .unwrap_or((0, 0));
+    ep.active_connections.fetch_sub(1, Ordering::Relaxed);
+    tcp_access(
+        conn.peer,
+        conn.local,
+        sni.as_deref(),
+        Some(&name),
+        Some(&upstream),
+        flags,
+        sent,
+        received,
+        start,
+    );
+}
+
+/// Peek the ClientHello (without consuming it) and return its SNI.
+pub async fn read_sni(stream: &TcpStream) -> Option<String> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let deadline = Instant::now() + SNI_TIMEOUT;
+    loop {
+        let n = tokio::time::timeout_at(deadline.into(), stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        match parse_sni(&buf[..n]) {
+            Ok(sni) => return sni,
+            Err(Incomplete) if n < buf.len() => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(Incomplete) => return None,
+        }
+    }
+}
+
+/// Not enough bytes yet.
+#[derive(Debug, PartialEq)]
+pub struct Incomplete;
+
+/// Parse the server_name extension of a TLS ClientHello (RFC 8446 §4.1.2, RFC 6066 §3).
+/// `Ok(None)`: not TLS or no SNI.
+pub fn parse_sni(b: &[u8]) -> Result<Option<String>, Incomplete> {
+    if b.len() < 5 {
+        return Err(Incomplete);
+    }
+    if b[0] != 22 {
+        return Ok(None); // not a handshake record
+    }
+    let rec_len = u16::from_be_bytes([b[3], b[4]]) as usize;
+    if b.len() < 5 + rec_len {
+        return Err(Incomplete);
+    }
+    let h = &b[5..5 + rec_len];
+    let get = |i: usize| h.get(i).copied();
+    if get(0) != Some(1) {
+        return Ok(None); // not a ClientHello
+    }
+    // type(1) len(3) version(2) random(32)
+    let mut i = 4 + 2 + 32;
+    let sid = get(i).ok_or(Incomplete)? as usize;
+    i += 1 + sid;
+    let cs =
+        u16::from_be_bytes([get(i).ok_or(Incomplete)?, get(i + 1).ok_or(Incomplete)?]) as usize;
+    i += 2 + cs;
+    let comp = get(i).ok_or(Incomplete)? as usize;
+    i += 1 + comp;
+    if i + 2 > h.len() {
+        return Ok(None);
+    }
+    let ext_end = (i + 2 + u16::from_be_bytes([h[i], h[i + 1]]) as usize).min(h.len());
+    i += 2;
+    while i + 4 <= ext_end {
+        let ty = u16::from_be_bytes([h[i], h[i + 1]]);
+        let len = u16::from_be_bytes([h[i + 2], h[i + 3]]) as usize;
+        let data = h.get(i + 4..i + 4 + len).ok_or(Incomplete)?;
+        if ty == 0 && data.len() >= 5 && data[2] == 0 {
+            let n = u16::from_be_bytes([data[3], data[4]]) as usize;
+            return Ok(data
+                .get(5..5 + n)
+                .map(|s| String::from_utf8_lossy(s).to_ascii_lowercase()));
+        }
+        i += 4 + len;
+    }
+    Ok(None)
+}
+
+/// Does this look like the start of an HTTP request (method token or the HTTP/2 preface)?
+pub fn looks_like_http(b: &[u8]) -> bool {
+    const METHODS: [&[u8]; 9] = [
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"DELETE ",
+        b"HEAD ",
+        b"OPTIONS ",
+        b"PATCH ",
+        b"CONNECT ",
+        b"TRACE ",
+    ];
+    b.starts_with(b"PRI * HTTP/2.0")
+        || METHODS
+            .iter()
+            .any(|m| b.starts_with(m) || (b.len() < m.len() && m.starts_with(b)))
+}

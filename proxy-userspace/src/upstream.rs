@@ -1,0 +1,244 @@
+//! Upstream clusters at run time: endpoint state (active requests, health, outlier ejection),
+//! circuit breakers, load balancing and connection pools.
+//!
+//! State lives here, outside the immutable snapshot, keyed by [`ClusterKey`] and endpoint
+//! address, so health, ejections, pool counters and LB cursors survive a snapshot swap for
+//! clusters that still exist. [`Clusters::sync`] builds the per-snapshot view.
+
+pub mod lb;
+pub mod outlier;
+pub mod pool;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::compile::policy::ClusterPolicy;
+use crate::compile::{Cluster, ClusterKey, EndpointAddress, Snapshot};
+
+/// Where an endpoint is reached.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub enum Target {
+    /// A socket address.
+    Addr(SocketAddr),
+    /// A DNS name and port, resolved at connect time.
+    Name(String, u16),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Addr(a) => write!(f, "{a}"),
+            Target::Name(n, p) => write!(f, "{n}:{p}"),
+        }
+    }
+}
+
+/// One endpoint of a cluster and its run-time state.
+#[derive(Debug)]
+pub struct EndpointState {
+    /// Address.
+    pub target: Target,
+    /// LB weight.
+    pub weight: u32,
+    /// Labels (for metrics).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Requests in flight.
+    pub active_requests: AtomicU32,
+    /// Open upstream connections.
+    pub active_connections: AtomicU32,
+    /// Ejected by outlier detection.
+    pub ejected: AtomicBool,
+    /// Outlier counters and ejection history.
+    pub outlier: Mutex<outlier::HostOutlier>,
+    /// Idle HTTP connections.
+    pub(crate) pool: pool::EndpointPool,
+}
+
+impl EndpointState {
+    fn new(
+        target: Target,
+        weight: u32,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> Self {
+        EndpointState {
+            target,
+            weight,
+            labels,
+            active_requests: AtomicU32::new(0),
+            active_connections: AtomicU32::new(0),
+            ejected: AtomicBool::new(false),
+            outlier: Mutex::new(outlier::HostOutlier::default()),
+            pool: pool::EndpointPool::default(),
+        }
+    }
+
+    /// Is it in the LB set?
+    pub fn healthy(&self) -> bool {
+        !self.ejected.load(Ordering::Relaxed)
+    }
+}
+
+/// Counters Envoy exposes per cluster.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub struct ClusterStats {
+    /// Requests rejected by the pending-queue or max-requests breaker.
+    pub upstream_rq_pending_overflow: AtomicU64,
+    /// Times max connections was reached.
+    pub upstream_cx_overflow: AtomicU64,
+    /// Retries attempted.
+    pub upstream_rq_retry: AtomicU64,
+    /// Retries skipped by the max-retries breaker.
+    pub upstream_rq_retry_overflow: AtomicU64,
+    /// Route or per-try timeouts.
+    pub upstream_rq_timeout: AtomicU64,
+    /// Ejections enforced.
+    pub ejections_enforced_total: AtomicU64,
+    /// Ejections refused by maxEjectionPercent.
+    pub ejections_overflow: AtomicU64,
+    /// Mirror requests dropped (too many in flight).
+    pub mirror_dropped: AtomicU64,
+}
+
+/// Run-time state of one cluster.
+#[derive(Debug)]
+pub struct ClusterState {
+    /// Identity.
+    pub key: ClusterKey,
+    /// Policy of the snapshot in force (replaced on swap).
+    pub policy: ArcSwap<ClusterPolicy>,
+    /// Endpoints (replaced on swap, keeping state of unchanged addresses).
+    pub endpoints: ArcSwap<Vec<Arc<EndpointState>>>,
+    /// Requests in flight (http2MaxRequests breaker).
+    pub active_requests: AtomicU32,
+    /// Requests waiting for a connection (http1MaxPendingRequests breaker).
+    pub pending_requests: AtomicU32,
+    /// Open connections (maxConnections breaker).
+    pub connections: AtomicU32,
+    /// Retries in flight (maxRetries breaker).
+    pub active_retries: AtomicU32,
+    /// Woken when a connection closes or returns idle.
+    pub(crate) conn_released: Notify,
+    /// LB state.
+    pub(crate) lb: lb::LbState,
+    /// Counters.
+    pub stats: ClusterStats,
+    /// When the outlier sweep last ran.
+    pub(crate) last_sweep: Mutex<Instant>,
+}
+
+impl ClusterState {
+    fn new(c: &Cluster) -> Self {
+        ClusterState {
+            key: c.key.clone(),
+            policy: ArcSwap::from_pointee(c.policy.clone()),
+            endpoints: ArcSwap::from_pointee(Vec::new()),
+            active_requests: AtomicU32::new(0),
+            pending_requests: AtomicU32::new(0),
+            connections: AtomicU32::new(0),
+            active_retries: AtomicU32::new(0),
+            conn_released: Notify::new(),
+            lb: lb::LbState::default(),
+            stats: ClusterStats::default(),
+            last_sweep: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Apply a cluster definition of a new snapshot.
+    fn update(&self, c: &Cluster) {
+        self.policy.store(Arc::new(c.policy.clone()));
+        let old = self.endpoints.load();
+        let mut by_target: HashMap<&Target, &Arc<EndpointState>> =
+            old.iter().map(|e| (&e.target, e)).collect();
+        let new: Vec<Arc<EndpointState>> = c
+            .endpoints
+            .iter()
+            .map(|e| {
+                let target = match &e.address {
+                    EndpointAddress::Ip(ip) => Target::Addr(SocketAddr::new(*ip, e.port)),
+                    EndpointAddress::Dns(n) => Target::Name(n.clone(), e.port),
+                };
+                match by_target.remove(&target) {
+                    Some(existing)
+                        if existing.weight == e.weight && existing.labels == e.labels =>
+                    {
+                        existing.clone()
+                    }
+                    Some(existing) => {
+                        // Same address, new weight or labels: keep health, take the new values.
+                        let fresh = EndpointState::new(target, e.weight, e.labels.clone());
+                        fresh
+                            .ejected
+                            .store(existing.ejected.load(Ordering::Relaxed), Ordering::Relaxed);
+                        *fresh.outlier.lock().expect("outlier lock") =
+                            existing.outlier.lock().expect("outlier lock").clone();
+                        Arc::new(fresh)
+                    }
+                    None => Arc::new(EndpointState::new(target, e.weight, e.labels.clone())),
+                }
+            })
+            .collect();
+        self.endpoints.store(Arc::new(new));
+        self.lb.invalidate();
+    }
+
+    /// The endpoints eligible for load balancing: healthy ones, or all of them in panic mode
+    /// (healthy share below minHealthPercent).
+    pub fn lb_set(&self) -> Vec<Arc<EndpointState>> {
+        let all = self.endpoints.load();
+        let healthy: Vec<_> = all.iter().filter(|e| e.healthy()).cloned().collect();
+        let policy = self.policy.load();
+        if let Some(o) = &policy.outlier
+            && !all.is_empty()
+            && o.min_health_percent > 0
+            && (healthy.len() * 100) < (o.min_health_percent as usize * all.len())
+        {
+            return all.iter().cloned().collect();
+        }
+        healthy
+    }
+}
+
+/// The per-snapshot view: the snapshot and the state of each of its clusters, by ClusterId.
+#[derive(Debug)]
+pub struct View {
+    /// The snapshot.
+    pub snapshot: Arc<Snapshot>,
+    /// Cluster states, indexed like `snapshot.clusters`.
+    pub clusters: Vec<Arc<ClusterState>>,
+}
+
+/// All cluster states, surviving snapshot swaps.
+#[derive(Default)]
+pub struct Clusters {
+    states: Mutex<HashMap<ClusterKey, Weak<ClusterState>>>,
+}
+
+impl Clusters {
+    /// Build the view for a new snapshot, reusing state of clusters that still exist.
+    pub fn sync(&self, snapshot: Arc<Snapshot>) -> View {
+        let mut states = self.states.lock().expect("clusters lock");
+        let clusters: Vec<Arc<ClusterState>> = snapshot
+            .clusters
+            .iter()
+            .map(|c| {
+                let st = states
+                    .get(&c.key)
+                    .and_then(Weak::upgrade)
+                    .unwrap_or_else(|| Arc::new(ClusterState::new(c)));
+                st.update(c);
+                states.insert(c.key.clone(), Arc::downgrade(&st));
+                st
+            })
+            .collect();
+        states.retain(|_, w| w.strong_count() > 0);
+        View { snapshot, clusters }
+    }
+}

@@ -1,0 +1,248 @@
+//! Upstream HTTP connections with Envoy's circuit breakers: `maxConnections` queues requests
+//! (counted as pending), `http1MaxPendingRequests` bounds that queue, `maxRequestsPerConnection`
+//! retires connections, `idleTimeout` drops idle ones. HTTP/1 connections return to the idle
+//! list when hyper reports them ready again (response fully read); HTTP/2 connections are shared.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use super::{ClusterState, EndpointState, Target};
+
+/// Request body type sent upstream (requests are buffered so they can be retried).
+pub type ReqBody = Full<Bytes>;
+
+/// Idle connections of one endpoint.
+#[derive(Debug, Default)]
+pub struct EndpointPool {
+    idle: Mutex<Vec<Idle>>,
+    h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    send: http1::SendRequest<ReqBody>,
+    since: Instant,
+    used: u32,
+}
+
+/// Why no connection could be had.
+#[derive(Debug)]
+pub enum PoolError {
+    /// A circuit breaker refused (503 UO).
+    Overflow,
+    /// Connect refused, unreachable, or DNS failure (503 UF).
+    Connect(String),
+    /// Connect timed out (503 UF).
+    ConnectTimeout,
+    /// The deadline passed while waiting for a connection (504 UT).
+    Deadline,
+}
+
+/// A connection ready for one request.
+pub enum Lease {
+    /// HTTP/1.1: returns to the idle list after the response when reusable.
+    H1 {
+        /// Sender.
+        send: http1::SendRequest<ReqBody>,
+        /// Requests already sent on it.
+        used: u32,
+    },
+    /// HTTP/2: shared.
+    H2(http2::SendRequest<ReqBody>),
+}
+
+/// Counts a request waiting for a connection; decremented on drop.
+struct PendingGuard<'a>(&'a ClusterState);
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.pending_requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Get a connection to `ep`, waiting in the cluster's pending queue when `maxConnections` is
+/// reached, until `deadline`.
+pub async fn acquire(
+    cluster: &Arc<ClusterState>,
+    ep: &Arc<EndpointState>,
+    h2: bool,
+    deadline: Option<Instant>,
+) -> Result<Lease, PoolError> {
+    let policy = cluster.policy.load_full();
+    let limits = &policy.pool;
+    let mut pending: Option<PendingGuard<'_>> = None;
+    loop {
+        let notified = cluster.conn_released.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if h2 {
+            if let Some(s) = ep
+                .pool
+                .h2
+                .lock()
+                .expect("pool lock")
+                .as_ref()
+                .filter(|s| !s.is_closed())
+            {
+                return Ok(Lease::H2(s.clone()));
+            }
+        } else if let Some(idle) = ep.pool.take_idle(limits.idle_timeout) {
+            return Ok(Lease::H1 {
+                send: idle.send,
+                used: idle.used,
+            });
+        }
+        if try_reserve_connection(cluster, limits.max_connections) {
+            drop(pending);
+            return connect(cluster, ep, h2, limits.connect_timeout).await;
+        }
+        if pending.is_none() {
+            cluster
+                .stats
+                .upstream_cx_overflow
+                .fetch_add(1, Ordering::Relaxed);
+            let queued = cluster.pending_requests.fetch_add(1, Ordering::Relaxed);
+            let guard = PendingGuard(cluster);
+            if queued >= limits.max_pending_requests {
+                cluster
+                    .stats
+                    .upstream_rq_pending_overflow
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(PoolError::Overflow);
+            }
+            pending = Some(guard);
+        }
+        match deadline {
+            Some(d) => {
+                if tokio::time::timeout_at(d.into(), notified).await.is_err() {
+                    return Err(PoolError::Deadline);
+                }
+            }
+            None => notified.await,
+        }
+    }
+}
+
+fn try_reserve_connection(cluster: &ClusterState, max: u32) -> bool {
+    cluster
+        .connections
+        .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+/// Release a connection slot reserved by [`try_reserve_connection`].
+fn release_connection(cluster: &ClusterState, ep: &EndpointState) {
+    cluster.connections.fetch_sub(1, Ordering::AcqRel);
+    ep.active_connections.fetch_sub(1, Ordering::Relaxed);
+    cluster.conn_released.notify_waiters();
+}
+
+/// Open a TCP connection to `target` within `timeout` (the cluster's connect timeout).
+pub async fn connect_tcp(target: &Target, timeout: Duration) -> Result<TcpStream, PoolError> {
+    let fut = async {
+        let stream = match target {
+            Target::Addr(a) => TcpStream::connect(a).await,
+            Target::Name(n, p) => TcpStream::connect((n.as_str(), *p)).await,
+        };
+        stream.map_err(|e| PoolError::Connect(e.to_string()))
+    };
+    let stream = tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| PoolError::ConnectTimeout)??;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+async fn connect(
+    cluster: &Arc<ClusterState>,
+    ep: &Arc<EndpointState>,
+    h2: bool,
+    timeout: Duration,
+) -> Result<Lease, PoolError> {
+    ep.active_connections.fetch_add(1, Ordering::Relaxed);
+    let stream = match connect_tcp(&ep.target, timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            release_connection(cluster, ep);
+            return Err(e);
+        }
+    };
+    let io = TokioIo::new(stream);
+    let (c2, e2) = (cluster.clone(), ep.clone());
+    if h2 {
+        let (send, conn) = match http2::Builder::new(TokioExecutor::new())
+            .handshake(io)
+            .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                release_connection(cluster, ep);
+                return Err(PoolError::Connect(e.to_string()));
+            }
+        };
+        tokio::spawn(async move {
+            let _ = conn.await;
+            release_connection(&c2, &e2);
+        });
+        *ep.pool.h2.lock().expect("pool lock") = Some(send.clone());
+        Ok(Lease::H2(send))
+    } else {
+        let (send, conn) = match http1::Builder::new().handshake(io).await {
+            Ok(x) => x,
+            Err(e) => {
+                release_connection(cluster, ep);
+                return Err(PoolError::Connect(e.to_string()));
+            }
+        };
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+            release_connection(&c2, &e2);
+        });
+        Ok(Lease::H1 { send, used: 0 })
+    }
+}
+
+impl EndpointPool {
+    fn take_idle(&self, idle_timeout: Duration) -> Option<Idle> {
+        let mut idle = self.idle.lock().expect("pool lock");
+        while let Some(c) = idle.pop() {
+            if c.since.elapsed() < idle_timeout && c.send.is_ready() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Put an HTTP/1 connection back once its response is fully read, unless it has served
+    /// `maxRequestsPerConnection` requests (then it is dropped, which closes it).
+    pub fn recycle(
+        cluster: Arc<ClusterState>,
+        ep: Arc<EndpointState>,
+        mut send: http1::SendRequest<ReqBody>,
+        used: u32,
+    ) {
+        let max = cluster.policy.load().pool.max_requests_per_connection;
+        if max > 0 && used >= max {
+            return;
+        }
+        tokio::spawn(async move {
+            if send.ready().await.is_ok() {
+                ep.pool.idle.lock().expect("pool lock").push(Idle {
+                    send,
+                    since: Instant::now(),
+                    used,
+                });
+                cluster.conn_released.notify_waiters();
+            }
+        });
+    }
+}

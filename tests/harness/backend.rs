@@ -1,0 +1,162 @@
+//! Tiny HTTP/1.1 + h2c backends for tests: answer with their name, count requests, track
+//! concurrency, and misbehave on demand (fail the first N requests, answer slowly, always 500).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// What a backend does; shared with the test so it can change behaviour live.
+#[derive(Default, Debug)]
+pub struct Behaviour {
+    /// Answer 503 to this many requests first.
+    pub fail_first: AtomicU32,
+    /// Status for every request (0: 200).
+    pub status: AtomicU32,
+    /// Delay before answering, ms.
+    pub delay_ms: AtomicU64,
+}
+
+/// A running backend.
+pub struct Backend {
+    /// Bound address.
+    pub addr: SocketAddr,
+    /// Name returned in the body and `x-backend`.
+    pub name: String,
+    /// Requests seen.
+    pub requests: Arc<AtomicU64>,
+    /// Requests being served now.
+    pub in_flight: Arc<AtomicU32>,
+    /// Highest concurrency seen.
+    pub max_in_flight: Arc<AtomicU32>,
+    /// Behaviour knobs.
+    pub behaviour: Arc<Behaviour>,
+    /// Last request's headers, as `name: value` lines.
+    pub last_headers: Arc<std::sync::Mutex<String>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    /// Start a backend named `name` on `addr` (port 0 picks one).
+    pub async fn start(addr: &str, name: &str) -> Backend {
+        let listener = TcpListener::bind(addr)
+            .await
+            .unwrap_or_else(|e| panic!("bind backend {addr}: {e}"));
+        let addr = listener.local_addr().expect("addr");
+        let requests = Arc::new(AtomicU64::new(0));
+        let in_flight = Arc::new(AtomicU32::new(0));
+        let max_in_flight = Arc::new(AtomicU32::new(0));
+        let behaviour = Arc::new(Behaviour::default());
+        let last_headers = Arc::new(std::sync::Mutex::new(String::new()));
+        let (r, f, m, b, h, n) = (
+            requests.clone(),
+            in_flight.clone(),
+            max_in_flight.clone(),
+            behaviour.clone(),
+            last_headers.clone(),
+            name.to_string(),
+        );
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (r, f, m, b, h, n) = (
+                    r.clone(),
+                    f.clone(),
+                    m.clone(),
+                    b.clone(),
+                    h.clone(),
+                    n.clone(),
+                );
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (r, f, m, b, h, n) = (
+                            r.clone(),
+                            f.clone(),
+                            m.clone(),
+                            b.clone(),
+                            h.clone(),
+                            n.clone(),
+                        );
+                        async move {
+                            r.fetch_add(1, Ordering::SeqCst);
+                            let now = f.fetch_add(1, Ordering::SeqCst) + 1;
+                            m.fetch_max(now, Ordering::SeqCst);
+                            *h.lock().unwrap() = req
+                                .headers()
+                                .iter()
+                                .map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("")))
+                                .collect();
+                            let path = req
+                                .uri()
+                                .path_and_query()
+                                .map(|p| p.to_string())
+                                .unwrap_or_default();
+                            let _ = req.into_body().collect().await;
+                            let delay = b.delay_ms.load(Ordering::SeqCst);
+                            if delay > 0 {
+                                tokio::time::sleep(Duration::from_millis(delay)).await;
+                            }
+                            let mut status = match b.status.load(Ordering::SeqCst) {
+                                0 => 200,
+                                s => s as u16,
+                            };
+                            if b.fail_first
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| {
+                                    x.checked_sub(1)
+                                })
+                                .is_ok()
+                            {
+                                status = 503;
+                            }
+                            f.fetch_sub(1, Ordering::SeqCst);
+                            Ok::<_, Infallible>(
+                                Response::builder()
+                                    .status(status)
+                                    .header("x-backend", n.as_str())
+                                    .header("x-path", path)
+                                    .body(Full::new(Bytes::from(n.clone())))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Backend {
+            addr,
+            name: name.to_string(),
+            requests,
+            in_flight,
+            max_in_flight,
+            behaviour,
+            last_headers,
+            task,
+        }
+    }
+
+    /// Requests seen so far.
+    pub fn count(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
