@@ -24,6 +24,8 @@ pub struct Options {
     pub gateway_ip: IpAddr,
     /// Mirror Host `-shadow` suffix.
     pub shadow_host_suffix: bool,
+    /// Gateway `credentialName` directory.
+    pub credentials_dir: PathBuf,
 }
 
 /// A running proxy; dropping it stops the data plane and the config watch.
@@ -68,6 +70,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         ProxyOptions {
             gateway_ip: opts.gateway_ip,
             shadow_host_suffix: opts.shadow_host_suffix,
+            credentials_dir: opts.credentials_dir.clone(),
         },
     );
     let dataplane = tokio::spawn(listener::run(shared.clone(), publisher.clone()));

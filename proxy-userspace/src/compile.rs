@@ -202,6 +202,9 @@ pub struct GatewayServer {
     /// Certificate and key file paths.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cert_files: Option<(String, String)>,
+    /// CA file for client certificates (MUTUAL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
     /// Answer 301 to https.
     pub https_redirect: bool,
 }
@@ -634,6 +637,7 @@ impl<'a> Compiler<'a> {
                         .filter(|t| !t.https_redirect || t.mode.is_some())
                         .map(|t| t.mode.clone().unwrap_or_else(|| "PASSTHROUGH".into())),
                     credential_name: tls.and_then(|t| t.credential_name.clone()),
+                    ca_certificates: tls.and_then(|t| t.ca_certificates.clone()),
                     cert_files: tls
                         .and_then(|t| t.server_certificate.clone().zip(t.private_key.clone())),
                     https_redirect: tls.is_some_and(|t| t.https_redirect),

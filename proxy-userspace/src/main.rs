@@ -106,6 +106,9 @@ enum Command {
         /// Append `-shadow` to the Host of mirrored requests (Istio <= 1.27 behaviour).
         #[arg(long)]
         shadow_host_suffix: bool,
+        /// Directory of Gateway `credentialName` secrets as `<name>.crt` and `<name>.key`.
+        #[arg(long, default_value = nodeproxy::proxy::DEFAULT_CREDENTIALS_DIR)]
+        credentials_dir: PathBuf,
     },
 }
 
@@ -216,6 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             admin,
             gateway_ip,
             shadow_host_suffix,
+            credentials_dir,
         } => {
             if capture == Some(Capture::Ebpf) {
                 bail!(
@@ -231,6 +235,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     admin,
                     gateway_ip,
                     shadow_host_suffix,
+                    credentials_dir,
                 })
                 .await?;
                 eprintln!(

@@ -11,6 +11,7 @@ pub mod error;
 pub mod http;
 pub mod listener;
 pub mod tcp;
+pub mod tls;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -32,13 +33,19 @@ pub struct ProxyOptions {
     pub gateway_ip: IpAddr,
     /// Append `-shadow` to the mirrored Host (Istio <= 1.27 behaviour; off by default since 1.28).
     pub shadow_host_suffix: bool,
+    /// Where Gateway `credentialName` secrets live as `<name>.crt` / `<name>.key`.
+    pub credentials_dir: std::path::PathBuf,
 }
+
+/// Default `--credentials-dir`.
+pub const DEFAULT_CREDENTIALS_DIR: &str = "/etc/nodeproxy/credentials";
 
 impl Default for ProxyOptions {
     fn default() -> Self {
         ProxyOptions {
             gateway_ip: IpAddr::from([0, 0, 0, 0]),
             shadow_host_suffix: false,
+            credentials_dir: DEFAULT_CREDENTIALS_DIR.into(),
         }
     }
 }
@@ -92,6 +99,8 @@ pub struct Shared {
     pub clusters: Clusters,
     /// Options.
     pub options: ProxyOptions,
+    /// TLS server configs of terminating gateway ports.
+    pub tls: tls::TlsConfigs,
     mirrors: Arc<Semaphore>,
 }
 
@@ -104,6 +113,7 @@ impl Shared {
             view: ArcSwap::from_pointee(view),
             clusters,
             options,
+            tls: tls::TlsConfigs::default(),
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
         })
     }

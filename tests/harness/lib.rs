@@ -119,3 +119,4 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
 
 pub mod backend;
 pub mod proxy;
+pub mod tls;

@@ -125,11 +125,17 @@ impl Drop for TempDir {
 
 /// Start nodeproxy in process on the scenario.
 pub async fn start(s: &Scenario, gateway_ip: Option<&str>) -> nodeproxy::app::Running {
+    start_with(s, gateway_ip, s.path.parent().expect("dir").to_path_buf()).await
+}
+
+/// Start with a credentials directory for Gateway TLS.
+pub async fn start_with(s: &Scenario, gateway_ip: Option<&str>, credentials_dir: PathBuf) -> nodeproxy::app::Running {
     let running = nodeproxy::app::start(nodeproxy::app::Options {
         config: vec![s.path.clone()],
         admin: "127.0.0.1:0".parse().unwrap(),
         gateway_ip: gateway_ip.unwrap_or("127.0.0.1").parse::<IpAddr>().unwrap(),
         shadow_host_suffix: false,
+        credentials_dir,
     })
     .await
     .expect("proxy starts");

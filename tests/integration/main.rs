@@ -2,4 +2,5 @@
 //! One test binary; one module per topic.
 
 mod cli;
+mod l4;
 mod traffic;

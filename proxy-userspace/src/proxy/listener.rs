@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use super::{ConnInfo, ListenerRef, Shared, http, tcp};
+use super::{ConnInfo, ListenerRef, Shared, http, tcp, tls};
 use crate::compile::{ListenerKind, Protocol, Snapshot};
 use crate::publish::Publisher;
 use crate::upstream::outlier;
@@ -113,24 +113,41 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, lref: ListenerR
 
 /// Serve one accepted connection according to its listener's protocol.
 pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, stream: TcpStream) {
-    let protocol = {
+    let (protocol, tls_config) = {
         let view = shared.view.load();
-        match conn.listener.lookup(&view.snapshot) {
-            Some(l) => l.protocol,
-            None => return,
-        }
+        let Some(l) = conn.listener.lookup(&view.snapshot) else { return };
+        let tls_config = if tls::terminates(l) {
+            match shared.tls.get(view.snapshot.version, l, &shared.options.credentials_dir) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::error!(port = l.port, error = %e, "cannot terminate TLS, closing connection");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        (l.protocol, tls_config)
     };
+    if let Some(cfg) = tls_config {
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+            Ok(Ok(tls_stream)) => {
+                let conn = Arc::new(ConnInfo { scheme: "https", ..(*conn).clone() });
+                serve_http(shared, conn, tls_stream).await;
+            }
+            Ok(Err(e)) => tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
+        }
+        return;
+    }
     match protocol {
         Protocol::Http | Protocol::Http2 | Protocol::Grpc => serve_http(shared, conn, stream).await,
         Protocol::Tcp => tcp::proxy(shared, conn, stream, false).await,
         Protocol::Https | Protocol::Tls => tcp::proxy(shared, conn, stream, true).await,
         Protocol::Unknown => {
             let mut buf = [0u8; 16];
-            let n = tokio::time::timeout(Duration::from_secs(5), stream.peek(&mut buf))
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .unwrap_or(0);
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.peek(&mut buf)).await.ok().and_then(|r| r.ok()).unwrap_or(0);
             if n > 0 && tcp::looks_like_http(&buf[..n]) {
                 serve_http(shared, conn, stream).await
             } else {
@@ -140,14 +157,15 @@ pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, stream: 
     }
 }
 
-async fn serve_http(shared: Arc<Shared>, conn: Arc<ConnInfo>, stream: TcpStream) {
+async fn serve_http<I>(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: I)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let svc = service_fn(move |req| {
         let (shared, conn) = (shared.clone(), conn.clone());
         async move { Ok::<_, std::convert::Infallible>(http::handle(shared, conn, req).await) }
     });
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-        .await;
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection_with_upgrades(TokioIo::new(io), svc).await;
 }
 
 /// Run outlier-detection sweeps for every cluster at its interval.
