@@ -25,6 +25,8 @@ pub struct Behaviour {
     pub status: AtomicU32,
     /// Delay before answering, ms.
     pub delay_ms: AtomicU64,
+    /// Before answering, GET this URL (through the proxy) and answer with its status.
+    pub call: std::sync::Mutex<Option<String>>,
 }
 
 /// A running backend.
@@ -99,11 +101,12 @@ impl Backend {
                             r.fetch_add(1, Ordering::SeqCst);
                             let now = f.fetch_add(1, Ordering::SeqCst) + 1;
                             m.fetch_max(now, Ordering::SeqCst);
-                            *h.lock().unwrap() = req
-                                .headers()
-                                .iter()
-                                .map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("")))
-                                .collect();
+                            *h.lock().unwrap() = format!("version: {:?}\n", req.version())
+                                + &req
+                                    .headers()
+                                    .iter()
+                                    .map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("")))
+                                    .collect::<String>();
                             let path = req
                                 .uri()
                                 .path_and_query()
@@ -118,6 +121,16 @@ impl Backend {
                                 0 => 200,
                                 s => s as u16,
                             };
+                            let call = b.call.lock().unwrap().clone();
+                            if let Some(url) = call {
+                                let c = crate::proxy::client();
+                                let r = c
+                                    .request(
+                                        Request::get(url).body(Full::new(Bytes::new())).unwrap(),
+                                    )
+                                    .await;
+                                status = r.map(|r| r.status().as_u16()).unwrap_or(502);
+                            }
                             if b.fail_first
                                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| {
                                     x.checked_sub(1)

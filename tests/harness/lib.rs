@@ -120,3 +120,22 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
 pub mod backend;
 pub mod proxy;
 pub mod tls;
+
+/// Poll an async `f` until it returns `Some`, or panic after `timeout`.
+pub async fn eventually_async<T, F, Fut>(timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "condition not reached in {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -129,7 +129,11 @@ pub async fn start(s: &Scenario, gateway_ip: Option<&str>) -> nodeproxy::app::Ru
 }
 
 /// Start with a credentials directory for Gateway TLS.
-pub async fn start_with(s: &Scenario, gateway_ip: Option<&str>, credentials_dir: PathBuf) -> nodeproxy::app::Running {
+pub async fn start_with(
+    s: &Scenario,
+    gateway_ip: Option<&str>,
+    credentials_dir: PathBuf,
+) -> nodeproxy::app::Running {
     let running = nodeproxy::app::start(nodeproxy::app::Options {
         config: vec![s.path.clone()],
         admin: "127.0.0.1:0".parse().unwrap(),

@@ -36,15 +36,20 @@ impl TestCa {
     pub fn new() -> TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, "nodeproxy test CA");
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("ca");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "nodeproxy test CA");
+        let issuer =
+            CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("ca");
         TestCa { issuer }
     }
 
     /// A leaf for `names`.
     pub fn leaf(&self, names: &[&str]) -> Leaf {
         let key = KeyPair::generate().expect("key");
-        let params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).expect("params");
+        let params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .expect("params");
         let cert = params.signed_by(&key, &self.issuer).expect("sign");
         Leaf {
             cert_pem: cert.pem(),
@@ -65,7 +70,13 @@ impl TestCa {
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.issuer.der().clone()).expect("root");
-        Arc::new(rustls::ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions().unwrap().with_root_certificates(roots).with_no_client_auth())
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
     }
 }
 
@@ -84,10 +95,14 @@ pub async fn tls_backend(addr: &str, leaf: Leaf, name: &'static str) -> JoinHand
         .with_single_cert(vec![leaf.cert_der], leaf.key_der)
         .expect("server cert");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let l = TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let l = TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
     tokio::spawn(async move {
         loop {
-            let Ok((s, _)) = l.accept().await else { continue };
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 if let Ok(mut t) = acceptor.accept(s).await {
@@ -101,10 +116,14 @@ pub async fn tls_backend(addr: &str, leaf: Leaf, name: &'static str) -> JoinHand
 
 /// A TCP server that writes `name` and closes.
 pub async fn tcp_backend(addr: &str, name: &'static str) -> JoinHandle<()> {
-    let l = TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let l = TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = l.accept().await else { continue };
+            let Ok((mut s, _)) = l.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let _ = s.write_all(name.as_bytes()).await;
                 let _ = s.shutdown().await;
@@ -114,10 +133,20 @@ pub async fn tcp_backend(addr: &str, name: &'static str) -> JoinHandle<()> {
 }
 
 /// Connect with TLS to `addr` presenting SNI `sni`; write `request` and read to the end.
-pub async fn tls_exchange(cfg: Arc<rustls::ClientConfig>, addr: SocketAddr, sni: &str, request: &[u8]) -> std::io::Result<String> {
+pub async fn tls_exchange(
+    cfg: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    sni: &str,
+    request: &[u8],
+) -> std::io::Result<String> {
     let tcp = TcpStream::connect(addr).await?;
     let connector = tokio_rustls::TlsConnector::from(cfg);
-    let mut t = connector.connect(ServerName::try_from(sni.to_string()).expect("dns name"), tcp).await?;
+    let mut t = connector
+        .connect(
+            ServerName::try_from(sni.to_string()).expect("dns name"),
+            tcp,
+        )
+        .await?;
     t.write_all(request).await?;
     let mut out = Vec::new();
     let _ = t.read_to_end(&mut out).await;

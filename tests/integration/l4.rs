@@ -65,7 +65,10 @@ spec:
         }
     }
     let sd = (n as f64 * 0.25 * 0.75).sqrt();
-    assert!((v2 as f64 - n as f64 * 0.25).abs() <= 3.29 * sd + 1.0, "v2 {v2}/{n}");
+    assert!(
+        (v2 as f64 - n as f64 * 0.25).abs() <= 3.29 * sd + 1.0,
+        "v2 {v2}/{n}"
+    );
 }
 
 #[tokio::test]
@@ -87,14 +90,34 @@ spec:
     );
     let s = Scenario::from_yaml_on(yaml, net.clone());
     let ca = TestCa::new();
-    let _a = tls_backend(&format!("{net}11:8443"), ca.leaf(&["a.web.example"]), "backend-a").await;
-    let _b = tls_backend(&format!("{net}12:8443"), ca.leaf(&["b.web.example"]), "backend-b").await;
+    let _a = tls_backend(
+        &format!("{net}11:8443"),
+        ca.leaf(&["a.web.example"]),
+        "backend-a",
+    )
+    .await;
+    let _b = tls_backend(
+        &format!("{net}12:8443"),
+        ca.leaf(&["b.web.example"]),
+        "backend-b",
+    )
+    .await;
     let _p = proxy::start(&s, None).await;
     let vip = format!("{net}1:10443").parse().unwrap();
     let cfg = ca.client_config();
     for _ in 0..5 {
-        assert_eq!(tls_exchange(cfg.clone(), vip, "a.web.example", b"").await.expect("tls to a"), "backend-a");
-        assert_eq!(tls_exchange(cfg.clone(), vip, "b.web.example", b"").await.expect("tls to b"), "backend-b");
+        assert_eq!(
+            tls_exchange(cfg.clone(), vip, "a.web.example", b"")
+                .await
+                .expect("tls to a"),
+            "backend-a"
+        );
+        assert_eq!(
+            tls_exchange(cfg.clone(), vip, "b.web.example", b"")
+                .await
+                .expect("tls to b"),
+            "backend-b"
+        );
     }
     // An SNI no rule matches: the connection is closed (NR).
     assert!(tls_exchange(cfg, vip, "c.web.example", b"").await.is_err());
@@ -122,11 +145,27 @@ async fn gateway_terminates_https_with_credential_name() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let resp = tls_exchange(ca.client_config(), addr, "bookinfo.example.com", b"GET /productpage HTTP/1.1\r\nHost: bookinfo.example.com\r\nConnection: close\r\n\r\n").await.expect("https");
+    let resp = tls_exchange(
+        ca.client_config(),
+        addr,
+        "bookinfo.example.com",
+        b"GET /productpage HTTP/1.1\r\nHost: bookinfo.example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("https");
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.ends_with("v1"), "{resp}");
     // The plain-text server redirects to https.
-    let r = proxy::get(&proxy::client(), &format!("{gw_ip}:8080"), "/productpage?x=1", &[("host", "bookinfo.example.com")]).await;
+    let r = proxy::get(
+        &proxy::client(),
+        &format!("{gw_ip}:8080"),
+        "/productpage?x=1",
+        &[("host", "bookinfo.example.com")],
+    )
+    .await;
     assert_eq!(r.status, 301);
-    assert_eq!(r.header("location"), "https://bookinfo.example.com/productpage?x=1");
+    assert_eq!(
+        r.header("location"),
+        "https://bookinfo.example.com/productpage?x=1"
+    );
 }

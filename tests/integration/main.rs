@@ -1,6 +1,7 @@
 //! Integration suite: the real `nodeproxy` binary against real files and sockets on loopback.
 //! One test binary; one module per topic.
 
+mod behaviour;
 mod cli;
 mod l4;
 mod traffic;

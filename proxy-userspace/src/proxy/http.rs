@@ -260,7 +260,10 @@ async fn pipeline(
 
     // Build the upstream request: buffered body, rewritten path, header mutations.
     let downstream_version = req.version();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    let upgrade = is_upgrade(&parts.headers, downstream_version)
+        .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
+        .flatten();
     let body = match Limited::new(body, MAX_BUFFERED_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
@@ -311,6 +314,23 @@ async fn pipeline(
         HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
     );
     let method = parts.method;
+    if let Some(on_upgrade) = upgrade {
+        // WebSocket and other HTTP/1.1 upgrades: a dedicated upstream connection, then bytes
+        // both ways once the upstream answers 101.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        let ureq = UpstreamRequest {
+            method,
+            path,
+            authority: upstream_authority,
+            headers,
+            body,
+        };
+        let r = forward_upgrade(&state, &ureq, on_upgrade).await;
+        if let Ok(resp) = &r {
+            out.upstream = resp.extensions().get::<UpstreamHost>().map(|u| u.0.clone());
+        }
+        return (r, out);
+    }
 
     // Mirrors: fire and forget, bounded.
     for m in &rule.mirrors {
@@ -587,6 +607,82 @@ fn hash_key(
             }
         }
     }
+}
+
+/// Is this an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade`)?
+fn is_upgrade(headers: &HeaderMap, version: Version) -> bool {
+    version == Version::HTTP_11
+        && headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// The upstream host of an upgraded connection (for the access log).
+#[derive(Clone)]
+struct UpstreamHost(String);
+
+async fn forward_upgrade(
+    state: &Arc<ClusterState>,
+    req: &UpstreamRequest,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+) -> Result<Response<BoxBody>, LocalReply> {
+    let policy = state.policy.load_full();
+    let set = state.lb_set();
+    let Some(ep) = lb::pick(&state.lb, &policy.lb.algorithm, &set, None, &[]) else {
+        return Err(LocalReply::new(503, BODY_NO_HEALTHY, Flags::UH));
+    };
+    let connect_failure = |reason: String| {
+        LocalReply::new(
+            503,
+            format!(
+                "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: {reason}"
+            ),
+            Flags::UF,
+        )
+    };
+    let stream = pool::connect_tcp(&ep.target, policy.pool.connect_timeout)
+        .await
+        .map_err(|e| connect_failure(format!("{e:?}")))?;
+    let (mut send, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| connect_failure(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let mut resp = send.send_request(req.build(false, 1)).await.map_err(|e| {
+        LocalReply::new(
+            503,
+            format!(
+                "upstream connect error or disconnect/reset before headers. reset reason: {}",
+                reset_reason(&e)
+            ),
+            Flags::UC,
+        )
+    })?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let up = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(up), Ok(down)) = (up.await, on_upgrade.await) {
+                let mut up = hyper_util::rt::TokioIo::new(up);
+                let mut down = hyper_util::rt::TokioIo::new(down);
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            }
+        });
+    }
+    let (mut parts, body) = resp.into_parts();
+    parts.extensions.insert(UpstreamHost(ep.target.to_string()));
+    Ok(Response::from_parts(
+        parts,
+        body.map_err(|e| Box::new(e) as super::body::BoxError)
+            .boxed_unsync(),
+    ))
 }
 
 /// A buffered request to send upstream (possibly several times).

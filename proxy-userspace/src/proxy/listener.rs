@@ -115,9 +115,14 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, lref: ListenerR
 pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, stream: TcpStream) {
     let (protocol, tls_config) = {
         let view = shared.view.load();
-        let Some(l) = conn.listener.lookup(&view.snapshot) else { return };
+        let Some(l) = conn.listener.lookup(&view.snapshot) else {
+            return;
+        };
         let tls_config = if tls::terminates(l) {
-            match shared.tls.get(view.snapshot.version, l, &shared.options.credentials_dir) {
+            match shared
+                .tls
+                .get(view.snapshot.version, l, &shared.options.credentials_dir)
+            {
                 Ok(c) => Some(c),
                 Err(e) => {
                     tracing::error!(port = l.port, error = %e, "cannot terminate TLS, closing connection");
@@ -133,7 +138,10 @@ pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, stream: 
         let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
         match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
             Ok(Ok(tls_stream)) => {
-                let conn = Arc::new(ConnInfo { scheme: "https", ..(*conn).clone() });
+                let conn = Arc::new(ConnInfo {
+                    scheme: "https",
+                    ..(*conn).clone()
+                });
                 serve_http(shared, conn, tls_stream).await;
             }
             Ok(Err(e)) => tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed"),
@@ -147,7 +155,11 @@ pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, stream: 
         Protocol::Https | Protocol::Tls => tcp::proxy(shared, conn, stream, true).await,
         Protocol::Unknown => {
             let mut buf = [0u8; 16];
-            let n = tokio::time::timeout(Duration::from_secs(5), stream.peek(&mut buf)).await.ok().and_then(|r| r.ok()).unwrap_or(0);
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.peek(&mut buf))
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or(0);
             if n > 0 && tcp::looks_like_http(&buf[..n]) {
                 serve_http(shared, conn, stream).await
             } else {
@@ -165,7 +177,9 @@ where
         let (shared, conn) = (shared.clone(), conn.clone());
         async move { Ok::<_, std::convert::Infallible>(http::handle(shared, conn, req).await) }
     });
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).serve_connection_with_upgrades(TokioIo::new(io), svc).await;
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+        .await;
 }
 
 /// Run outlier-detection sweeps for every cluster at its interval.

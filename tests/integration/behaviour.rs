@@ -1,0 +1,283 @@
+//! Envoy-visible behaviour beyond routing: timeouts across a call chain, DNS endpoints,
+//! listeners following the config, HTTP/2, gRPC local replies, upgrades, source labels.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use nodeproxy_tests::backend::Backend;
+use nodeproxy_tests::proxy::{self, SERVICE_PORT, Scenario, client, get};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn callee_delay_trips_caller_timeout_as_in_bookinfo() {
+    // reviews (caller route: timeout 200 ms) calls ratings through the proxy; ratings' own route
+    // injects a 300 ms delay. The delay is outside ratings' route but inside reviews' timeout.
+    let s = Scenario::from_config("timeout.yaml");
+    let yaml = s
+        .yaml
+        .replace("timeout: 0.5s", "timeout: 200ms")
+        .replace("fixedDelay: 2s", "fixedDelay: 300ms");
+    let s = Scenario::from_yaml_on(yaml, s.net.clone());
+    let reviews = Backend::start(&format!("{}:8080", s.ip(12)), "reviews-v2").await;
+    *reviews.behaviour.call.lock().unwrap() =
+        Some(format!("http://{}:{SERVICE_PORT}/ratings", s.ip(2)));
+    let ratings = Backend::start(&format!("{}:8080", s.ip(21)), "ratings").await;
+    let _p = proxy::start(&s, None).await;
+    let c = client();
+    // Direct call to ratings: delayed, but its route has no timeout.
+    let t = Instant::now();
+    assert_eq!(
+        get(&c, &format!("{}:{SERVICE_PORT}", s.ip(2)), "/", &[])
+            .await
+            .status,
+        200
+    );
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    // Through reviews: the caller's 200 ms timeout fires first.
+    let r = get(&c, &s.vip(), "/", &[]).await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (504, "upstream request timeout")
+    );
+    assert!(ratings.count() >= 1);
+}
+
+#[tokio::test]
+async fn external_service_entry_resolves_dns_endpoints() {
+    let s = Scenario::from_config("external-api.yaml");
+    let backend = Backend::start("127.0.0.1:0", "payments").await;
+    let yaml = s.yaml.replace(
+        "targetPort: 18024",
+        &format!("targetPort: {}", backend.addr.port()),
+    );
+    let s = Scenario::from_yaml_on(yaml, s.net.clone());
+    let _p = proxy::start(&s, None).await;
+    let r = get(
+        &client(),
+        &s.vip(),
+        "/v1/charge",
+        &[("host", "api.payments.example")],
+    )
+    .await;
+    assert_eq!((r.status, r.body.as_str()), (200, "payments"));
+    assert!(
+        backend
+            .last_headers
+            .lock()
+            .unwrap()
+            .contains("host: api.payments.example")
+    );
+    // gateway-error retries: the first 503 is retried.
+    backend.behaviour.fail_first.store(1, Ordering::SeqCst);
+    assert_eq!(
+        get(
+            &client(),
+            &s.vip(),
+            "/",
+            &[("host", "api.payments.example")]
+        )
+        .await
+        .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn listeners_follow_the_config() {
+    let mut s = Scenario::from_config("canary.yaml");
+    let v1 = Backend::start(&format!("{}:8080", s.ip(11)), "v1").await;
+    let _v2 = Backend::start(&format!("{}:8080", s.ip(12)), "v2").await;
+    let p = proxy::start(&s, None).await;
+    let mut versions = p.publisher.subscribe();
+    let c = client();
+    let extra_vip = format!("{}:{SERVICE_PORT}", s.ip(3));
+    assert!(tokio::net::TcpStream::connect(&extra_vip).await.is_err());
+    // Add a ServiceEntry: its address is served without a restart.
+    let extra = format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: extra, namespace: canary}}\nspec:\n  hosts: [extra.canary.svc.cluster.local]\n  addresses: [{}]\n  resolution: STATIC\n  ports: [{{number: {SERVICE_PORT}, name: http, protocol: HTTP, targetPort: 8080}}]\n  endpoints: [{{address: {}}}]\n",
+        s.ip(3),
+        s.ip(11)
+    );
+    let base = s.yaml.clone();
+    s.rewrite(format!("{base}{extra}"));
+    tokio::time::timeout(Duration::from_secs(10), versions.wait_for(|v| *v >= 2))
+        .await
+        .unwrap()
+        .unwrap();
+    let r = nodeproxy_tests::eventually_async(Duration::from_secs(5), || {
+        let (c, vip) = (c.clone(), extra_vip.clone());
+        async move {
+            tokio::net::TcpStream::connect(&vip).await.ok()?;
+            Some(get(&c, &vip, "/", &[]).await)
+        }
+    })
+    .await;
+    assert_eq!(r.body, "v1");
+    // Remove it while a slow request is in flight: the request finishes, then the port closes.
+    v1.behaviour.delay_ms.store(400, Ordering::SeqCst);
+    let in_flight = tokio::spawn({
+        let (c, vip) = (c.clone(), extra_vip.clone());
+        async move { get(&c, &vip, "/", &[]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.rewrite(base);
+    tokio::time::timeout(Duration::from_secs(10), versions.wait_for(|v| *v >= 3))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        in_flight.await.unwrap().status,
+        200,
+        "in-flight request completes"
+    );
+    nodeproxy_tests::eventually_async(Duration::from_secs(5), || {
+        let vip = extra_vip.clone();
+        async move {
+            tokio::net::TcpStream::connect(&vip)
+                .await
+                .is_err()
+                .then_some(())
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_both_ways() {
+    let s = Scenario::from_config("canary.yaml");
+    let yaml = s.yaml.replace("protocol: HTTP,", "protocol: HTTP2,");
+    let s = Scenario::from_yaml_on(yaml, s.net.clone());
+    let v1 = Backend::start(&format!("{}:8080", s.ip(11)), "v1").await;
+    let v2 = Backend::start(&format!("{}:8080", s.ip(12)), "v2").await;
+    let _p = proxy::start(&s, None).await;
+    let c = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    for _ in 0..20 {
+        let r = c
+            .get(format!("http://{}/", s.vip()).parse().unwrap())
+            .await
+            .expect("h2c request");
+        assert_eq!(r.version(), http::Version::HTTP_2);
+        assert_eq!(r.status(), 200);
+        let _ = r.into_body().collect().await;
+    }
+    let seen = format!(
+        "{}{}",
+        v1.last_headers.lock().unwrap(),
+        v2.last_headers.lock().unwrap()
+    );
+    assert!(
+        seen.contains("version: HTTP/2.0"),
+        "HTTP2 port: HTTP/2 upstream: {seen}"
+    );
+}
+
+#[tokio::test]
+async fn grpc_requests_get_grpc_local_replies() {
+    let s = Scenario::from_config("fault-header-scoped.yaml");
+    let _b = Backend::start(&format!("{}:8080", s.ip(11)), "v1").await;
+    let _p = proxy::start(&s, None).await;
+    let r = get(
+        &client(),
+        &s.vip(),
+        "/pkg.Svc/Method",
+        &[("end-user", "jason"), ("content-type", "application/grpc")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("grpc-status"),
+        "2",
+        "HTTP 500 maps to UNKNOWN (Envoy)"
+    );
+    assert_eq!(r.header("grpc-message"), "fault filter abort");
+}
+
+#[tokio::test]
+async fn upgrade_passes_through() {
+    let s = Scenario::from_config("canary.yaml");
+    let yaml = s
+        .yaml
+        .replace("      weight: 80\n", "      weight: 100\n")
+        .replace("      weight: 20\n", "      weight: 0\n");
+    let s = Scenario::from_yaml_on(yaml, s.net.clone());
+    // An upgrade-speaking echo server as v1.
+    let l = tokio::net::TcpListener::bind(format!("{}:8080", s.ip(11)))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = sock.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                sock.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n").await.unwrap();
+                loop {
+                    let n = sock.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 || sock.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let _p = proxy::start(&s, None).await;
+    let mut sock = tokio::net::TcpStream::connect(s.vip()).await.unwrap();
+    sock.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: reviews\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 1024];
+    let mut head = Vec::new();
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = sock.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the 101");
+        head.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    sock.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), sock.read_exact(&mut echo))
+        .await
+        .expect("echo in time")
+        .unwrap();
+    assert_eq!(&echo, b"ping");
+}
+
+#[tokio::test]
+async fn source_labels_select_rules_per_client() {
+    let net = nodeproxy_tests::proxy::unique_net();
+    let s = Scenario::from_config("canary.yaml");
+    let yaml = s.yaml.replace(&s.net, &net).replace(
+        "  http:\n  - route:\n",
+        "  http:\n  - match: [{sourceLabels: {app: tester}}]\n    route: [{destination: {host: reviews, subset: v2}}]\n  - route:\n",
+    ) + &format!("---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: tester, namespace: canary}}\nspec:\n  address: {net}50\n  labels: {{app: tester}}\n");
+    let s = Scenario::from_yaml_on(yaml, net.clone());
+    let _v1 = Backend::start(&format!("{net}11:8080"), "v1").await;
+    let _v2 = Backend::start(&format!("{net}12:8080"), "v2").await;
+    let _p = proxy::start(&s, None).await;
+    for _ in 0..10 {
+        // From the tester workload's address: always v2.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{net}50:0").parse().unwrap()).unwrap();
+        let mut stream = sock.connect(s.vip().parse().unwrap()).await.unwrap();
+        stream.write_all(b"GET / HTTP/1.1\r\nHost: reviews.canary.svc.cluster.local\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        stream.read_to_string(&mut out).await.unwrap();
+        assert!(out.ends_with("v2"), "{out}");
+    }
+}
