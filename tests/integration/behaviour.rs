@@ -281,3 +281,80 @@ async fn source_labels_select_rules_per_client() {
         assert!(out.ends_with("v2"), "{out}");
     }
 }
+
+#[tokio::test]
+async fn cors_preflight_is_answered_and_actual_requests_get_headers() {
+    let s = Scenario::from_config("canary.yaml");
+    let yaml = s.yaml.replace(
+        "  http:\n  - route:\n",
+        "  http:\n  - corsPolicy:\n      allowOrigins: [{exact: \"https://shop.example\"}]\n      allowMethods: [GET, POST]\n      allowHeaders: [x-token]\n      maxAge: 24h\n      allowCredentials: true\n    route:\n",
+    );
+    let s = Scenario::from_yaml_on(yaml, s.net.clone());
+    let v1 = Backend::start(&format!("{}:8080", s.ip(11)), "v1").await;
+    let v2 = Backend::start(&format!("{}:8080", s.ip(12)), "v2").await;
+    let _p = proxy::start(&s, None).await;
+    let c = client();
+    let pre = http::Request::builder()
+        .method("OPTIONS")
+        .uri(format!("http://{}/", s.vip()))
+        .header("origin", "https://shop.example")
+        .header("access-control-request-method", "POST")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = proxy::send(&c, pre).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        "https://shop.example"
+    );
+    assert_eq!(r.header("access-control-allow-methods"), "GET,POST");
+    assert_eq!(r.header("access-control-max-age"), "86400");
+    assert_eq!(
+        v1.count() + v2.count(),
+        0,
+        "preflight answered by the proxy"
+    );
+    let r = get(&c, &s.vip(), "/", &[("origin", "https://shop.example")]).await;
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        "https://shop.example"
+    );
+    assert_eq!(r.header("access-control-allow-credentials"), "true");
+    let r = get(&c, &s.vip(), "/", &[("origin", "https://evil.example")]).await;
+    assert_eq!(r.header("access-control-allow-origin"), "");
+}
+
+#[tokio::test]
+async fn cookie_affinity_sets_and_honours_the_cookie() {
+    let s = Scenario::from_config("consistent-hash.yaml");
+    let yaml = s.yaml.replace(
+        "        httpHeaderName: x-user\n",
+        "        httpCookie: {name: session, path: /, ttl: 60s}\n",
+    );
+    let s = Scenario::from_yaml_on(yaml, s.net.clone());
+    let _a = Backend::start(&format!("{}:8080", s.ip(11)), "a").await;
+    let _b = Backend::start(&format!("{}:8080", s.ip(12)), "b").await;
+    let _c = Backend::start(&format!("{}:8080", s.ip(13)), "c").await;
+    let _p = proxy::start(&s, None).await;
+    let c = client();
+    for _ in 0..5 {
+        let first = get(&c, &s.vip(), "/", &[]).await;
+        let cookie = first.header("set-cookie").to_string();
+        assert!(
+            cookie.starts_with("session=\"")
+                && cookie.contains("Max-Age=60")
+                && cookie.contains("Path=/")
+                && cookie.contains("HttpOnly"),
+            "{cookie}"
+        );
+        let value = cookie.split(';').next().unwrap().to_string();
+        for _ in 0..5 {
+            let r = get(&c, &s.vip(), "/", &[("cookie", &value)]).await;
+            assert_eq!(
+                r.body, first.body,
+                "the cookie sticks to the endpoint chosen when it was set"
+            );
+            assert_eq!(r.header("set-cookie"), "");
+        }
+    }
+}

@@ -425,7 +425,7 @@ async fn outlier_detection_ejects_and_returns() {
     let yaml = s
         .yaml
         .replace("      tcp:\n        maxConnections: 1\n      http:\n        http1MaxPendingRequests: 1\n        maxRequestsPerConnection: 1\n", "      tcp:\n        maxConnections: 100\n")
-        .replace("baseEjectionTime: 30s", "baseEjectionTime: 1s")
+        .replace("baseEjectionTime: 30s", "baseEjectionTime: 2s")
         .replace("interval: 1s", "interval: 200ms");
     let s = Scenario::from_yaml_on(yaml, s.net.clone());
     let b = backends(&s, &[(11, "bad"), (12, "good")]).await;
@@ -454,9 +454,22 @@ async fn outlier_detection_ejects_and_returns() {
         .filter(|e| *e)
         .count();
     assert_eq!(ejected, 1);
+    // A config swap keeps the ejection (state is kept by cluster identity).
+    let mut versions = p.publisher.subscribe();
+    let mut s = s;
+    let y = format!("{}\n# touched\n", s.yaml);
+    s.rewrite(y);
+    tokio::time::timeout(Duration::from_secs(10), versions.wait_for(|v| *v >= 2))
+        .await
+        .unwrap()
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(get(&c, &s.vip(), "/", &[]).await.body, "good");
+    }
+    assert_eq!(b[0].count(), bad_before, "still ejected after the swap");
     // Back after baseEjectionTime at a sweep.
     b[0].behaviour.status.store(0, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     for _ in 0..40 {
         get(&c, &s.vip(), "/", &[]).await;
     }

@@ -2,6 +2,8 @@
 
 use std::process::{Command, ExitCode};
 
+mod demo;
+
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
@@ -16,8 +18,8 @@ struct Cli {
 enum Task {
     /// Run the test suites as CI does: unit tests and the integration suite.
     Test,
-    /// Validate the example configuration and print its route table: the quick look at what
-    /// nodeproxy does with the tutorials' YAML (the netns demo comes with the eBPF data path).
+    /// nodeproxy on one machine: the tutorials' 80/20 canary with live traffic, a routing
+    /// simulation, and the missing-DestinationRule outage caught by validation.
     Demo,
 }
 
@@ -39,7 +41,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Task::Test => exec(cargo().args(["test", "--workspace", "--all-targets"])),
-        Task::Demo => demo(),
+        Task::Demo => demo::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -48,36 +50,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn demo() -> anyhow::Result<()> {
-    exec(cargo().args(["build", "--quiet", "--package", "nodeproxy"]))?;
-    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/nodeproxy");
-    println!("== nodeproxy validate config/  (every tutorial scenario, analyzed)");
-    exec(Command::new(&bin).args(["validate", "config/"]))?;
-    println!("\n== nodeproxy routes config/canary.yaml  (the compiled 80/20 canary)");
-    exec(Command::new(&bin).args(["routes", "config/canary.yaml"]))?;
-    println!("\n== nodeproxy simulate config/header-routing.yaml -H 'end-user: jason'");
-    exec(Command::new(&bin).args([
-        "simulate",
-        "config/header-routing.yaml",
-        "--host",
-        "reviews.headers.svc.cluster.local",
-        "-H",
-        "end-user: jason",
-    ]))?;
-    println!(
-        "\n== nodeproxy validate tests/fixtures/war-story.yaml  (the missing-DestinationRule outage, caught)"
-    );
-    let status = Command::new(&bin)
-        .args(["validate", "tests/fixtures/war-story.yaml"])
-        .status()?;
-    if status.success() {
-        bail!("the war-story file should fail validation");
-    }
-    println!(
-        "(exit status {}: rejected, as it should be)",
-        status.code().unwrap_or(-1)
-    );
-    Ok(())
 }
