@@ -1,11 +1,15 @@
-//! Admin HTTP server (default 127.0.0.1:15000): `/ready` (200 once a snapshot is serving),
-//! `/healthz`, `/config_dump` (the snapshot in force with its version and last change) and
-//! `/diagnostics` (the last analysis, including a rejected set and why). Runs on its own
-//! runtime thread, off the data plane.
+//! Admin HTTP server (default 127.0.0.1:15000), on its own thread and runtime, off the data
+//! plane: `/ready`, `/healthz`, `/config_dump` (snapshot with version and last change),
+//! `/diagnostics` (last analysis, including a rejected set and why), `/routes`, `/clusters`,
+//! `/endpoints` (health, ejection and until when, active requests and connections, weight),
+//! `/metrics` (Prometheus), `/logging?level=` (run-time log level), `/kernel` and `/enroll`
+//! (eBPF capture).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -16,16 +20,24 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
+use crate::proxy::Shared;
 use crate::publish::Publisher;
 
 /// Default admin address.
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+
+/// Changes the log filter at run time (`/logging?level=`).
+pub type LogControl = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// State the admin handlers read.
 #[derive(Clone)]
 pub struct Admin {
     /// Published configuration.
     pub publisher: Arc<Publisher>,
+    /// The data plane, when running.
+    pub shared: Option<Arc<Shared>>,
+    /// Log filter control, when the binary installed one.
+    pub log: Option<LogControl>,
 }
 
 fn json<T: Serialize>(v: &T) -> Response<Full<Bytes>> {
@@ -49,17 +61,73 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
         .expect("valid response")
 }
 
+/// An endpoint as `/endpoints` shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointStatus {
+    /// `ip:port` or `name:port`.
+    pub address: String,
+    /// `HEALTHY` or `EJECTED`.
+    pub health: &'static str,
+    /// When the ejection ends, RFC 3339 (the endpoint returns at the first sweep after it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ejected_until: Option<String>,
+    /// Milliseconds until then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ejected_for_ms: Option<u128>,
+    /// Times ejected.
+    pub ejections: u64,
+    /// Current ejection multiplier.
+    pub ejection_multiplier: u32,
+    /// Consecutive 5xx now.
+    pub consecutive_5xx: u32,
+    /// Requests in flight.
+    pub active_requests: u32,
+    /// Open connections.
+    pub active_connections: u32,
+    /// LB weight.
+    pub weight: u32,
+    /// Labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// A cluster as `/endpoints` shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterEndpoints {
+    /// `outbound|port|subset|host`.
+    pub cluster: String,
+    /// Requests waiting for a connection (cluster-wide).
+    pub pending_requests: u32,
+    /// Endpoints.
+    pub endpoints: Vec<EndpointStatus>,
+}
+
 impl Admin {
     /// Route one admin request.
     pub fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let query = req.uri().query().unwrap_or("");
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/ready") => self.handle_ready(),
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/config_dump") => self.handle_config_dump(),
             (&Method::GET, "/diagnostics") => json(&self.publisher.status()),
+            (&Method::GET, "/routes") => self.handle_routes(),
+            (&Method::GET, "/clusters") => self.handle_clusters(),
+            (&Method::GET, "/endpoints") => json(&self.endpoints()),
+            (&Method::GET, "/metrics" | "/stats/prometheus") => self.handle_metrics(),
+            (&Method::POST, "/logging") => self.handle_logging(query),
+            (_, "/kernel") => text(
+                StatusCode::NOT_FOUND,
+                "no eBPF state: the proxy runs with --capture none\n",
+            ),
+            (_, "/enroll") => text(
+                StatusCode::NOT_IMPLEMENTED,
+                "enrollment needs --capture ebpf\n",
+            ),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /ready, /healthz, /config_dump, /diagnostics\n",
+                "not found: /ready /healthz /config_dump /diagnostics /routes /clusters /endpoints /metrics POST /logging?level=\n",
             ),
         }
     }
@@ -80,7 +148,7 @@ impl Admin {
         #[serde(rename_all = "camelCase")]
         struct Dump<'a> {
             version: u64,
-            last_change: Option<std::time::SystemTime>,
+            last_change: Option<SystemTime>,
             last_change_source: String,
             snapshot: &'a crate::compile::Snapshot,
         }
@@ -92,6 +160,133 @@ impl Admin {
             last_change_source: status.last_change_source,
             snapshot: &snap,
         })
+    }
+
+    fn handle_routes(&self) -> Response<Full<Bytes>> {
+        let snap = self.publisher.load();
+        let l4: Vec<_> = snap
+            .listeners
+            .iter()
+            .filter(|l| !l.tcp.is_empty() || !l.tls.is_empty())
+            .collect();
+        json(
+            &serde_json::json!({ "version": snap.version, "httpTables": snap.http_tables, "l4Listeners": l4 }),
+        )
+    }
+
+    fn handle_clusters(&self) -> Response<Full<Bytes>> {
+        let Some(shared) = &self.shared else {
+            return json(&Vec::<()>::new());
+        };
+        let view = shared.view.load_full();
+        let out: Vec<_> = view
+            .snapshot
+            .clusters
+            .iter()
+            .zip(&view.clusters)
+            .map(|(c, st)| {
+                let eps = st.endpoints.load();
+                serde_json::json!({
+                    "name": c.name,
+                    "service": view.snapshot.service(c.service).host,
+                    "protocol": c.protocol,
+                    "policy": c.policy,
+                    "endpoints": eps.len(),
+                    "healthyEndpoints": eps.iter().filter(|e| e.healthy()).count(),
+                    "activeRequests": st.active_requests.load(Ordering::Relaxed),
+                    "pendingRequests": st.pending_requests.load(Ordering::Relaxed),
+                    "activeConnections": st.connections.load(Ordering::Relaxed),
+                    "activeRetries": st.active_retries.load(Ordering::Relaxed),
+                    "stats": st.stats,
+                })
+            })
+            .collect();
+        json(&out)
+    }
+
+    /// Every cluster's endpoints with health and load.
+    pub fn endpoints(&self) -> Vec<ClusterEndpoints> {
+        let Some(shared) = &self.shared else {
+            return Vec::new();
+        };
+        let view = shared.view.load_full();
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        view.clusters
+            .iter()
+            .map(|st| ClusterEndpoints {
+                cluster: st.key.name(),
+                pending_requests: st.pending_requests.load(Ordering::Relaxed),
+                endpoints: st
+                    .endpoints
+                    .load()
+                    .iter()
+                    .map(|e| {
+                        let o = e.outlier.lock().expect("outlier lock").clone();
+                        let ejected = !e.healthy();
+                        let left = o
+                            .ejected_until
+                            .filter(|_| ejected)
+                            .map(|u| u.saturating_duration_since(now));
+                        EndpointStatus {
+                            address: e.target.to_string(),
+                            health: if ejected { "EJECTED" } else { "HEALTHY" },
+                            ejected_until: left
+                                .map(|d| humantime::format_rfc3339_millis(wall + d).to_string()),
+                            ejected_for_ms: left.map(|d| d.as_millis()),
+                            ejections: o.ejections,
+                            ejection_multiplier: o.multiplier,
+                            consecutive_5xx: o.consecutive_5xx,
+                            active_requests: e.active_requests.load(Ordering::Relaxed),
+                            active_connections: e.active_connections.load(Ordering::Relaxed),
+                            weight: e.weight,
+                            labels: e.labels.clone(),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    fn handle_metrics(&self) -> Response<Full<Bytes>> {
+        let Some(shared) = &self.shared else {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "data plane not running\n");
+        };
+        let view = shared.view.load_full();
+        let body = shared.metrics.render(Some(&view), &self.publisher.status());
+        Response::builder()
+            .header(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Full::new(Bytes::from(body)))
+            .expect("valid response")
+    }
+
+    fn handle_logging(&self, query: &str) -> Response<Full<Bytes>> {
+        let Some(level) = query.split('&').find_map(|kv| kv.strip_prefix("level=")) else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "usage: POST /logging?level=<filter> (e.g. debug, info,nodeproxy::access=off)\n",
+            );
+        };
+        let Some(log) = &self.log else {
+            return text(
+                StatusCode::NOT_IMPLEMENTED,
+                "log level control is not installed\n",
+            );
+        };
+        let level = level
+            .replace("%2C", ",")
+            .replace("%3D", "=")
+            .replace("%3A", ":");
+        match log(&level) {
+            Ok(()) => text(StatusCode::OK, format!("log level: {level}\n")),
+            Err(e) => text(
+                StatusCode::BAD_REQUEST,
+                format!("invalid log filter `{level}`: {e}\n"),
+            ),
+        }
     }
 
     /// Serve on `listener` until the task is dropped.
@@ -112,6 +307,11 @@ impl Admin {
             });
         }
     }
+}
+
+/// Does the admin address need `--admin-public`?
+pub fn is_public(addr: SocketAddr) -> bool {
+    !addr.ip().is_loopback()
 }
 
 /// Bind and serve the admin API on a thread with its own runtime. Returns the bound address.

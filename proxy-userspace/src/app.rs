@@ -14,7 +14,7 @@ use crate::proxy::{ProxyOptions, Shared, listener};
 use crate::publish::{FileSource, Publisher, WatchGuard};
 
 /// What to run.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Options {
     /// Config files or directories.
     pub config: Vec<PathBuf>,
@@ -26,6 +26,10 @@ pub struct Options {
     pub shadow_host_suffix: bool,
     /// Gateway `credentialName` directory.
     pub credentials_dir: PathBuf,
+    /// Allow a non-loopback admin address.
+    pub admin_public: bool,
+    /// Run-time log filter control for `/logging`.
+    pub log: Option<crate::admin::LogControl>,
 }
 
 /// A running proxy; dropping it stops the data plane and the config watch.
@@ -58,13 +62,12 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         );
     }
     let watch = source.spawn_watch().context("watch configuration")?;
-    let admin_addr = spawn_admin(
-        opts.admin,
-        Admin {
-            publisher: publisher.clone(),
-        },
-    )
-    .with_context(|| format!("bind admin API on {}", opts.admin))?;
+    if crate::admin::is_public(opts.admin) && !opts.admin_public {
+        bail!(
+            "admin address {} is not a loopback address: pass --admin-public to expose the admin API",
+            opts.admin
+        );
+    }
     let shared = Shared::new(
         publisher.load(),
         ProxyOptions {
@@ -73,6 +76,13 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
             credentials_dir: opts.credentials_dir.clone(),
         },
     );
+    let admin = Admin {
+        publisher: publisher.clone(),
+        shared: Some(shared.clone()),
+        log: opts.log.clone(),
+    };
+    let admin_addr = spawn_admin(opts.admin, admin)
+        .with_context(|| format!("bind admin API on {}", opts.admin))?;
     let dataplane = tokio::spawn(listener::run(shared.clone(), publisher.clone()));
     Ok(Running {
         admin_addr,

@@ -29,6 +29,34 @@ enum Output {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum ProxyConfigKind {
+    /// HTTP route tables.
+    Routes,
+    /// Clusters with policy and load.
+    Clusters,
+    /// Endpoints with health, ejection and load.
+    Endpoints,
+    /// eBPF programs, maps and counters.
+    Kernel,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum AccessLogMode {
+    /// One line per request/connection on stderr.
+    On,
+    /// No access log.
+    Off,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum AccessLogFormat {
+    /// Envoy-like text line.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 enum Capture {
     /// Listen on every service address and port (no privileges needed).
     None,
@@ -89,6 +117,18 @@ enum Command {
         #[arg(long, short, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Inspect a running proxy through its admin API (like `istioctl proxy-config`).
+    ProxyConfig {
+        /// What to show.
+        #[arg(value_enum)]
+        what: ProxyConfigKind,
+        /// Admin API address.
+        #[arg(long, default_value = nodeproxy::admin::DEFAULT_ADMIN_ADDR)]
+        admin: String,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Run the proxy.
     Run {
         /// Files or directories of Istio YAML (watched; SIGHUP reloads).
@@ -109,17 +149,41 @@ enum Command {
         /// Directory of Gateway `credentialName` secrets as `<name>.crt` and `<name>.key`.
         #[arg(long, default_value = nodeproxy::proxy::DEFAULT_CREDENTIALS_DIR)]
         credentials_dir: PathBuf,
+        /// Allow a non-loopback --admin address.
+        #[arg(long)]
+        admin_public: bool,
+        /// Access log on stderr: `on` (default) or `off`.
+        #[arg(long, value_enum, default_value = "on")]
+        access_log: AccessLogMode,
+        /// Access log format.
+        #[arg(long, value_enum, default_value = "text")]
+        access_log_format: AccessLogFormat,
     },
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+    let cli = Cli::parse();
+    let default_filter = match &cli.command {
+        Command::Run {
+            access_log: AccessLogMode::Off,
+            ..
+        } => "info,nodeproxy::access=off",
+        _ => "info",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_filter.into());
+    let (filter, reload) = tracing_subscriber::reload::Layer::new(filter);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
-    match run(Cli::parse()) {
+    let log: nodeproxy::admin::LogControl = std::sync::Arc::new(move |level: &str| {
+        let f = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        reload.reload(f).map_err(|e| e.to_string())
+    });
+    match run(cli, log) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -128,7 +192,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate { paths, output } => {
             let built = build(&paths);
@@ -213,6 +277,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::ProxyConfig {
+            what,
+            admin,
+            output,
+        } => {
+            let path = match what {
+                ProxyConfigKind::Routes => "/routes",
+                ProxyConfigKind::Clusters => "/clusters",
+                ProxyConfigKind::Endpoints => "/endpoints",
+                ProxyConfigKind::Kernel => "/kernel",
+            };
+            let body = inspect::admin_get(&admin, path).map_err(anyhow::Error::msg)?;
+            if output == Output::Json || what == ProxyConfigKind::Kernel {
+                println!("{body}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(&body).with_context(|| format!("{path}: not JSON"))?;
+            print!(
+                "{}",
+                match what {
+                    ProxyConfigKind::Routes => inspect::routes_table(&v),
+                    ProxyConfigKind::Clusters => inspect::clusters_table(&v),
+                    _ => inspect::endpoints_table(&v),
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run {
             config,
             capture,
@@ -220,7 +312,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             gateway_ip,
             shadow_host_suffix,
             credentials_dir,
+            admin_public,
+            access_log: _,
+            access_log_format,
         } => {
+            if access_log_format == AccessLogFormat::Json {
+                nodeproxy::telemetry::access::set_json(true);
+            }
             if capture == Some(Capture::Ebpf) {
                 bail!(
                     "--capture ebpf: the eBPF data path is not built yet (issue 4); use --capture none"
@@ -236,6 +334,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     gateway_ip,
                     shadow_host_suffix,
                     credentials_dir,
+                    admin_public,
+                    log: Some(log.clone()),
                 })
                 .await?;
                 eprintln!(

@@ -101,6 +101,8 @@ pub struct Shared {
     pub options: ProxyOptions,
     /// TLS server configs of terminating gateway ports.
     pub tls: tls::TlsConfigs,
+    /// Metrics.
+    pub metrics: Arc<crate::telemetry::Metrics>,
     mirrors: Arc<Semaphore>,
 }
 
@@ -114,6 +116,7 @@ impl Shared {
             clusters,
             options,
             tls: tls::TlsConfigs::default(),
+            metrics: crate::telemetry::Metrics::new(),
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
         })
     }

@@ -59,6 +59,8 @@ pub struct EndpointState {
     pub outlier: Mutex<outlier::HostOutlier>,
     /// Idle HTTP connections.
     pub(crate) pool: pool::EndpointPool,
+    /// Workload identity for metrics.
+    pub side: crate::telemetry::metrics::Side,
 }
 
 impl EndpointState {
@@ -76,6 +78,7 @@ impl EndpointState {
             ejected: AtomicBool::new(false),
             outlier: Mutex::new(outlier::HostOutlier::default()),
             pool: pool::EndpointPool::default(),
+            side: crate::telemetry::metrics::Side::unknown(),
         }
     }
 
@@ -151,8 +154,20 @@ impl ClusterState {
         }
     }
 
-    /// Apply a cluster definition of a new snapshot.
-    fn update(&self, c: &Cluster) {
+    /// Apply a cluster definition of a new snapshot (`namespace`: the service's).
+    fn update(&self, c: &Cluster, namespace: &str) {
+        let side = |e: &crate::compile::ClusterEndpoint, target: &Target| match e
+            .workload
+            .as_deref()
+            .and_then(|w| w.split_once('/'))
+        {
+            Some((ns, name)) => crate::telemetry::metrics::Side::from_labels(name, ns, &e.labels),
+            None => crate::telemetry::metrics::Side::from_labels(
+                &target.to_string(),
+                namespace,
+                &e.labels,
+            ),
+        };
         self.policy.store(Arc::new(c.policy.clone()));
         let old = self.endpoints.load();
         let mut by_target: HashMap<&Target, &Arc<EndpointState>> =
@@ -173,7 +188,8 @@ impl ClusterState {
                     }
                     Some(existing) => {
                         // Same address, new weight or labels: keep health, take the new values.
-                        let fresh = EndpointState::new(target, e.weight, e.labels.clone());
+                        let mut fresh = EndpointState::new(target, e.weight, e.labels.clone());
+                        fresh.side = side(e, &fresh.target);
                         fresh
                             .ejected
                             .store(existing.ejected.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -181,7 +197,11 @@ impl ClusterState {
                             existing.outlier.lock().expect("outlier lock").clone();
                         Arc::new(fresh)
                     }
-                    None => Arc::new(EndpointState::new(target, e.weight, e.labels.clone())),
+                    None => {
+                        let mut fresh = EndpointState::new(target, e.weight, e.labels.clone());
+                        fresh.side = side(e, &fresh.target);
+                        Arc::new(fresh)
+                    }
                 }
             })
             .collect();
@@ -233,7 +253,7 @@ impl Clusters {
                     .get(&c.key)
                     .and_then(Weak::upgrade)
                     .unwrap_or_else(|| Arc::new(ClusterState::new(c)));
-                st.update(c);
+                st.update(c, &snapshot.service(c.service).namespace);
                 states.insert(c.key.clone(), Arc::downgrade(&st));
                 st
             })

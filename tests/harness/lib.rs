@@ -19,29 +19,35 @@ pub fn repo_path(rel: &str) -> PathBuf {
     repo_root().join(rel)
 }
 
-/// The `nodeproxy` binary: `$NODEPROXY_BIN`, else the one cargo built beside this test, else
-/// built once with `cargo build`.
+/// The `nodeproxy` binary: `$NODEPROXY_BIN`, else built once with `cargo build` (a no-op when
+/// `cargo test --workspace` already built it; it keeps a stale binary from being tested when
+/// only this package's tests are run).
 pub fn nodeproxy_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         if let Ok(p) = std::env::var("NODEPROXY_BIN") {
             return PathBuf::from(p);
         }
-        let exe = std::env::current_exe().expect("test executable path");
-        let beside = exe
-            .parent()
-            .and_then(|deps| deps.parent())
-            .map(|d| d.join("nodeproxy"));
-        if let Some(p) = beside.filter(|p| p.exists()) {
-            return p;
-        }
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args(["build", "--package", "nodeproxy", "--bin", "nodeproxy"])
+            .args([
+                "build",
+                "--quiet",
+                "--package",
+                "nodeproxy",
+                "--bin",
+                "nodeproxy",
+            ])
             .current_dir(repo_root())
             .status()
             .expect("run cargo build");
         assert!(status.success(), "cargo build of nodeproxy failed");
-        repo_path("target/debug/nodeproxy")
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>/nodeproxy
+        exe.parent()
+            .and_then(|deps| deps.parent())
+            .map(|d| d.join("nodeproxy"))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| repo_path("target/debug/nodeproxy"))
     })
 }
 

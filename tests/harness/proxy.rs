@@ -140,6 +140,8 @@ pub async fn start_with(
         gateway_ip: gateway_ip.unwrap_or("127.0.0.1").parse::<IpAddr>().unwrap(),
         shadow_host_suffix: false,
         credentials_dir,
+        admin_public: false,
+        log: None,
     })
     .await
     .expect("proxy starts");

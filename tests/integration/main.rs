@@ -4,4 +4,5 @@
 mod behaviour;
 mod cli;
 mod l4;
+mod ops;
 mod traffic;

@@ -23,6 +23,7 @@ use crate::compile::{
     RuleMatch, StrMatch, match_http,
 };
 use crate::telemetry::AccessLog;
+use crate::telemetry::metrics::{HttpLabels, Side, peers};
 use crate::upstream::outlier::{self, Outcome};
 use crate::upstream::pool::{self, EndpointPool, Lease, PoolError};
 use crate::upstream::{ClusterState, EndpointState, View, lb};
@@ -45,6 +46,11 @@ struct Outcome_ {
     cluster: Option<String>,
     upstream: Option<String>,
     route: Option<String>,
+    /// The routed cluster, when it exists.
+    cid: Option<usize>,
+    /// The endpoint that served (or last failed).
+    ep: Option<Arc<EndpointState>>,
+    request_bytes: u64,
 }
 
 /// Handle one downstream request.
@@ -61,16 +67,58 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|c| c.starts_with("application/grpc"));
     let mut log = AccessLog::start(&req, &conn);
+    let authority = crate::compile::strip_port(log.authority()).to_string();
     let (resp, out) = pipeline(&shared, &view, &conn, req, start).await;
+    let snap = &view.snapshot;
+    let labels = |status: u16, flags: Flags, grpc_status: &str| HttpLabels {
+        peers: peers(
+            &Side::source(snap, conn.peer.ip()),
+            out.ep.as_ref().map(|e| &e.side),
+            out.cid.map(|c| snap.service(snap.clusters[c].service)),
+            &authority,
+            if grpc { "grpc" } else { "http" },
+        ),
+        response_code: Arc::from(status.to_string()),
+        grpc_response_status: Arc::from(grpc_status),
+        response_flags: Arc::from(flags.to_string()),
+    };
     let resp = match resp {
         Ok(r) => r,
         Err(local) => {
             let flags = local.flags;
             let r = local.into_response(grpc);
+            let grpc_status = r
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let body_len = r
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            shared.metrics.record_http(
+                &labels(r.status().as_u16(), flags, grpc_status),
+                start.elapsed().as_secs_f64() * 1000.0,
+                out.request_bytes,
+                body_len,
+            );
             log.finish_local(&r, flags, out.route.as_deref(), out.cluster.as_deref());
             return r;
         }
     };
+    let grpc_status = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    log.set_metrics(
+        shared.metrics.clone(),
+        labels(resp.status().as_u16(), out.flags, &grpc_status),
+        out.request_bytes,
+    );
     log.set(out.flags, out.route, out.cluster, out.upstream);
     let status = resp.status();
     let (parts, body) = resp.into_parts();
@@ -97,6 +145,9 @@ async fn pipeline(
         cluster: None,
         upstream: None,
         route: None,
+        cid: None,
+        ep: None,
+        request_bytes: 0,
     };
     let snap = &view.snapshot;
     let listener = match conn.listener.lookup(snap) {
@@ -255,6 +306,7 @@ async fn pipeline(
             out,
         );
     };
+    out.cid = Some(cid);
     let cluster = &snap.clusters[cid];
     let state = view.clusters[cid].clone();
 
@@ -280,6 +332,7 @@ async fn pipeline(
             );
         }
     };
+    out.request_bytes = body.len() as u64;
     let mut headers = parts.headers;
     for h in &HOP_BY_HOP {
         headers.remove(h);
@@ -381,6 +434,7 @@ async fn pipeline(
     .await;
     out.flags = out.flags.with(result.flags);
     out.upstream = result.upstream.clone();
+    out.ep = result.ep.clone();
     match result.response {
         Ok((resp, guards, deadline)) => {
             let (mut parts, body) = resp.into_parts();
@@ -736,6 +790,7 @@ struct Forwarded {
     response: Result<Streaming, LocalReply>,
     flags: Flags,
     upstream: Option<String>,
+    ep: Option<Arc<EndpointState>>,
     upstream_ms: u128,
 }
 
@@ -841,6 +896,7 @@ async fn forward(
     let mut last_err: Option<AttemptError>;
     let mut upstream = None;
     let mut retry_guard: Option<Box<dyn Send>> = None;
+    let mut last_ep: Option<Arc<EndpointState>> = None;
     let mut attempt = 0u32;
     // Take a slot of the maxRetries breaker for the next retry; false: the retry is skipped.
     let take_retry = |guard: &mut Option<Box<dyn Send>>| -> bool {
@@ -902,6 +958,7 @@ async fn forward(
         {
             Ok((resp, ep, guards)) => {
                 upstream = Some(ep.target.to_string());
+                last_ep = Some(ep.clone());
                 outlier::record(state, &ep, Outcome::Status(resp.status().as_u16()));
                 let retriable = response_retriable(&retry.retry_on, &resp);
                 if retriable
@@ -927,12 +984,14 @@ async fn forward(
                     response: Ok((resp, g, deadline)),
                     flags,
                     upstream,
+                    ep: last_ep,
                     upstream_ms: start.elapsed().as_millis(),
                 };
             }
             Err((e, ep)) => {
                 if let Some(ep) = &ep {
                     upstream = Some(ep.target.to_string());
+                    last_ep = Some(ep.clone());
                     if matches!(
                         e,
                         AttemptError::Connect(_) | AttemptError::Reset(_) | AttemptError::Timeout
@@ -1012,6 +1071,7 @@ async fn forward(
         response: Err(reply),
         flags,
         upstream,
+        ep: last_ep,
         upstream_ms: start.elapsed().as_millis(),
     }
 }

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 use super::error::Flags;
 use super::{ConnInfo, Shared};
 use crate::compile::{ClusterRef, match_l4};
+use crate::telemetry::metrics::{Side, peers};
 use crate::telemetry::tcp_access;
 use crate::upstream::outlier::{self, Outcome};
 use crate::upstream::{lb, pool};
@@ -213,11 +214,23 @@ pub async fn proxy(
         }
     };
     ep.active_connections.fetch_add(1, Ordering::Relaxed);
+    let labels = peers(
+        &Side::source(snap, conn.peer.ip()),
+        Some(&ep.side),
+        Some(snap.service(snap.clusters[cid].service)),
+        "",
+        "tcp",
+    );
+    let m = &shared.metrics;
+    m.tcp_opened.get_or_create(&labels).inc();
     // Byte-for-byte until either side closes.
     let (received, sent) = tokio::io::copy_bidirectional(&mut down, &mut up)
         .await
         .unwrap_or((0, 0));
     ep.active_connections.fetch_sub(1, Ordering::Relaxed);
+    m.tcp_closed.get_or_create(&labels).inc();
+    m.tcp_sent.get_or_create(&labels).inc_by(sent);
+    m.tcp_received.get_or_create(&labels).inc_by(received);
     tcp_access(
         conn.peer,
         conn.local,
