@@ -117,18 +117,65 @@ impl Admin {
             (&Method::GET, "/endpoints") => json(&self.endpoints()),
             (&Method::GET, "/metrics" | "/stats/prometheus") => self.handle_metrics(),
             (&Method::POST, "/logging") => self.handle_logging(query),
-            (_, "/kernel") => text(
-                StatusCode::NOT_FOUND,
-                "no eBPF state: the proxy runs with --capture none\n",
-            ),
-            (_, "/enroll") => text(
-                StatusCode::NOT_IMPLEMENTED,
-                "enrollment needs --capture ebpf\n",
-            ),
+            (&Method::GET, "/kernel") => match self.kernel() {
+                Some(k) => json(&k.status()),
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    "no eBPF state: the proxy runs with --capture none\n",
+                ),
+            },
+            (m @ (&Method::POST | &Method::DELETE), "/enroll") => {
+                self.handle_enroll(m == Method::POST, query)
+            }
             _ => text(
                 StatusCode::NOT_FOUND,
                 "not found: /ready /healthz /config_dump /diagnostics /routes /clusters /endpoints /metrics POST /logging?level=\n",
             ),
+        }
+    }
+
+    fn kernel(&self) -> Option<&Arc<crate::dataplane::Kernel>> {
+        self.shared.as_ref().and_then(|s| s.kernel.as_ref())
+    }
+
+    fn handle_enroll(&self, enroll: bool, query: &str) -> Response<Full<Bytes>> {
+        let Some(k) = self.kernel() else {
+            return text(
+                StatusCode::NOT_IMPLEMENTED,
+                "enrollment needs --capture ebpf\n",
+            );
+        };
+        let Some(path) = query.split('&').find_map(|kv| kv.strip_prefix("netns=")) else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "usage: POST|DELETE /enroll?netns=/run/netns/NAME\n",
+            );
+        };
+        let path = std::path::PathBuf::from(path.replace("%2F", "/"));
+        if enroll {
+            match k.enroll(&path) {
+                Ok(cookie) => {
+                    json(&serde_json::json!({ "netns": path, "cookie": cookie, "enrolled": true }))
+                }
+                Err(e) => text(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "{e}: {}\n",
+                        std::error::Error::source(&e)
+                            .map(|s| s.to_string())
+                            .unwrap_or_default()
+                    ),
+                ),
+            }
+        } else {
+            match k.unenroll(&path) {
+                Ok(true) => json(&serde_json::json!({ "netns": path, "enrolled": false })),
+                Ok(false) => text(
+                    StatusCode::NOT_FOUND,
+                    format!("{} is not enrolled\n", path.display()),
+                ),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            }
         }
     }
 
@@ -253,6 +300,9 @@ impl Admin {
             return text(StatusCode::SERVICE_UNAVAILABLE, "data plane not running\n");
         };
         let view = shared.view.load_full();
+        if let Some(k) = &shared.kernel {
+            shared.metrics.record_kernel(&k.counters());
+        }
         let body = shared.metrics.render(Some(&view), &self.publisher.status());
         Response::builder()
             .header(

@@ -30,6 +30,8 @@ pub struct Options {
     pub admin_public: bool,
     /// Run-time log filter control for `/logging`.
     pub log: Option<crate::admin::LogControl>,
+    /// eBPF capture (None: `--capture none`, the proxy binds service addresses itself).
+    pub capture: Option<crate::dataplane::Options>,
 }
 
 /// A running proxy; dropping it stops the data plane and the config watch.
@@ -47,6 +49,9 @@ pub struct Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.dataplane.abort();
+        if let Some(k) = &self.shared.kernel {
+            k.shutdown();
+        }
     }
 }
 
@@ -68,6 +73,28 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
             opts.admin
         );
     }
+    let kernel = match &opts.capture {
+        Some(c) => {
+            let c = c.clone();
+            let k = tokio::task::spawn_blocking(move || crate::dataplane::Kernel::load(&c))
+                .await
+                .context("load eBPF")??;
+            crate::upstream::pool::UPSTREAM_MARK.store(
+                crate::dataplane::abi::NP_PROXY_MARK,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            let k = Arc::new(k);
+            k.sync(&publisher.load()).context("fill kernel maps")?;
+            match k.events() {
+                Ok(ring) => {
+                    tokio::spawn(crate::dataplane::spawn_events(ring));
+                }
+                Err(e) => tracing::warn!(error = %e, "kernel events unavailable"),
+            }
+            Some(k)
+        }
+        None => None,
+    };
     let shared = Shared::new(
         publisher.load(),
         ProxyOptions {
@@ -75,6 +102,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
             shadow_host_suffix: opts.shadow_host_suffix,
             credentials_dir: opts.credentials_dir.clone(),
         },
+        kernel,
     );
     let admin = Admin {
         publisher: publisher.clone(),

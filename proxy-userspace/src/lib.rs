@@ -11,9 +11,12 @@ pub mod analyze;
 pub mod app;
 pub mod compile;
 pub mod config;
+pub mod dataplane;
 pub mod diagnostic;
 pub mod inspect;
 pub mod proxy;
 pub mod publish;
 pub mod telemetry;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
 pub mod upstream;

@@ -152,6 +152,21 @@ enum Command {
         /// Allow a non-loopback --admin address.
         #[arg(long)]
         admin_public: bool,
+        /// Where captured connections arrive (default: the node's primary address, port 15001).
+        #[arg(long)]
+        capture_listen: Option<SocketAddr>,
+        /// Enroll this network namespace at start (repeatable), e.g. /run/netns/pod1.
+        #[arg(long = "enroll-netns")]
+        enroll_netns: Vec<PathBuf>,
+        /// Guard this uplink interface with the XDP program (repeatable).
+        #[arg(long)]
+        uplink: Vec<String>,
+        /// Source CIDR the XDP guard drops (repeatable, IPv4).
+        #[arg(long = "deny-cidr")]
+        deny_cidr: Vec<ipnet::Ipv4Net>,
+        /// bpffs mount point for the pinned maps (mounted when needed).
+        #[arg(long, default_value = nodeproxy::dataplane::DEFAULT_BPFFS)]
+        bpffs: PathBuf,
         /// Access log on stderr: `on` (default) or `off`.
         #[arg(long, value_enum, default_value = "on")]
         access_log: AccessLogMode,
@@ -315,15 +330,43 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
             admin_public,
             access_log: _,
             access_log_format,
+            capture_listen,
+            enroll_netns,
+            uplink,
+            deny_cidr,
+            bpffs,
         } => {
             if access_log_format == AccessLogFormat::Json {
                 nodeproxy::telemetry::access::set_json(true);
             }
-            if capture == Some(Capture::Ebpf) {
-                bail!(
-                    "--capture ebpf: the eBPF data path is not built yet (issue 4); use --capture none"
-                );
-            }
+            let root = nix::unistd::geteuid().is_root();
+            let capture = match capture.unwrap_or(if root { Capture::Ebpf } else { Capture::None })
+            {
+                Capture::None => {
+                    if !enroll_netns.is_empty() || !uplink.is_empty() {
+                        bail!("--enroll-netns and --uplink need --capture ebpf");
+                    }
+                    None
+                }
+                Capture::Ebpf => {
+                    let listen = match capture_listen {
+                        Some(a) => a,
+                        None => SocketAddr::new(primary_address().context("--capture-listen not given and no primary address found (no default route?)")?, nodeproxy::dataplane::DEFAULT_CAPTURE_PORT),
+                    };
+                    let mut guard_ports = vec![listen.port()];
+                    if !admin.ip().is_loopback() {
+                        guard_ports.push(admin.port());
+                    }
+                    Some(nodeproxy::dataplane::Options {
+                        capture: listen,
+                        enroll: enroll_netns,
+                        uplinks: uplink,
+                        guard_ports,
+                        deny_cidrs: deny_cidr,
+                        bpffs,
+                    })
+                }
+            };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -336,6 +379,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                     credentials_dir,
                     admin_public,
                     log: Some(log.clone()),
+                    capture,
                 })
                 .await?;
                 eprintln!(
@@ -354,6 +398,16 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The node's primary address: the source address of the default route (no packet is sent).
+fn primary_address() -> Option<IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    s.local_addr()
+        .ok()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified())
 }
 
 /// Build or print the diagnostics and fail.

@@ -103,18 +103,25 @@ pub struct Shared {
     pub tls: tls::TlsConfigs,
     /// Metrics.
     pub metrics: Arc<crate::telemetry::Metrics>,
+    /// The eBPF data path, when capture is `ebpf`.
+    pub kernel: Option<Arc<crate::dataplane::Kernel>>,
     mirrors: Arc<Semaphore>,
 }
 
 impl Shared {
     /// Shared state starting from `snapshot`.
-    pub fn new(snapshot: Arc<Snapshot>, options: ProxyOptions) -> Arc<Self> {
+    pub fn new(
+        snapshot: Arc<Snapshot>,
+        options: ProxyOptions,
+        kernel: Option<Arc<crate::dataplane::Kernel>>,
+    ) -> Arc<Self> {
         let clusters = Clusters::default();
         let view = clusters.sync(snapshot);
         Arc::new(Shared {
             view: ArcSwap::from_pointee(view),
             clusters,
             options,
+            kernel,
             tls: tls::TlsConfigs::default(),
             metrics: crate::telemetry::Metrics::new(),
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),

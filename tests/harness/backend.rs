@@ -60,6 +60,18 @@ impl Backend {
         let listener = TcpListener::bind(addr)
             .await
             .unwrap_or_else(|e| panic!("bind backend {addr}: {e}"));
+        Backend::serve(listener, name)
+    }
+
+    /// Serve on an already bound (non-blocking) listener, e.g. one bound inside a pod netns.
+    pub fn from_std(listener: std::net::TcpListener, name: &str) -> Backend {
+        Backend::serve(
+            TcpListener::from_std(listener).expect("tokio listener"),
+            name,
+        )
+    }
+
+    fn serve(listener: TcpListener, name: &str) -> Backend {
         let addr = listener.local_addr().expect("addr");
         let requests = Arc::new(AtomicU64::new(0));
         let in_flight = Arc::new(AtomicU32::new(0));

@@ -124,6 +124,7 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
 }
 
 pub mod backend;
+pub mod node;
 pub mod proxy;
 pub mod tls;
 

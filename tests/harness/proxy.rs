@@ -142,6 +142,7 @@ pub async fn start_with(
         credentials_dir,
         admin_public: false,
         log: None,
+        capture: None,
     })
     .await
     .expect("proxy starts");

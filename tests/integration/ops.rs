@@ -246,6 +246,7 @@ async fn admin_refuses_public_address_without_flag() {
         credentials_dir: s.path.parent().unwrap().to_path_buf(),
         admin_public: false,
         log: None,
+        capture: None,
     })
     .await;
     let err = r.err().expect("refused").to_string();

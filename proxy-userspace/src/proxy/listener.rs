@@ -24,6 +24,8 @@ pub fn desired(snap: &Snapshot, shared: &Shared) -> Vec<(SocketAddr, ListenerRef
     let mut out = Vec::new();
     for l in &snap.listeners {
         match (&l.kind, l.address) {
+            // With eBPF capture, service addresses are virtual: connects reach the capture port.
+            (ListenerKind::Mesh { .. }, Some(_)) if shared.kernel.is_some() => {}
             (ListenerKind::Mesh { .. }, Some(ip)) => {
                 let a = SocketAddr::new(ip, l.port);
                 out.push((a, ListenerRef::Mesh(a)));
@@ -45,9 +47,26 @@ pub async fn run(shared: Arc<Shared>, publisher: Arc<Publisher>) {
     let mut versions = publisher.subscribe();
     let mut active: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
     let sweeper = tokio::spawn(sweep_outliers(shared.clone()));
+    let mut capture = None;
+    if let Some(k) = &shared.kernel {
+        match bind(k.capture()) {
+            Ok(l) => {
+                tracing::info!(addr = %k.capture(), "capture listener");
+                capture = Some(tokio::spawn(capture_loop(shared.clone(), k.clone(), l)));
+            }
+            Err(e) => {
+                tracing::error!(addr = %k.capture(), error = %e, "cannot listen on the capture address")
+            }
+        }
+    }
     loop {
         let snap = publisher.load();
         shared.update(snap.clone());
+        if let Some(k) = &shared.kernel
+            && let Err(e) = k.sync(&snap)
+        {
+            tracing::error!(error = %e, "kernel maps not updated; the previous service table stays");
+        }
         let want: HashMap<SocketAddr, ListenerRef> = desired(&snap, &shared).into_iter().collect();
         active.retain(|addr, task| {
             let keep = want.contains_key(addr);
@@ -74,6 +93,42 @@ pub async fn run(shared: Arc<Shared>, publisher: Arc<Publisher>) {
         }
     }
     sweeper.abort();
+    if let Some(c) = capture {
+        c.abort();
+    }
+}
+
+/// Accept captured connections: their original destination comes from the kernel; a
+/// connection without one is refused (the capture port is no open relay).
+async fn capture_loop(
+    shared: Arc<Shared>,
+    kernel: Arc<crate::dataplane::Kernel>,
+    listener: TcpListener,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(orig) = kernel.take_orig_dst(peer) else {
+            tracing::warn!(%peer, "refused: connection to the capture port without an original destination");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().unwrap_or(peer);
+        let conn = Arc::new(ConnInfo {
+            peer,
+            local,
+            original_dst: orig,
+            listener: ListenerRef::Mesh(orig),
+            scheme: "http",
+        });
+        tokio::spawn(serve_connection(shared.clone(), conn, stream));
+    }
 }
 
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {

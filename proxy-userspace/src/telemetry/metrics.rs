@@ -464,6 +464,21 @@ impl Metrics {
         &self.names
     }
 
+    /// Copy the kernel's counters (monotonic per-CPU sums) into their families.
+    pub fn record_kernel(&self, counters: &std::collections::BTreeMap<&'static str, u64>) {
+        for (reason, v) in counters {
+            self.kernel
+                .get_or_create(&ReasonLabel {
+                    reason: reason.to_string(),
+                })
+                .inner()
+                .store(*v, Ordering::Relaxed);
+        }
+        if let Some(v) = counters.get("fastpath") {
+            self.fastpath.inner().store(*v, Ordering::Relaxed);
+        }
+    }
+
     /// Record one finished HTTP request.
     pub fn record_http(
         &self,

@@ -149,9 +149,17 @@ fn release_connection(cluster: &ClusterState, ep: &EndpointState) {
 /// Open a TCP connection to `target` within `timeout` (the cluster's connect timeout).
 pub async fn connect_tcp(target: &Target, timeout: Duration) -> Result<TcpStream, PoolError> {
     let fut = async {
-        let stream = match target {
-            Target::Addr(a) => TcpStream::connect(a).await,
-            Target::Name(n, p) => TcpStream::connect((n.as_str(), *p)).await,
+        let addr = match target {
+            Target::Addr(a) => *a,
+            Target::Name(n, p) => tokio::net::lookup_host((n.as_str(), *p))
+                .await
+                .map_err(|e| PoolError::Connect(format!("resolve {n}: {e}")))?
+                .next()
+                .ok_or_else(|| PoolError::Connect(format!("resolve {n}: no address")))?,
+        };
+        let stream = match UPSTREAM_MARK.load(Ordering::Relaxed) {
+            0 => TcpStream::connect(addr).await,
+            mark => connect_marked(addr, mark).await,
         };
         stream.map_err(|e| PoolError::Connect(e.to_string()))
     };
@@ -160,6 +168,25 @@ pub async fn connect_tcp(target: &Target, timeout: Duration) -> Result<TcpStream
         .map_err(|_| PoolError::ConnectTimeout)??;
     let _ = stream.set_nodelay(true);
     Ok(stream)
+}
+
+/// SO_MARK for the proxy's upstream sockets (0: none). Set when eBPF capture is on, as a second
+/// guard (besides netns enrollment) against capturing the proxy's own connects.
+pub static UPSTREAM_MARK: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+async fn connect_marked(addr: std::net::SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_mark(mark)?;
+    sock.set_nonblocking(true)?;
+    let std_stream: std::net::TcpStream = sock.into();
+    tokio::net::TcpSocket::from_std_stream(std_stream)
+        .connect(addr)
+        .await
 }
 
 async fn connect(

@@ -1,0 +1,123 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * cgroup/connect4 and cgroup/connect6 at the cgroup v2 root: for sockets of enrolled network
+ * namespaces, a connect() to a mesh service address is either rewritten to the node proxy (the
+ * original destination is kept by socket cookie) or, for L4-only services, load-balanced here to
+ * an endpoint (the fast path). Everything else is left untouched.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "abi.h"
+#include "lib/common.h"
+
+#ifndef SOCK_STREAM
+#define SOCK_STREAM 1
+#endif
+
+/* Shared tail of connect4/6 once the original destination key is known. */
+static __always_inline int np_connect(struct bpf_sock_addr *ctx, struct np_addr *orig, int v6)
+{
+	const struct np_svc_val *svc;
+	struct bpf_sock *sk;
+	__u64 netns;
+
+	if (ctx->type != SOCK_STREAM) {
+		np_count(NP_R_NOT_TCP);
+		return SYS_PROCEED;
+	}
+	netns = bpf_get_netns_cookie(ctx);
+	if (!bpf_map_lookup_elem(&np_netns, &netns)) {
+		np_count(NP_R_NOT_ENROLLED);
+		return SYS_PROCEED;
+	}
+	/* Second guard besides enrollment: the proxy marks its own upstream sockets. */
+	sk = ctx->sk;
+	if (sk && sk->mark == NP_PROXY_MARK) {
+		np_count(NP_R_PROXY_MARK);
+		return SYS_PROCEED;
+	}
+	svc = bpf_map_lookup_elem(&np_svc, orig);
+	if (!svc) {
+		np_count(NP_R_NO_SERVICE);
+		return SYS_PROCEED;
+	}
+	if (svc->mode == NP_MODE_FASTPATH) {
+		const struct np_backend_val *b = np_pick_backend(svc);
+
+		if (!b || b->addr.family != orig->family) {
+			np_count(NP_R_NO_BACKEND);
+			np_event(NP_R_NO_BACKEND, netns, orig, NULL);
+			return SYS_PROCEED;
+		}
+		if (v6) {
+			ctx->user_ip6[0] = b->addr.addr[0];
+			ctx->user_ip6[1] = b->addr.addr[1];
+			ctx->user_ip6[2] = b->addr.addr[2];
+			ctx->user_ip6[3] = b->addr.addr[3];
+		} else {
+			ctx->user_ip4 = b->addr.addr[0];
+		}
+		/* user_port writes must be 4 bytes wide (a 2-byte store is rejected). */
+		ctx->user_port = (__u32)b->addr.port;
+		np_count(NP_R_FASTPATH);
+		return SYS_PROCEED;
+	}
+	/* Proxy mode. */
+	if (v6 ? !(np_capture_ip6[0] | np_capture_ip6[1] | np_capture_ip6[2] | np_capture_ip6[3]) :
+		 !np_capture_ip4) {
+		np_count(NP_R_NO_CAPTURE_ADDR);
+		return SYS_PROCEED;
+	}
+	{
+		__u64 cookie = bpf_get_socket_cookie(ctx);
+
+		if (bpf_map_update_elem(&np_orig_cookie, &cookie, orig, BPF_ANY)) {
+			/* Without the original destination the proxy would refuse the connection:
+			 * leave it untouched instead (fail open) and say so. */
+			np_count(NP_R_ORIG_DST_FULL);
+			np_event(NP_R_ORIG_DST_FULL, netns, orig, NULL);
+			return SYS_PROCEED;
+		}
+	}
+	if (v6) {
+		ctx->user_ip6[0] = np_capture_ip6[0];
+		ctx->user_ip6[1] = np_capture_ip6[1];
+		ctx->user_ip6[2] = np_capture_ip6[2];
+		ctx->user_ip6[3] = np_capture_ip6[3];
+	} else {
+		ctx->user_ip4 = np_capture_ip4;
+	}
+	ctx->user_port = np_capture_port;
+	np_count(NP_R_REDIRECT_PROXY);
+	return SYS_PROCEED;
+}
+
+SEC("cgroup/connect4")
+int np_connect4(struct bpf_sock_addr *ctx)
+{
+	struct np_addr orig = {};
+
+	orig.addr[0] = ctx->user_ip4;
+	/* user_port: network order in the low 16 bits. */
+	orig.port = (__u16)ctx->user_port;
+	orig.family = NP_AF_INET;
+	return np_connect(ctx, &orig, 0);
+}
+
+SEC("cgroup/connect6")
+int np_connect6(struct bpf_sock_addr *ctx)
+{
+	struct np_addr orig = {};
+
+	orig.addr[0] = ctx->user_ip6[0];
+	orig.addr[1] = ctx->user_ip6[1];
+	orig.addr[2] = ctx->user_ip6[2];
+	orig.addr[3] = ctx->user_ip6[3];
+	orig.port = (__u16)ctx->user_port;
+	orig.family = NP_AF_INET6;
+	return np_connect(ctx, &orig, 1);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,700 @@
+//! The eBPF data path: load the C programs with aya, attach them to the cgroup v2 root (connect4,
+//! connect6, sockops) and optionally to uplink interfaces (XDP guard), keep the kernel maps in
+//! step with each snapshot, enroll network namespaces, and hand the proxy the original
+//! destination of each captured connection.
+//!
+//! Lifecycle: shared maps are pinned by name under `<bpffs>/nodeproxy` (the two socket objects
+//! share them through the pins); links are not pinned, so programs detach when the process exits
+//! — also after SIGKILL. A start removes pins left by a killed predecessor before loading; a clean
+//! exit (drop) removes them too. While no proxy runs, enrolled pods' connects to mesh service
+//! addresses are no longer rewritten: service VIPs are virtual, so those connects fail (fail
+//! closed), while traffic to real pod IPs is untouched (fail open). Nothing stale is left behind.
+
+pub mod abi;
+pub mod netns;
+pub mod services;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aya::maps::{HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader};
+use serde::Serialize;
+
+use self::abi::{NpAddr, NpBackendKey, NpBackendVal, NpSvcVal, REASONS};
+use self::services::{KernelService, kernel_services};
+use crate::compile::Snapshot;
+
+static CONNECT_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connect.bpf.o"));
+static SOCKOPS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockops.bpf.o"));
+static XDP_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp_guard.bpf.o"));
+
+/// Default bpffs mount point.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+/// Default capture port.
+pub const DEFAULT_CAPTURE_PORT: u16 = 15001;
+
+/// What went wrong loading or driving the data path.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Not root.
+    #[error(
+        "--capture ebpf needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) to load eBPF programs and attach them to the cgroup root; run as root or use --capture none"
+    )]
+    NotRoot,
+    /// No cgroup v2.
+    #[error(
+        "no cgroup2 mount in /proc/mounts: --capture ebpf needs the unified cgroup hierarchy (cgroup v2)"
+    )]
+    NoCgroup2,
+    /// bpffs could not be mounted or prepared.
+    #[error("prepare bpffs pin directory {path}")]
+    Bpffs {
+        /// Directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel refused an object.
+    #[error("load eBPF object {object} (kernel or verifier refused it)")]
+    Load {
+        /// Object name.
+        object: &'static str,
+        /// Cause.
+        #[source]
+        source: aya::EbpfError,
+    },
+    /// A program could not be loaded or attached.
+    #[error("{action} eBPF program {name}")]
+    Program {
+        /// `load` or `attach ... to ...`.
+        action: String,
+        /// Program name.
+        name: &'static str,
+        /// Cause.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// A map operation failed.
+    #[error("eBPF map {name}: {what}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// Operation.
+        what: String,
+        /// Cause.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// Something expected in the object is missing.
+    #[error("eBPF object has no {0}")]
+    Missing(&'static str),
+    /// A network namespace could not be used.
+    #[error("network namespace {path}")]
+    Netns {
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another I/O failure.
+    #[error("{what}")]
+    Io {
+        /// What was attempted.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How to set up the data path.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where captured connections arrive (the proxy listens here).
+    pub capture: SocketAddr,
+    /// Network namespaces to enroll at start.
+    pub enroll: Vec<PathBuf>,
+    /// Interfaces to guard with XDP.
+    pub uplinks: Vec<String>,
+    /// Ports the XDP guard drops from outside (capture, admin).
+    pub guard_ports: Vec<u16>,
+    /// Source CIDRs the XDP guard drops.
+    pub deny_cidrs: Vec<ipnet::Ipv4Net>,
+    /// bpffs mount point.
+    pub bpffs: PathBuf,
+}
+
+struct Maps {
+    svc: BpfHashMap<MapData, NpAddr, NpSvcVal>,
+    backends: BpfHashMap<MapData, NpBackendKey, NpBackendVal>,
+    netns: BpfHashMap<MapData, u64, u32>,
+    orig_tuple: BpfHashMap<MapData, NpAddr, NpAddr>,
+    counters: PerCpuArray<MapData, u64>,
+    xdp_counters: Option<PerCpuArray<MapData, u64>>,
+}
+
+/// What is in the service map for one address.
+#[derive(Debug, Clone)]
+struct Installed {
+    svc: KernelService,
+    base: u32,
+}
+
+struct State {
+    maps: Maps,
+    installed: BTreeMap<SocketAddr, Installed>,
+    next_base: u32,
+    enrolled: BTreeMap<PathBuf, u64>,
+}
+
+/// The loaded and attached data path. Dropping it detaches everything and removes the pins.
+pub struct Kernel {
+    state: Mutex<State>,
+    /// Kept alive: programs and their links.
+    _objects: Vec<Ebpf>,
+    pin_dir: PathBuf,
+    capture: SocketAddr,
+    attached: Vec<String>,
+}
+
+/// `/kernel` view.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KernelStatus {
+    /// Where captured connections arrive.
+    pub capture: SocketAddr,
+    /// Programs and where they are attached.
+    pub attached: Vec<String>,
+    /// Pin directory of the shared maps.
+    pub pin_dir: PathBuf,
+    /// Enrolled namespaces and their cookies.
+    pub enrolled: BTreeMap<PathBuf, u64>,
+    /// Service map: address → mode, endpoints, why the proxy is needed.
+    pub services: BTreeMap<String, serde_json::Value>,
+    /// Counters by reason (socket programs and XDP guard).
+    pub counters: BTreeMap<&'static str, u64>,
+}
+
+/// The cgroup v2 mount point, from /proc/mounts (hybrid hosts have it at /sys/fs/cgroup/unified).
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, path, kind) = (f.next()?, f.next()?, f.next()?);
+        (kind == "cgroup2").then(|| PathBuf::from(path))
+    })
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    std::fs::read_to_string("/proc/mounts").is_ok_and(|m| {
+        m.lines().any(|l| {
+            let mut f = l.split_whitespace();
+            let (_, p, kind) = (f.next(), f.next(), f.next());
+            kind == Some("bpf") && p.map(Path::new) == Some(path)
+        })
+    })
+}
+
+fn ensure_bpffs(path: &Path) -> Result<(), Error> {
+    if is_bpffs(path) {
+        return Ok(());
+    }
+    let err = |source| Error::Bpffs {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(err)?;
+    nix::mount::mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| err(std::io::Error::from(e)))
+}
+
+fn map_err(
+    name: &'static str,
+    what: impl Into<String>,
+) -> impl FnOnce(aya::maps::MapError) -> Error {
+    let what = what.into();
+    move |source| Error::Map { name, what, source }
+}
+
+impl Kernel {
+    /// Load, attach, and enroll the configured namespaces.
+    pub fn load(opts: &Options) -> Result<Kernel, Error> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(Error::NotRoot);
+        }
+        let cgroup = cgroup2_root().ok_or(Error::NoCgroup2)?;
+        ensure_bpffs(&opts.bpffs)?;
+        let pin_dir = opts.bpffs.join("nodeproxy");
+        // Pins left by a predecessor that was killed: remove before loading, so no stale entry
+        // (services, original destinations) survives into this run.
+        if pin_dir.exists() {
+            std::fs::remove_dir_all(&pin_dir).map_err(|source| Error::Bpffs {
+                path: pin_dir.clone(),
+                source,
+            })?;
+        }
+        std::fs::create_dir_all(&pin_dir).map_err(|source| Error::Bpffs {
+            path: pin_dir.clone(),
+            source,
+        })?;
+        let (ip4, ip6) = match opts.capture.ip() {
+            IpAddr::V4(v4) => (u32::from_ne_bytes(v4.octets()), [0u32; 4]),
+            IpAddr::V6(_) => (0, NpAddr::from_socket(opts.capture).addr),
+        };
+        let port = opts.capture.port().to_be() as u32;
+        let mut connect = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .override_global("np_capture_ip4", &ip4, true)
+            .override_global("np_capture_port", &port, true)
+            .override_global("np_capture_ip6", &ip6, true)
+            .load(CONNECT_OBJ)
+            .map_err(|source| Error::Load {
+                object: "connect.bpf.o",
+                source,
+            })?;
+        let mut sockops = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .override_global("np_capture_ip4", &ip4, true)
+            .override_global("np_capture_port", &port, true)
+            .override_global("np_capture_ip6", &ip6, true)
+            .load(SOCKOPS_OBJ)
+            .map_err(|source| Error::Load {
+                object: "sockops.bpf.o",
+                source,
+            })?;
+        let cgroup_file = std::fs::File::open(&cgroup).map_err(|source| Error::Io {
+            what: format!("open cgroup {}", cgroup.display()),
+            source,
+        })?;
+        let mut attached = Vec::new();
+        for name in ["np_connect4", "np_connect6"] {
+            let prog: &mut CgroupSockAddr = connect
+                .program_mut(name)
+                .ok_or(Error::Missing(name))?
+                .try_into()
+                .map_err(|source| Error::Program {
+                    action: "find".into(),
+                    name,
+                    source,
+                })?;
+            prog.load().map_err(|source| Error::Program {
+                action: "load".into(),
+                name,
+                source,
+            })?;
+            // Single: aya 0.14's AllowMultiple fails with EINVAL (aya issue 1078); an existing
+            // foreign program at the root makes this fail rather than replacing it.
+            prog.attach(&cgroup_file, CgroupAttachMode::Single)
+                .map_err(|source| Error::Program {
+                    action: format!("attach to cgroup {}", cgroup.display()),
+                    name,
+                    source,
+                })?;
+            attached.push(format!("{name} -> cgroup {}", cgroup.display()));
+        }
+        {
+            let name = "np_sockops";
+            let prog: &mut SockOps = sockops
+                .program_mut(name)
+                .ok_or(Error::Missing(name))?
+                .try_into()
+                .map_err(|source| Error::Program {
+                    action: "find".into(),
+                    name,
+                    source,
+                })?;
+            prog.load().map_err(|source| Error::Program {
+                action: "load".into(),
+                name,
+                source,
+            })?;
+            prog.attach(&cgroup_file, CgroupAttachMode::Single)
+                .map_err(|source| Error::Program {
+                    action: format!("attach to cgroup {}", cgroup.display()),
+                    name,
+                    source,
+                })?;
+            attached.push(format!("{name} -> cgroup {}", cgroup.display()));
+        }
+        let mut objects = Vec::new();
+        let mut xdp_counters = None;
+        if !opts.uplinks.is_empty() {
+            let mut xdp = EbpfLoader::new()
+                .load(XDP_OBJ)
+                .map_err(|source| Error::Load {
+                    object: "xdp_guard.bpf.o",
+                    source,
+                })?;
+            {
+                let mut ports: BpfHashMap<_, u16, u8> = BpfHashMap::try_from(
+                    xdp.map_mut("np_xdp_ports")
+                        .ok_or(Error::Missing("np_xdp_ports"))?,
+                )
+                .map_err(map_err("np_xdp_ports", "open"))?;
+                for p in &opts.guard_ports {
+                    ports
+                        .insert(p.to_be(), 1, 0)
+                        .map_err(map_err("np_xdp_ports", format!("insert {p}")))?;
+                }
+            }
+            {
+                let mut deny: LpmTrie<_, u32, u8> = LpmTrie::try_from(
+                    xdp.map_mut("np_xdp_deny4")
+                        .ok_or(Error::Missing("np_xdp_deny4"))?,
+                )
+                .map_err(map_err("np_xdp_deny4", "open"))?;
+                for net in &opts.deny_cidrs {
+                    let key = aya::maps::lpm_trie::Key::new(
+                        net.prefix_len() as u32,
+                        u32::from_ne_bytes(net.network().octets()),
+                    );
+                    deny.insert(&key, 1, 0)
+                        .map_err(map_err("np_xdp_deny4", format!("insert {net}")))?;
+                }
+            }
+            let name = "np_xdp_guard";
+            let prog: &mut Xdp = xdp
+                .program_mut(name)
+                .ok_or(Error::Missing(name))?
+                .try_into()
+                .map_err(|source| Error::Program {
+                    action: "find".into(),
+                    name,
+                    source,
+                })?;
+            prog.load().map_err(|source| Error::Program {
+                action: "load".into(),
+                name,
+                source,
+            })?;
+            for iface in &opts.uplinks {
+                prog.attach(iface, XdpMode::default())
+                    .map_err(|source| Error::Program {
+                        action: format!("attach to interface {iface}"),
+                        name,
+                        source,
+                    })?;
+                attached.push(format!("{name} -> {iface}"));
+            }
+            xdp_counters = Some(
+                PerCpuArray::try_from(
+                    xdp.take_map("np_xdp_counters")
+                        .ok_or(Error::Missing("np_xdp_counters"))?,
+                )
+                .map_err(map_err("np_xdp_counters", "open"))?,
+            );
+            objects.push(xdp);
+        }
+        let take =
+            |bpf: &mut Ebpf, name: &'static str| bpf.take_map(name).ok_or(Error::Missing(name));
+        let maps = Maps {
+            svc: BpfHashMap::try_from(take(&mut connect, "np_svc")?)
+                .map_err(map_err("np_svc", "open"))?,
+            backends: BpfHashMap::try_from(take(&mut connect, "np_backends")?)
+                .map_err(map_err("np_backends", "open"))?,
+            netns: BpfHashMap::try_from(take(&mut connect, "np_netns")?)
+                .map_err(map_err("np_netns", "open"))?,
+            orig_tuple: BpfHashMap::try_from(take(&mut connect, "np_orig_tuple")?)
+                .map_err(map_err("np_orig_tuple", "open"))?,
+            counters: PerCpuArray::try_from(take(&mut connect, "np_counters")?)
+                .map_err(map_err("np_counters", "open"))?,
+            xdp_counters,
+        };
+        objects.push(connect);
+        objects.push(sockops);
+        let kernel = Kernel {
+            state: Mutex::new(State {
+                maps,
+                installed: BTreeMap::new(),
+                next_base: 1,
+                enrolled: BTreeMap::new(),
+            }),
+            _objects: objects,
+            pin_dir,
+            capture: opts.capture,
+            attached,
+        };
+        for p in &opts.enroll {
+            kernel.enroll(p)?;
+        }
+        tracing::info!(capture = %opts.capture, programs = ?kernel.attached, "eBPF data path attached");
+        Ok(kernel)
+    }
+
+    /// The ring buffer of kernel events (for [`spawn_events`]); taken from the pinned map.
+    pub fn events(&self) -> Result<RingBuf<MapData>, Error> {
+        let data = MapData::from_pin(self.pin_dir.join("np_events"))
+            .map_err(map_err("np_events", "open pin"))?;
+        RingBuf::try_from(aya::maps::Map::RingBuf(data)).map_err(map_err("np_events", "open"))
+    }
+
+    /// Enroll the network namespace at `path`: its sockets become subject to capture.
+    pub fn enroll(&self, path: &Path) -> Result<u64, Error> {
+        let cookie = netns::cookie(path).map_err(|source| Error::Netns {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut st = self.state.lock().expect("kernel lock");
+        st.maps
+            .netns
+            .insert(cookie, 1, 0)
+            .map_err(map_err("np_netns", format!("enroll {}", path.display())))?;
+        st.enrolled.insert(path.to_path_buf(), cookie);
+        tracing::info!(netns = %path.display(), cookie, "enrolled");
+        Ok(cookie)
+    }
+
+    /// Remove an enrolled namespace (by the path it was enrolled with).
+    pub fn unenroll(&self, path: &Path) -> Result<bool, Error> {
+        let mut st = self.state.lock().expect("kernel lock");
+        let Some(cookie) = st.enrolled.remove(path) else {
+            return Ok(false);
+        };
+        match st.maps.netns.remove(&cookie) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => {
+                return Err(map_err("np_netns", format!("unenroll {}", path.display()))(
+                    e,
+                ));
+            }
+        }
+        tracing::info!(netns = %path.display(), "unenrolled");
+        Ok(true)
+    }
+
+    /// Bring the service and endpoint maps in step with `snap`. For a changed service the new
+    /// endpoints are written first, then the service entry is switched to them, then the old
+    /// entries are deleted: a live service is never missing from the map.
+    pub fn sync(&self, snap: &Snapshot) -> Result<(), Error> {
+        let desired = kernel_services(snap);
+        let mut st = self.state.lock().expect("kernel lock");
+        let st = &mut *st;
+        for (addr, ks) in &desired {
+            if st.installed.get(addr).is_some_and(|i| &i.svc == ks) {
+                continue;
+            }
+            let base = st.next_base;
+            st.next_base = st.next_base.wrapping_add(1).max(1);
+            let mut end = 0u32;
+            for (i, (ep, w)) in ks.backends.iter().enumerate() {
+                end += w;
+                let key = NpBackendKey {
+                    base,
+                    index: i as u32,
+                };
+                let val = NpBackendVal {
+                    addr: NpAddr::from_socket(*ep),
+                    weight_end: end,
+                };
+                st.maps
+                    .backends
+                    .insert(key, val, 0)
+                    .map_err(map_err("np_backends", format!("insert {ep}")))?;
+            }
+            let val = NpSvcVal {
+                mode: ks.mode,
+                backend_base: base,
+                backend_count: ks.backends.len() as u32,
+                total_weight: end,
+            };
+            st.maps
+                .svc
+                .insert(NpAddr::from_socket(*addr), val, 0)
+                .map_err(map_err("np_svc", format!("insert {addr}")))?;
+            if let Some(old) = st.installed.insert(
+                *addr,
+                Installed {
+                    svc: ks.clone(),
+                    base,
+                },
+            ) {
+                remove_backends(&mut st.maps, old.base, old.svc.backends.len());
+            }
+        }
+        let gone: Vec<SocketAddr> = st
+            .installed
+            .keys()
+            .filter(|a| !desired.contains_key(a))
+            .copied()
+            .collect();
+        for addr in gone {
+            match st.maps.svc.remove(&NpAddr::from_socket(addr)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err("np_svc", format!("remove {addr}"))(e)),
+            }
+            if let Some(old) = st.installed.remove(&addr) {
+                remove_backends(&mut st.maps, old.base, old.svc.backends.len());
+            }
+        }
+        Ok(())
+    }
+
+    /// The original destination of a captured connection from `peer` (read and deleted).
+    pub fn take_orig_dst(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        let key = NpAddr::from_socket(peer);
+        let mut st = self.state.lock().expect("kernel lock");
+        let orig = st.maps.orig_tuple.get(&key, 0).ok()?;
+        let _ = st.maps.orig_tuple.remove(&key);
+        orig.to_socket()
+    }
+
+    /// Counters summed over CPUs, by reason name.
+    pub fn counters(&self) -> BTreeMap<&'static str, u64> {
+        let st = self.state.lock().expect("kernel lock");
+        let mut out = BTreeMap::new();
+        for (i, name) in REASONS.iter().enumerate() {
+            let mut total = 0u64;
+            for m in std::iter::once(&st.maps.counters).chain(st.maps.xdp_counters.as_ref()) {
+                if let Ok(v) = m.get(&(i as u32), 0) {
+                    total += v.iter().sum::<u64>();
+                }
+            }
+            out.insert(*name, total);
+        }
+        out
+    }
+
+    /// Where captured connections arrive.
+    pub fn capture(&self) -> SocketAddr {
+        self.capture
+    }
+
+    /// Everything `/kernel` shows.
+    pub fn status(&self) -> KernelStatus {
+        let counters = self.counters();
+        let st = self.state.lock().expect("kernel lock");
+        let services = st
+            .installed
+            .iter()
+            .map(|(a, i)| {
+                let mode = if i.svc.mode == abi::NP_MODE_FASTPATH { "fastpath" } else { "proxy" };
+                let eps: Vec<String> = i.svc.backends.iter().map(|(e, w)| format!("{e} w={w}")).collect();
+                (a.to_string(), serde_json::json!({ "mode": mode, "endpoints": eps, "whyProxy": i.svc.why_proxy }))
+            })
+            .collect();
+        KernelStatus {
+            capture: self.capture,
+            attached: self.attached.clone(),
+            pin_dir: self.pin_dir.clone(),
+            enrolled: st.enrolled.clone(),
+            services,
+            counters,
+        }
+    }
+}
+
+fn remove_backends(maps: &mut Maps, base: u32, count: usize) {
+    for i in 0..count {
+        let _ = maps.backends.remove(&NpBackendKey {
+            base,
+            index: i as u32,
+        });
+    }
+}
+
+impl Kernel {
+    /// Remove the pinned maps (clean shutdown). The links detach when the process exits or
+    /// the Kernel drops, whichever comes first.
+    pub fn shutdown(&self) {
+        match std::fs::remove_dir_all(&self.pin_dir) {
+            Ok(()) => tracing::info!(dir = %self.pin_dir.display(), "pinned maps removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(dir = %self.pin_dir.display(), error = %e, "could not remove pinned maps")
+            }
+        }
+    }
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        // Links detach when the objects drop (after this body); the pins are ours to remove.
+        self.shutdown();
+        tracing::info!("eBPF data path detached");
+    }
+}
+
+/// Log kernel events from the ring buffer until the task is dropped.
+#[allow(unsafe_code)]
+pub async fn spawn_events(ring: RingBuf<MapData>) {
+    // SAFETY: the RingBuf owns its map fd, which stays open and unchanged until the RingBuf (owned
+    // by the AsyncFd) is dropped.
+    let Ok(mut fd) = (unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+    }) else {
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<abi::NpEvent>() {
+                // Copy the record into an aligned value.
+                let mut ev = abi::NpEvent::default();
+                let bytes: &[u8] = &item;
+                let ev_bytes = bytes_of_mut(&mut ev);
+                ev_bytes.copy_from_slice(&bytes[..ev_bytes.len()]);
+                let reason = REASONS
+                    .get(ev.reason as usize)
+                    .copied()
+                    .unwrap_or("unknown");
+                tracing::warn!(reason, pid = ev.pid, netns = ev.netns_cookie, orig = ?ev.orig.to_socket(), "kernel event");
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+fn bytes_of_mut(ev: &mut abi::NpEvent) -> &mut [u8] {
+    abi::event_bytes_mut(ev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every program passes the verifier and attaches; maps are pinned, then removed on drop.
+    #[test]
+    fn programs_load_attach_and_clean_up() {
+        if !crate::test_util::require_root("programs_load_attach_and_clean_up") {
+            return;
+        }
+        let opts = Options {
+            capture: "127.0.0.1:15001".parse().unwrap(),
+            enroll: vec![PathBuf::from("/proc/self/ns/net")],
+            uplinks: Vec::new(),
+            guard_ports: Vec::new(),
+            deny_cidrs: Vec::new(),
+            bpffs: PathBuf::from(DEFAULT_BPFFS),
+        };
+        let k = Kernel::load(&opts)
+            .unwrap_or_else(|e| panic!("{e:#}: {:?}", std::error::Error::source(&e)));
+        assert!(
+            Path::new("/sys/fs/bpf/nodeproxy/np_svc").exists(),
+            "shared maps are pinned"
+        );
+        let st = k.status();
+        assert_eq!(st.attached.len(), 3);
+        assert_eq!(st.enrolled.len(), 1);
+        assert!(k.unenroll(Path::new("/proc/self/ns/net")).unwrap());
+        drop(k);
+        assert!(
+            !Path::new("/sys/fs/bpf/nodeproxy").exists(),
+            "pins removed on drop"
+        );
+    }
+}

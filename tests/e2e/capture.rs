@@ -1,0 +1,538 @@
+//! Capture through cgroup/connect4 + sockops, the kernel fast path, enrollment, lifecycle.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use nodeproxy::test_util::require_root;
+use nodeproxy_tests::backend::Backend;
+use nodeproxy_tests::eventually;
+use nodeproxy_tests::node::Node;
+use nodeproxy_tests::proxy::TempDir;
+use tokio::io::AsyncWriteExt;
+
+/// One proxy attaches to the cgroup root at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const ADMIN: &str = "127.0.0.1:15000";
+
+struct Scene {
+    node: Node,
+    client: usize,
+    other: usize,
+    dir: TempDir,
+    _backends: Vec<Backend>,
+    _echo: tokio::task::JoinHandle<()>,
+}
+
+fn config(node: &Node, v1: &str, v2: &str, echo: &str, weights: (u32, u32)) -> String {
+    let (reviews, db) = (node.vip(1), node.vip(2));
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: reviews}}
+spec:
+  hosts: [reviews.default.svc.cluster.local]
+  addresses: [{reviews}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  endpoints:
+  - {{address: {v1}, labels: {{app: reviews, version: v1}}}}
+  - {{address: {v2}, labels: {{app: reviews, version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews}}
+spec:
+  host: reviews
+  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews}}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{{headers: {{end-user: {{exact: jason}}}}}}]
+    route: [{{destination: {{host: reviews, subset: v2}}}}]
+  - match: [{{headers: {{x-fault: {{exact: abort}}}}}}]
+    fault: {{abort: {{httpStatus: 503, percentage: {{value: 100}}}}}}
+    route: [{{destination: {{host: reviews, subset: v1}}}}]
+  - route:
+    - {{destination: {{host: reviews, subset: v1}}, weight: {}}}
+    - {{destination: {{host: reviews, subset: v2}}, weight: {}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: db}}
+spec:
+  hosts: [db.default.svc.cluster.local]
+  addresses: [{db}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 5432, name: tcp, protocol: TCP, targetPort: 9000}}]
+  endpoints: [{{address: {echo}}}]
+",
+        weights.0, weights.1
+    )
+}
+
+/// A node with a client pod (enrolled), another pod (not enrolled), v1/v2 backends and a TCP
+/// backend that answers with the address it sees as its peer.
+async fn scene(test: &str) -> Scene {
+    let mut node = Node::new(test);
+    let client = node.add_pod("client");
+    let other = node.add_pod("other");
+    let v1 = node.add_pod("v1");
+    let v2 = node.add_pod("v2");
+    let echo = node.add_pod("db");
+    let backends = vec![
+        Backend::from_std(node.pods[v1].listen(8080), "v1"),
+        Backend::from_std(node.pods[v2].listen(8080), "v2"),
+    ];
+    let l = tokio::net::TcpListener::from_std(node.pods[echo].listen(9000)).unwrap();
+    let echo_task = tokio::spawn(async move {
+        while let Ok((mut s, peer)) = l.accept().await {
+            let _ = s.write_all(peer.ip().to_string().as_bytes()).await;
+            let _ = s.shutdown().await;
+        }
+    });
+    let dir = TempDir::new();
+    let yaml = config(
+        &node,
+        &node.pods[v1].ip.to_string(),
+        &node.pods[v2].ip.to_string(),
+        &node.pods[echo].ip.to_string(),
+        (80, 20),
+    );
+    std::fs::write(dir.0.join("mesh.yaml"), yaml).unwrap();
+    Scene {
+        node,
+        client,
+        other,
+        dir,
+        _backends: backends,
+        _echo: echo_task,
+    }
+}
+
+impl Scene {
+    fn start_proxy(&self) -> nodeproxy_tests::node::ProxyGuard {
+        let cfg = self.dir.0.join("mesh.yaml");
+        let capture = format!("{}:15001", self.node.ip());
+        let client_ns = self.node.pods[self.client].path();
+        let p = self.node.spawn_proxy(&[
+            "run",
+            "--capture",
+            "ebpf",
+            "--capture-listen",
+            &capture,
+            "--admin",
+            ADMIN,
+            "--config",
+            cfg.to_str().unwrap(),
+            "--enroll-netns",
+            client_ns.to_str().unwrap(),
+            "--access-log",
+            "off",
+        ]);
+        eventually("proxy ready", Duration::from_secs(30), || {
+            self.node
+                .http_get(ADMIN, "/ready")
+                .filter(|(s, _)| *s == 200)
+        });
+        p
+    }
+
+    fn kernel(&self) -> serde_json::Value {
+        let (s, body) = self.node.http_get(ADMIN, "/kernel").expect("admin /kernel");
+        assert_eq!(s, 200, "{body}");
+        serde_json::from_str(&body).expect("kernel json")
+    }
+
+    fn counter(&self, reason: &str) -> u64 {
+        self.kernel()["counters"][reason].as_u64().unwrap_or(0)
+    }
+
+    fn vip(&self, host: u8, port: u16) -> SocketAddr {
+        SocketAddr::new(self.node.vip(host).into(), port)
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+fn bpftool_mentions_ours() -> Option<String> {
+    let mut found = String::new();
+    for what in [["prog", "show"], ["link", "show"]] {
+        let out = std::process::Command::new("bpftool")
+            .args(what)
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        for l in text.lines().filter(|l| {
+            l.contains("np_connect") || l.contains("np_sockops") || l.contains("np_xdp")
+        }) {
+            found.push_str(l);
+            found.push('\n');
+        }
+    }
+    Some(found)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn capture_split_routing_fastpath_and_cleanup() {
+    if !require_root("capture_split_routing_fastpath_and_cleanup") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let s = std::sync::Arc::new(scene("capture").await);
+    let mut proxy = s.start_proxy();
+    let vip = s.vip(1, 80);
+
+    // 80/20 through capture, with no change to the pod (it just connects to the VIP).
+    let s2 = s.clone();
+    let bodies = blocking(move || {
+        (0..400)
+            .map(|_| {
+                s2.node.pods[s2.client]
+                    .http_get(vip, "/", &[])
+                    .expect("request through capture")
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    assert!(bodies.iter().all(|(st, _)| *st == 200));
+    let v2 = bodies.iter().filter(|(_, b)| b == "v2").count() as f64;
+    let sd = (400.0f64 * 0.2 * 0.8).sqrt();
+    assert!((v2 - 80.0).abs() <= 3.29 * sd + 1.0, "v2 got {v2}/400");
+    assert!(s.counter("redirect_proxy") >= 400);
+
+    // curl from the pod, unmodified.
+    let out = s.node.pods[s.client].exec(&[
+        "curl",
+        "-s",
+        "-H",
+        "end-user: jason",
+        &format!("http://{vip}/"),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "v2",
+        "header routing through capture (curl: {})",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s2 = s.clone();
+    let (st, body) = blocking(move || {
+        s2.node.pods[s2.client]
+            .http_get(vip, "/", &[("x-fault", "abort")])
+            .unwrap()
+    })
+    .await;
+    assert_eq!(
+        (st, body.as_str()),
+        (503, "fault filter abort"),
+        "fault through capture"
+    );
+
+    // The TCP-only service takes the fast path: the backend sees the pod's own address and the
+    // proxy never sees the connection.
+    let before_redirects = s.counter("redirect_proxy");
+    let s2 = s.clone();
+    let db = s.vip(2, 5432);
+    let seen = blocking(move || {
+        use std::io::Read;
+        let mut c = s2.node.pods[s2.client]
+            .connect(db, Duration::from_secs(3))
+            .expect("fast path connect");
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await;
+    assert_eq!(
+        seen,
+        s.node.pods[s.client].ip.to_string(),
+        "fast path: no proxy hop"
+    );
+    assert!(s.counter("fastpath") >= 1);
+    assert_eq!(
+        s.counter("redirect_proxy"),
+        before_redirects,
+        "the proxy's counters show no connection"
+    );
+    let k = s.kernel();
+    assert_eq!(k["services"][db.to_string()]["mode"], "fastpath");
+    assert_eq!(k["services"][vip.to_string()]["mode"], "proxy");
+
+    // A pod that is not enrolled is untouched: its connect to the VIP is not rewritten and fails.
+    let s2 = s.clone();
+    let not_enrolled =
+        blocking(move || s2.node.pods[s2.other].connect(vip, Duration::from_secs(2))).await;
+    assert!(
+        not_enrolled.is_err(),
+        "a non-enrolled pod's connect to a VIP must not be captured"
+    );
+    assert!(s.counter("not_enrolled") >= 1);
+
+    // Enrolled at run time through the admin API: now captured.
+    let other_ns = s.node.pods[s.other].path();
+    let (st, body) = nodeproxy_tests::node::in_netns(&s.node.ns.path(), || {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(ADMIN).unwrap();
+        write!(c, "POST /enroll?netns={} HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", other_ns.display()).unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        (out.split_whitespace().nth(1).unwrap_or("").to_string(), out)
+    });
+    assert_eq!(st, "200", "{body}");
+    let s2 = s.clone();
+    assert_eq!(
+        blocking(move || s2.node.pods[s2.other]
+            .http_get(vip, "/", &[("end-user", "jason")])
+            .unwrap())
+        .await
+        .1,
+        "v2"
+    );
+
+    // A config change moves new connections to the new rule.
+    let yaml = config(
+        &s.node,
+        &s.node.pods[2].ip.to_string(),
+        &s.node.pods[3].ip.to_string(),
+        &s.node.pods[4].ip.to_string(),
+        (0, 100),
+    );
+    std::fs::write(s.dir.0.join("mesh.yaml"), yaml).unwrap();
+    eventually("version 2", Duration::from_secs(10), || {
+        s.node
+            .http_get(ADMIN, "/config_dump")
+            .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+            .filter(|v| v["version"] == 2)
+    });
+    let s2 = s.clone();
+    let after = blocking(move || {
+        (0..50)
+            .map(|_| s2.node.pods[s2.client].http_get(vip, "/", &[]).unwrap().1)
+            .collect::<Vec<_>>()
+    })
+    .await;
+    assert!(after.iter().all(|b| b == "v2"), "{after:?}");
+
+    // A connection to the capture port without an original destination is refused (no relay).
+    let capture: SocketAddr = format!("{}:15001", s.node.ip()).parse().unwrap();
+    let s2 = s.clone();
+    let (st, _) = blocking(move || {
+        s2.node.pods[s2.other]
+            .http_get(capture, "/", &[])
+            .unwrap_or((0, String::new()))
+    })
+    .await;
+    assert_eq!(
+        st, 0,
+        "direct connection to the capture port is closed without an answer"
+    );
+
+    // SIGTERM detaches everything and removes the pins.
+    assert!(proxy.terminate(), "proxy exits on SIGTERM");
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/nodeproxy").exists(),
+        "pins removed"
+    );
+    if let Some(left) = bpftool_mentions_ours() {
+        assert!(
+            left.is_empty(),
+            "bpftool still lists our programs/links:\n{left}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxy_down_fails_closed_and_restart_cleans_stale_state() {
+    if !require_root("proxy_down_fails_closed_and_restart_cleans_stale_state") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let s = std::sync::Arc::new(scene("lifecycle").await);
+    let mut proxy = s.start_proxy();
+    let vip = s.vip(1, 80);
+    let s2 = s.clone();
+    assert_eq!(
+        blocking(move || s2.node.pods[s2.client].http_get(vip, "/", &[]).unwrap().0).await,
+        200
+    );
+    // SIGKILL: no cleanup runs. Links die with the process; pinned maps stay behind.
+    proxy.kill();
+    assert!(
+        std::path::Path::new("/sys/fs/bpf/nodeproxy/np_svc").exists(),
+        "pins survive SIGKILL"
+    );
+    // While down: service VIPs fail (closed), real pod IPs still work (open).
+    let s2 = s.clone();
+    assert!(
+        blocking(move || s2.node.pods[s2.client].connect(vip, Duration::from_secs(2)))
+            .await
+            .is_err(),
+        "fail closed for VIPs"
+    );
+    let v1 = SocketAddr::new(s.node.pods[2].ip.into(), 8080);
+    let s2 = s.clone();
+    assert_eq!(
+        blocking(move || s2.node.pods[s2.client].http_get(v1, "/", &[]).unwrap())
+            .await
+            .1,
+        "v1",
+        "pod IPs unaffected"
+    );
+    // Restart: stale pins are removed before attaching; capture works again.
+    let _proxy = s.start_proxy();
+    let k = s.kernel();
+    assert_eq!(
+        k["counters"]["redirect_proxy"], 0,
+        "fresh maps, no stale counters"
+    );
+    let s2 = s.clone();
+    assert_eq!(
+        blocking(move || s2.node.pods[s2.client].http_get(vip, "/", &[]).unwrap().0).await,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn xdp_guard_drops_outside_traffic_to_proxy_ports_and_denied_sources() {
+    if !require_root("xdp_guard_drops_outside_traffic_to_proxy_ports_and_denied_sources") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let s = scene("xdp").await;
+    // An "outside" namespace on the node's uplink.
+    let outside = nodeproxy_tests::node::Netns::new_public(format!(
+        "{}-out",
+        s.node.ns.name.trim_end_matches("-node")
+    ));
+    let (up, peer) = (
+        format!("{}u", &s.node.ns.name[..s.node.ns.name.len().min(10)]),
+        format!("{}o", &s.node.ns.name[..s.node.ns.name.len().min(10)]),
+    );
+    let ip = nodeproxy_tests::node::ip;
+    ip(&["link", "add", &up, "type", "veth", "peer", "name", &peer]);
+    ip(&["link", "set", &up, "netns", &s.node.ns.name]);
+    ip(&["link", "set", &peer, "netns", &outside.name]);
+    ip(&[
+        "-n",
+        &s.node.ns.name,
+        "addr",
+        "add",
+        "192.168.250.1/29",
+        "dev",
+        &up,
+    ]);
+    ip(&["-n", &s.node.ns.name, "link", "set", &up, "up"]);
+    ip(&[
+        "-n",
+        &outside.name,
+        "addr",
+        "add",
+        "192.168.250.2/29",
+        "dev",
+        &peer,
+    ]);
+    ip(&[
+        "-n",
+        &outside.name,
+        "addr",
+        "add",
+        "192.168.250.3/29",
+        "dev",
+        &peer,
+    ]);
+    ip(&["-n", &outside.name, "link", "set", &peer, "up"]);
+    let node_net = format!(
+        "10.{}.0/24",
+        s.node.ip().octets()[1..3]
+            .iter()
+            .map(|o| o.to_string())
+            .collect::<Vec<_>>()
+            .join(".")
+    );
+    ip(&[
+        "-n",
+        &outside.name,
+        "route",
+        "add",
+        &node_net,
+        "via",
+        "192.168.250.1",
+    ]);
+    // Something allowed to be reached from outside: a plain listener in the node.
+    let open = nodeproxy_tests::node::in_netns(&s.node.ns.path(), || {
+        std::net::TcpListener::bind("192.168.250.1:9999").unwrap()
+    });
+    std::thread::spawn(move || for _c in open.incoming() {});
+    let cfg = s.dir.0.join("mesh.yaml");
+    let capture = format!("{}:15001", s.node.ip());
+    let _proxy = s.node.spawn_proxy(&[
+        "run",
+        "--capture",
+        "ebpf",
+        "--capture-listen",
+        &capture,
+        "--admin",
+        ADMIN,
+        "--config",
+        cfg.to_str().unwrap(),
+        "--uplink",
+        &up,
+        "--deny-cidr",
+        "192.168.250.3/32",
+        "--access-log",
+        "off",
+    ]);
+    eventually("proxy ready", Duration::from_secs(30), || {
+        s.node
+            .http_get(ADMIN, "/ready")
+            .filter(|(st, _)| *st == 200)
+    });
+    let connect_from = |src: &'static str, to: String| {
+        nodeproxy_tests::node::in_netns(&outside.path(), move || {
+            let sock = socket_from(src);
+            sock.connect_timeout(
+                &to.parse::<SocketAddr>().unwrap().into(),
+                Duration::from_millis(700),
+            )
+            .is_ok()
+        })
+    };
+    assert!(
+        connect_from("192.168.250.2", "192.168.250.1:9999".into()),
+        "other ports stay reachable"
+    );
+    assert!(
+        !connect_from("192.168.250.2", capture.clone()),
+        "the capture port is dropped at the uplink"
+    );
+    assert!(
+        !connect_from("192.168.250.3", "192.168.250.1:9999".into()),
+        "denied source CIDR is dropped"
+    );
+    assert!(s.counter("xdp_drop_port") >= 1);
+    assert!(s.counter("xdp_drop_cidr") >= 1);
+    assert!(s.counter("xdp_pass") >= 1);
+    let k = s.kernel();
+    assert!(
+        k["attached"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a.as_str().unwrap().contains("np_xdp_guard"))
+    );
+}
+
+fn socket_from(src: &str) -> socket2::Socket {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&format!("{src}:0").parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    sock
+}

@@ -1,0 +1,5 @@
+//! End-to-end tests of the eBPF data path on a node built from network namespaces. They need
+//! root (CI runs as root and must not skip them) and run one at a time: one node proxy attaches
+//! to the cgroup root at once.
+
+mod capture;
