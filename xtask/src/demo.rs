@@ -68,10 +68,36 @@ fn get(addr: &str) -> anyhow::Result<String> {
     Ok(out.rsplit("\r\n\r\n").next().unwrap_or("").to_string())
 }
 
-/// Run the demo.
+/// Run the demo: the eBPF node demo as root (through sudo when available), else on loopback.
 pub fn run() -> anyhow::Result<()> {
     exec(cargo().args(["build", "--quiet", "--package", "nodeproxy"]))?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if is_root {
+        crate::demo_node::run(&root)?;
+        return validate_demo(&root);
+    }
+    if Command::new("sudo")
+        .arg("-n")
+        .arg("true")
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        let exe = std::env::current_exe()?;
+        return exec(
+            Command::new("sudo")
+                .arg("-E")
+                .arg(exe)
+                .arg("demo")
+                .current_dir(&root),
+        );
+    }
+    println!(
+        "(not root and no sudo: showing the loopback demo; run as root for the eBPF node demo)\n"
+    );
     let bin = root.join("target/debug/nodeproxy");
     let dir = std::env::temp_dir().join(format!("nodeproxy-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -121,7 +147,18 @@ pub fn run() -> anyhow::Result<()> {
         }
     }
 
-    println!("\n== 4. nodeproxy simulate: which rule would a request take?");
+    validate_demo(&root)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    if other > 0 {
+        bail!("{other} requests failed");
+    }
+    Ok(())
+}
+
+/// The analysis part of the demo.
+fn validate_demo(root: &Path) -> anyhow::Result<()> {
+    let bin = root.join("target/debug/nodeproxy");
+    println!("\n== nodeproxy simulate: which rule would a request take?");
     exec(
         Command::new(&bin)
             .args([
@@ -132,23 +169,16 @@ pub fn run() -> anyhow::Result<()> {
                 "-H",
                 "end-user: jason",
             ])
-            .current_dir(&root),
+            .current_dir(root),
     )?;
-
-    println!(
-        "\n== 5. nodeproxy validate: the missing-DestinationRule outage, caught before it ships"
-    );
+    println!("\n== nodeproxy validate: the missing-DestinationRule outage, caught before it ships");
     let status = Command::new(&bin)
         .args(["validate", "tests/fixtures/war-story.yaml"])
-        .current_dir(&root)
+        .current_dir(root)
         .status()?;
     if status.success() {
         bail!("the war-story file should fail validation");
     }
     println!("(exit status {}: rejected)", status.code().unwrap_or(-1));
-    let _ = std::fs::remove_dir_all(&dir);
-    if other > 0 {
-        bail!("{other} requests failed");
-    }
     Ok(())
 }

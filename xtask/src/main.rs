@@ -2,7 +2,9 @@
 
 use std::process::{Command, ExitCode};
 
+mod build_ebpf;
 mod demo;
+mod demo_node;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -16,8 +18,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Run the test suites as CI does: unit tests and the integration suite.
+    /// Run the test suites as CI does: unit, integration, and (as root) end-to-end.
     Test,
+    /// Build the eBPF objects into target/bpf/ and list their programs and maps.
+    BuildEbpf,
     /// nodeproxy on one machine: the tutorials' 80/20 canary with live traffic, a routing
     /// simulation, and the missing-DestinationRule outage caught by validation.
     Demo,
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Test => exec(cargo().args(["test", "--workspace", "--all-targets"])),
         Task::Demo => demo::run(),
+        Task::BuildEbpf => build_ebpf::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
