@@ -3,7 +3,7 @@
 //! subsets selecting nothing, retry budgets longer than the timeout...). Input: a
 //! [`ConfigSet`]; output: diagnostics with stable codes. Pure: no I/O.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use crate::compile::registry::{Registry, Resolution, expand_host, host_matches};
@@ -22,6 +22,7 @@ pub fn analyze(set: &ConfigSet) -> Vec<Diagnostic> {
         registry,
         drs,
         out: Vec::new(),
+        se_ports: HashMap::new(),
     };
     for vs in &set.virtual_services {
         a.virtual_service(vs);
@@ -44,6 +45,8 @@ struct Analyzer<'a> {
     registry: Registry,
     drs: DrIndex,
     out: Vec<Diagnostic>,
+    /// (host, port) → (protocol, `ns/name`) of the first ServiceEntry declaring it.
+    se_ports: HashMap<(String, u32), (String, String)>,
 }
 
 /// Emits diagnostics for one object.
@@ -1395,40 +1398,33 @@ impl Analyzer<'_> {
                 ));
             }
         }
-        // Same host and port declared by another ServiceEntry with another protocol (IST0177).
-        let mine: BTreeMap<(String, u32), String> = s
-            .hosts
-            .iter()
-            .flat_map(|h| {
-                s.ports.iter().map(move |p| {
-                    (
-                        (h.to_ascii_lowercase(), p.number),
-                        p.protocol.clone().unwrap_or_default(),
-                    )
-                })
-            })
-            .collect();
-        for other in &self.set.service_entries {
-            if std::ptr::eq(other, se) {
-                break;
-            }
-            for h in &other.spec.hosts {
-                for p in &other.spec.ports {
-                    if let Some(proto) = mine.get(&(h.to_ascii_lowercase(), p.number))
-                        && !proto.eq_ignore_ascii_case(p.protocol.as_deref().unwrap_or(""))
-                    {
+        // Same host and port declared by an earlier ServiceEntry with another protocol (IST0177).
+        for h in &s.hosts {
+            for p in &s.ports {
+                let proto = p.protocol.clone().unwrap_or_default();
+                let key = (h.to_ascii_lowercase(), p.number);
+                match self.se_ports.get(&key) {
+                    Some((other_proto, owner)) if !other_proto.eq_ignore_ascii_case(&proto) => {
                         out.push(e.d(
                             codes::CONFLICTING_PROTOCOL,
                             Severity::Warning,
                             "spec.ports",
                             format!(
-                                "{h}:{} is declared {proto} here and {} by ServiceEntry {}/{}",
+                                "{h}:{} is declared {} here and {} by ServiceEntry {owner}",
                                 p.number,
-                                p.protocol.as_deref().unwrap_or("(unset)"),
-                                other.namespace,
-                                other.name
+                                if proto.is_empty() { "(unset)" } else { &proto },
+                                if other_proto.is_empty() {
+                                    "(unset)"
+                                } else {
+                                    other_proto
+                                },
                             ),
                         ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.se_ports
+                            .insert(key, (proto, format!("{}/{}", se.namespace, se.name)));
                     }
                 }
             }

@@ -334,41 +334,58 @@ impl Snapshot {
 /// unioned, first wins; top-level policy from the first that has one).
 pub struct DrIndex {
     rules: Vec<(String, DestinationRule, String)>,
+    /// Exact host → indices into `rules`, in order.
+    exact: HashMap<String, Vec<usize>>,
+    /// Wildcard hosts → indices (few in practice; scanned).
+    wildcard: Vec<usize>,
 }
 
 impl DrIndex {
     /// Index every DR of the set.
     pub fn new(set: &ConfigSet) -> Self {
+        let rules: Vec<(String, DestinationRule, String)> = set
+            .destination_rules
+            .iter()
+            .map(|d| {
+                (
+                    expand_host(&d.spec.host, &d.namespace),
+                    d.spec.clone(),
+                    format!("DestinationRule/{}/{}", d.namespace, d.name),
+                )
+            })
+            .collect();
+        let mut exact: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut wildcard = Vec::new();
+        for (i, (h, _, _)) in rules.iter().enumerate() {
+            if h.starts_with('*') {
+                wildcard.push(i);
+            } else {
+                exact.entry(h.clone()).or_default().push(i);
+            }
+        }
         DrIndex {
-            rules: set
-                .destination_rules
-                .iter()
-                .map(|d| {
-                    (
-                        expand_host(&d.spec.host, &d.namespace),
-                        d.spec.clone(),
-                        format!("DestinationRule/{}/{}", d.namespace, d.name),
-                    )
-                })
-                .collect(),
+            rules,
+            exact,
+            wildcard,
         }
     }
 
     /// The merged rule for a service host: exact host rules first, else the most specific
     /// wildcard.
     pub fn for_host(&self, host: &str) -> Option<DestinationRule> {
-        let exact: Vec<_> = self.rules.iter().filter(|(h, _, _)| h == host).collect();
-        let chosen = if !exact.is_empty() {
-            exact
-        } else {
-            let mut wild: Vec<_> = self
-                .rules
-                .iter()
-                .filter(|(h, _, _)| h.starts_with('*') && host_matches(h, host))
-                .collect();
-            let best = wild.iter().map(|(h, _, _)| h.len()).max()?;
-            wild.retain(|(h, _, _)| h.len() == best);
-            wild
+        let chosen: Vec<&(String, DestinationRule, String)> = match self.exact.get(host) {
+            Some(ix) => ix.iter().map(|i| &self.rules[*i]).collect(),
+            None => {
+                let mut wild: Vec<_> = self
+                    .wildcard
+                    .iter()
+                    .map(|i| &self.rules[*i])
+                    .filter(|(h, _, _)| host_matches(h, host))
+                    .collect();
+                let best = wild.iter().map(|(h, _, _)| h.len()).max()?;
+                wild.retain(|(h, _, _)| h.len() == best);
+                wild
+            }
         };
         let mut merged = chosen.first()?.1.clone();
         for (_, dr, _) in chosen.iter().skip(1) {
@@ -398,8 +415,11 @@ pub fn compile(set: &ConfigSet) -> Result<Snapshot, Vec<Diagnostic>> {
         snap: Snapshot::default(),
         drs: DrIndex::new(set),
         errors: Vec::new(),
+        vs_exact: HashMap::new(),
+        vs_wildcard: Vec::new(),
     };
     c.snap.registry = Registry::build(set);
+    c.index_virtual_services();
     c.build_clusters();
     c.build_mesh_listeners();
     c.build_gateway_listeners();
@@ -415,6 +435,8 @@ struct Compiler<'a> {
     snap: Snapshot,
     drs: DrIndex,
     errors: Vec<Diagnostic>,
+    vs_exact: HashMap<String, &'a Object<VirtualService>>,
+    vs_wildcard: Vec<(String, &'a Object<VirtualService>)>,
 }
 
 /// Where rules are being installed: the mesh on a service port, or a gateway port.
@@ -481,10 +503,24 @@ impl<'a> Compiler<'a> {
     }
 
     /// The mesh VirtualService for a service host: exact host first, then the most specific
-    /// wildcard; among equals the oldest (creation time, then load order).
+    /// wildcard; among equals the oldest (creation time, then load order). Indexed once, so
+    /// compiling N services is not N x VirtualServices.
     fn mesh_vs_for(&self, host: &str) -> Option<&'a Object<VirtualService>> {
-        let set: &'a ConfigSet = self.set;
+        if let Some(vs) = self.vs_exact.get(host) {
+            return Some(vs);
+        }
         let mut best: Option<(usize, &'a Object<VirtualService>)> = None;
+        for (pattern, vs) in &self.vs_wildcard {
+            if host_matches(pattern, host) && best.is_none_or(|(s, _)| pattern.len() > s) {
+                best = Some((pattern.len(), vs));
+            }
+        }
+        best.map(|(_, v)| v)
+    }
+
+    /// Index mesh-bound VirtualServices by expanded host (first, oldest, wins).
+    fn index_virtual_services(&mut self) {
+        let set: &'a ConfigSet = self.set;
         for vs in vs_in_order(set) {
             if !bound_to(&vs.spec.gateways, &vs.namespace, MESH_GATEWAY, true)
                 && !rules_mention_gateway(&vs.spec, MESH_GATEWAY)
@@ -493,19 +529,13 @@ impl<'a> Compiler<'a> {
             }
             for h in &vs.spec.hosts {
                 let h = expand_host(h, &vs.namespace);
-                if host_matches(&h, host) {
-                    let score = if h.starts_with('*') {
-                        h.len()
-                    } else {
-                        usize::MAX
-                    };
-                    if best.is_none_or(|(s, _)| score > s) {
-                        best = Some((score, vs));
-                    }
+                if h.starts_with('*') {
+                    self.vs_wildcard.push((h, vs));
+                } else {
+                    self.vs_exact.entry(h).or_insert(vs);
                 }
             }
         }
-        best.map(|(_, v)| v)
     }
 
     fn build_mesh_listeners(&mut self) {

@@ -255,9 +255,14 @@ impl Node {
     /// Start `nodeproxy ARGS` inside the node netns. The guard stops it with SIGTERM (a clean
     /// detach), SIGKILL after 5 s, and removes pinned maps a killed proxy left behind.
     pub fn spawn_proxy(&self, args: &[&str]) -> ProxyGuard {
+        self.spawn_proxy_bin(crate::nodeproxy_bin(), args)
+    }
+
+    /// As [`Node::spawn_proxy`] with a given binary (e.g. a release build).
+    pub fn spawn_proxy_bin(&self, bin: &Path, args: &[&str]) -> ProxyGuard {
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.ns.path().display()))
-            .arg(crate::nodeproxy_bin())
+            .arg(bin)
             .args(args)
             .current_dir(crate::repo_root())
             .stdout(Stdio::null())
@@ -278,7 +283,7 @@ impl Node {
 pub struct ProxyGuard(pub ChildGuard);
 
 impl ProxyGuard {
-    /// Process id.
+    /// Process id of the proxy (nsenter execs it, so this is the proxy itself).
     pub fn pid(&self) -> u32 {
         self.0.0.id()
     }

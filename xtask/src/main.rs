@@ -2,6 +2,7 @@
 
 use std::process::{Command, ExitCode};
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod demo_node;
@@ -22,6 +23,8 @@ enum Task {
     Test,
     /// Build the eBPF objects into target/bpf/ and list their programs and maps.
     BuildEbpf,
+    /// Benchmark nodeproxy side by side with HAProxy, nginx and direct (not part of CI).
+    Bench(bench::Options),
     /// nodeproxy on one machine: the tutorials' 80/20 canary with live traffic, a routing
     /// simulation, and the missing-DestinationRule outage caught by validation.
     Demo,
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Task::Test => exec(cargo().args(["test", "--workspace", "--all-targets"])),
         Task::Demo => demo::run(),
         Task::BuildEbpf => build_ebpf::run(),
+        Task::Bench(o) => bench::run(o),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

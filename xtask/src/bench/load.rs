@@ -1,0 +1,289 @@
+//! Load generators: wrk (HTTP/1.1), h2load (h2c), an open-loop fixed-rate generator for latency
+//! without coordinated omission, TCP bulk, and idle connections.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+
+/// Throughput and latency of one load run.
+#[derive(Debug, Clone, Default)]
+pub struct LoadResult {
+    /// Requests per second.
+    pub rps: f64,
+    /// Requests done.
+    pub requests: u64,
+    /// p50, ms.
+    pub p50: Option<f64>,
+    /// p99, ms.
+    pub p99: Option<f64>,
+    /// p99.9, ms.
+    pub p999: Option<f64>,
+    /// Non-2xx or failed.
+    pub errors: u64,
+    /// Mean latency, ms (h2load reports no percentiles).
+    pub mean: Option<f64>,
+}
+
+fn parse_ms(v: &str) -> Option<f64> {
+    let v = v.trim();
+    let (num, unit) = v.split_at(v.find(|c: char| c.is_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => return None,
+    })
+}
+
+/// Parse wrk's output (`--latency`).
+pub fn parse_wrk(out: &str) -> anyhow::Result<LoadResult> {
+    let mut r = LoadResult::default();
+    for line in out.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            r.rps = v.trim().parse().context("wrk Requests/sec")?;
+        } else if let Some(v) = t.strip_prefix("50%") {
+            r.p50 = parse_ms(v);
+        } else if let Some(v) = t.strip_prefix("99%") {
+            r.p99 = parse_ms(v);
+        } else if t.contains("requests in") {
+            r.requests = t
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+        } else if let Some(v) = t.strip_prefix("Non-2xx or 3xx responses:") {
+            r.errors += v.trim().parse::<u64>().unwrap_or(0);
+        } else if t.starts_with("Socket errors:") {
+            r.errors += t
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    if r.rps == 0.0 {
+        bail!("wrk printed no Requests/sec:\n{out}");
+    }
+    Ok(r)
+}
+
+/// Parse h2load's summary.
+pub fn parse_h2load(out: &str) -> anyhow::Result<LoadResult> {
+    let mut r = LoadResult::default();
+    for line in out.lines() {
+        let t = line.trim();
+        if t.starts_with("finished in") {
+            r.rps = t
+                .split(',')
+                .nth(1)
+                .and_then(|p| p.split_whitespace().next()?.parse().ok())
+                .context("h2load req/s")?;
+        } else if let Some(v) = t.strip_prefix("requests:") {
+            let nums: Vec<u64> = v
+                .split(',')
+                .filter_map(|p| p.split_whitespace().next()?.parse().ok())
+                .collect();
+            if nums.len() >= 6 {
+                r.requests = nums[3];
+                r.errors = nums[4] + nums[5];
+            }
+        } else if let Some(v) = t.strip_prefix("time for request:") {
+            let f: Vec<&str> = v.split_whitespace().collect();
+            // min max mean sd +/-sd: h2load gives no percentiles, only the mean.
+            r.mean = f.get(2).and_then(|m| parse_ms(m));
+        }
+    }
+    if r.rps == 0.0 {
+        bail!("h2load printed no req/s:\n{out}");
+    }
+    Ok(r)
+}
+
+/// `wrk -t2 -c{conns} -d{secs}s --latency URL` (optionally through `nsenter --net=NS`).
+pub fn wrk(
+    url: &str,
+    secs: u64,
+    conns: u32,
+    close: bool,
+    netns: Option<&str>,
+) -> anyhow::Result<LoadResult> {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net={ns}")).arg("wrk");
+            c
+        }
+        None => Command::new("wrk"),
+    };
+    cmd.args([
+        "-t2",
+        &format!("-c{conns}"),
+        &format!("-d{secs}s"),
+        "--latency",
+        "--timeout",
+        "5s",
+    ]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    let out = cmd.arg(url).output().context("run wrk")?;
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// `h2load -c50 -m10 -D secs URL` (h2c prior knowledge).
+pub fn h2load(url: &str, secs: u64) -> anyhow::Result<LoadResult> {
+    let out = Command::new("h2load")
+        .args(["-c50", "-m10", "-t2", "-D", &secs.to_string(), url])
+        .output()
+        .context("run h2load")?;
+    parse_h2load(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Open loop: `rate` requests/s spread over `conns` keep-alive connections for `secs`; each
+/// latency counts from the request's scheduled start, so a stall is not hidden (no coordinated
+/// omission).
+pub fn open_loop(addr: &str, rate: u64, secs: u64, conns: usize) -> anyhow::Result<LoadResult> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let interval = Duration::from_nanos(1_000_000_000 / rate.max(1));
+        let total = rate * secs;
+        let start = Instant::now() + Duration::from_millis(100);
+        let errors = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for c in 0..conns {
+            let addr = addr.to_string();
+            let errors = errors.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                    .expect("histogram");
+                let stream = tokio::net::TcpStream::connect(&addr)
+                    .await
+                    .expect("connect");
+                let _ = stream.set_nodelay(true);
+                let (mut send, conn) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(
+                    hyper_util::rt::TokioIo::new(stream),
+                )
+                .await
+                .expect("handshake");
+                tokio::spawn(conn);
+                let mut k = c as u64;
+                while k < total {
+                    let due = start + interval * k as u32;
+                    tokio::time::sleep_until(due.into()).await;
+                    let req = hyper::Request::get("/")
+                        .header("host", addr.as_str())
+                        .body(Empty::new())
+                        .expect("request");
+                    let ok = match send.send_request(req).await {
+                        Ok(r) => {
+                            let good = r.status().is_success();
+                            let _ = r.into_body().collect().await;
+                            good
+                        }
+                        Err(_) => false,
+                    };
+                    if !ok {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let _ = hist.record(due.elapsed().as_micros() as u64);
+                    k += conns as u64;
+                }
+                hist
+            }));
+        }
+        let mut all = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        for t in tasks {
+            all.add(t.await?)?;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let q = |p: f64| Some(all.value_at_quantile(p) as f64 / 1000.0);
+        Ok(LoadResult {
+            rps: all.len() as f64 / elapsed,
+            requests: all.len(),
+            p50: q(0.5),
+            p99: q(0.99),
+            p999: q(0.999),
+            errors: errors.load(Ordering::Relaxed),
+            mean: None,
+        })
+    })
+}
+
+/// Push bytes through `addr` on `conns` connections for `secs`: bytes/s.
+pub fn tcp_bulk(addr: &str, secs: u64, conns: usize) -> anyhow::Result<f64> {
+    use std::io::Write;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let total = Arc::new(AtomicU64::new(0));
+    let buf = vec![0x5au8; 64 * 1024];
+    std::thread::scope(|s| {
+        for _ in 0..conns {
+            let (total, buf) = (total.clone(), &buf);
+            s.spawn(move || {
+                let Ok(mut c) = std::net::TcpStream::connect(addr) else {
+                    return;
+                };
+                while Instant::now() < deadline {
+                    match c.write(buf) {
+                        Ok(n) => {
+                            total.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+    });
+    Ok(total.load(Ordering::Relaxed) as f64 / secs as f64)
+}
+
+/// A TCP sink on `addr` (reads and discards), on its own threads.
+pub fn spawn_sink(addr: &str) -> anyhow::Result<()> {
+    use std::io::Read;
+    let l = std::net::TcpListener::bind(addr).with_context(|| format!("bind sink {addr}"))?;
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 256 * 1024];
+                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_wrk_output() {
+        let out = "Running 5s test @ http://127.0.0.1:1/\n  2 threads and 50 connections\n  Latency Distribution\n     50%  410.00us\n     75%  600.00us\n     90%    1.20ms\n     99%    3.50ms\n  245000 requests in 5.00s, 30.00MB read\n  Non-2xx or 3xx responses: 3\nRequests/sec:  49000.12\nTransfer/sec:      6.00MB\n";
+        let r = parse_wrk(out).unwrap();
+        assert_eq!(r.rps, 49000.12);
+        assert_eq!(r.requests, 245000);
+        assert_eq!(r.p50, Some(0.41));
+        assert_eq!(r.p99, Some(3.5));
+        assert_eq!(r.errors, 3);
+    }
+
+    #[test]
+    fn parses_h2load_output() {
+        let out = "finished in 5.00s, 80000.50 req/s, 2.00MB/s\nrequests: 400000 total, 400000 started, 400000 done, 399990 succeeded, 10 failed, 0 errored, 0 timeout\ntime for request:      200us     20.00ms      5.00ms      2.00ms    80.00%\n";
+        let r = parse_h2load(out).unwrap();
+        assert_eq!(r.rps, 80000.5);
+        assert_eq!(r.requests, 400000);
+        assert_eq!(r.errors, 10);
+        assert_eq!(r.mean, Some(5.0));
+        assert_eq!(r.p50, None);
+    }
+}

@@ -1,0 +1,386 @@
+//! Results, statistics and the report: `results.json`, `report.md` (tables with ratios against
+//! `direct` and against the best peer) and PNG bar charts.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+/// One measured run of one target on one workload.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Measurement {
+    /// Workload name.
+    pub workload: String,
+    /// Target name.
+    pub target: String,
+    /// Repetition index.
+    pub rep: usize,
+    /// Requests per second (or connections per second).
+    pub rps: f64,
+    /// Latency percentiles, ms.
+    pub p50_ms: Option<f64>,
+    /// p99, ms.
+    pub p99_ms: Option<f64>,
+    /// p99.9, ms.
+    pub p999_ms: Option<f64>,
+    /// Proxy CPU per request, µs (None for `direct`).
+    pub cpu_us_per_req: Option<f64>,
+    /// Proxy RSS at the end, KiB.
+    pub rss_kib: Option<u64>,
+    /// Bytes per second (TCP bulk).
+    pub bytes_per_s: Option<f64>,
+    /// Free-form extra figure (e.g. compile ms, KiB per idle connection).
+    pub extra: BTreeMap<String, f64>,
+}
+
+/// Median and spread of one metric.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Stat {
+    /// Median.
+    pub median: f64,
+    /// Minimum.
+    pub min: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+/// Median (mean of the middle two for even counts) with min and max; None when empty.
+pub fn stat(values: &[f64]) -> Option<Stat> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Some(Stat {
+        median,
+        min: v[0],
+        max: v[n - 1],
+    })
+}
+
+/// Peers (the alternatives a user would pick).
+pub const PEERS: [&str; 4] = ["haproxy", "nginx", "haproxy-l4", "nginx-l4"];
+
+/// Per workload and target: medians of every metric.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// Target.
+    pub target: String,
+    /// Req/s.
+    pub rps: Stat,
+    /// p50.
+    pub p50: Option<Stat>,
+    /// p99.
+    pub p99: Option<Stat>,
+    /// p99.9.
+    pub p999: Option<Stat>,
+    /// CPU µs/request.
+    pub cpu: Option<Stat>,
+    /// RSS KiB.
+    pub rss: Option<Stat>,
+    /// Bytes/s.
+    pub bytes: Option<Stat>,
+    /// Extras.
+    pub extra: BTreeMap<String, Stat>,
+}
+
+/// Rows of a workload, in first-seen target order.
+pub fn summarize(ms: &[Measurement], workload: &str) -> Vec<Row> {
+    let mut targets: Vec<String> = Vec::new();
+    for m in ms.iter().filter(|m| m.workload == workload) {
+        if !targets.contains(&m.target) {
+            targets.push(m.target.clone());
+        }
+    }
+    targets
+        .into_iter()
+        .filter_map(|t| {
+            let of: Vec<&Measurement> = ms
+                .iter()
+                .filter(|m| m.workload == workload && m.target == t)
+                .collect();
+            let col = |f: &dyn Fn(&Measurement) -> Option<f64>| {
+                stat(&of.iter().filter_map(|m| f(m)).collect::<Vec<_>>())
+            };
+            let mut extra = BTreeMap::new();
+            let keys: Vec<String> = of.iter().flat_map(|m| m.extra.keys().cloned()).collect();
+            for k in keys {
+                if let Some(s) = stat(
+                    &of.iter()
+                        .filter_map(|m| m.extra.get(&k).copied())
+                        .collect::<Vec<_>>(),
+                ) {
+                    extra.insert(k, s);
+                }
+            }
+            Some(Row {
+                rps: col(&|m| Some(m.rps))?,
+                p50: col(&|m| m.p50_ms),
+                p99: col(&|m| m.p99_ms),
+                p999: col(&|m| m.p999_ms),
+                cpu: col(&|m| m.cpu_us_per_req),
+                rss: col(&|m| m.rss_kib.map(|v| v as f64)),
+                bytes: col(&|m| m.bytes_per_s),
+                extra,
+                target: t,
+            })
+        })
+        .collect()
+}
+
+/// Ratio of `row` to the `direct` row of the same workload, and to the best peer's req/s.
+pub fn ratios(rows: &[Row], row: &Row) -> (Option<f64>, Option<f64>) {
+    let metric = |r: &Row| r.bytes.map(|b| b.median).unwrap_or(r.rps.median);
+    let direct = rows
+        .iter()
+        .find(|r| r.target.starts_with("direct"))
+        .map(metric);
+    let best_peer = rows
+        .iter()
+        .filter(|r| PEERS.contains(&r.target.as_str()))
+        .map(metric)
+        .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))));
+    let me = metric(row);
+    (
+        direct.filter(|d| *d > 0.0).map(|d| me / d),
+        best_peer.filter(|p| *p > 0.0).map(|p| me / p),
+    )
+}
+
+fn fmt_stat(s: Option<Stat>, digits: usize) -> String {
+    match s {
+        Some(s) if s.max > s.min => {
+            format!("{:.d$} ({:.d$}–{:.d$})", s.median, s.min, s.max, d = digits)
+        }
+        Some(s) => format!("{:.d$}", s.median, d = digits),
+        None => "–".into(),
+    }
+}
+
+fn fmt_ratio(r: Option<f64>) -> String {
+    r.map(|r| format!("{r:.2}")).unwrap_or_else(|| "–".into())
+}
+
+/// The Markdown report.
+pub fn markdown(ms: &[Measurement], header: &str, workloads: &[String]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{header}\n");
+    for w in workloads {
+        let rows = summarize(ms, w);
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "## {w}\n");
+        let bytes = rows.iter().any(|r| r.bytes.is_some());
+        let extras: Vec<String> = rows
+            .iter()
+            .flat_map(|r| r.extra.keys().cloned())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut head = String::from(if bytes {
+            "| target | MB/s"
+        } else {
+            "| target | req/s"
+        });
+        head.push_str(
+            " | p50 ms | p99 ms | p99.9 ms | proxy CPU µs/req | RSS MiB | ÷ direct | ÷ best peer |",
+        );
+        for e in &extras {
+            head.push_str(&format!(" {e} |"));
+        }
+        let _ = writeln!(out, "{head}");
+        let _ = writeln!(out, "|{}", "---|".repeat(9 + extras.len()));
+        for r in &rows {
+            let (d, p) = ratios(&rows, r);
+            let main = if bytes {
+                fmt_stat(
+                    r.bytes.map(|s| Stat {
+                        median: s.median / 1e6,
+                        min: s.min / 1e6,
+                        max: s.max / 1e6,
+                    }),
+                    0,
+                )
+            } else {
+                fmt_stat(Some(r.rps), 0)
+            };
+            let mut line = format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                r.target,
+                main,
+                fmt_stat(r.p50, 2),
+                fmt_stat(r.p99, 2),
+                fmt_stat(r.p999, 2),
+                fmt_stat(r.cpu, 1),
+                fmt_stat(
+                    r.rss.map(|s| Stat {
+                        median: s.median / 1024.0,
+                        min: s.min / 1024.0,
+                        max: s.max / 1024.0
+                    }),
+                    1
+                ),
+                fmt_ratio(d),
+                fmt_ratio(p)
+            );
+            for e in &extras {
+                line.push_str(&format!(" {} |", fmt_stat(r.extra.get(e).copied(), 2)));
+            }
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = writeln!(out);
+    }
+    out
+}
+
+/// One PNG bar chart of median req/s (or MB/s) per target for a workload.
+pub fn bar_chart(ms: &[Measurement], workload: &str, path: &Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let rows = summarize(ms, workload);
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let bytes = rows.iter().any(|r| r.bytes.is_some());
+    let vals: Vec<(String, f64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.target.clone(),
+                if bytes {
+                    r.bytes.map(|b| b.median / 1e6).unwrap_or(0.0)
+                } else {
+                    r.rps.median
+                },
+            )
+        })
+        .collect();
+    let max = vals.iter().map(|v| v.1).fold(1.0, f64::max) * 1.15;
+    let root = BitMapBackend::new(path, (900, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "{workload}: {} (median)",
+                if bytes { "MB/s" } else { "req/s" }
+            ),
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0..vals.len(), 0.0..max)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(vals.len())
+        .x_label_formatter(&|i| vals.get(*i).map(|v| v.0.clone()).unwrap_or_default())
+        .draw()?;
+    for (i, (name, v)) in vals.iter().enumerate() {
+        let color = if name.starts_with("nodeproxy") {
+            BLUE.mix(0.8)
+        } else if name.starts_with("direct") {
+            BLACK.mix(0.5)
+        } else {
+            RED.mix(0.6)
+        };
+        chart.draw_series(std::iter::once(Rectangle::new(
+            [(i, 0.0), (i + 1, *v)],
+            color.filled(),
+        )))?;
+        chart.draw_series(std::iter::once(Text::new(
+            format!("{v:.0}"),
+            (i, *v),
+            ("sans-serif", 15),
+        )))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Register a TrueType font for the charts (plotters' ab_glyph backend needs one).
+pub fn register_font() -> anyhow::Result<()> {
+    for p in [
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    ] {
+        if let Ok(bytes) = std::fs::read(p) {
+            let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+            plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
+                .map_err(|_| anyhow::anyhow!("bad font {p}"))?;
+            return Ok(());
+        }
+    }
+    anyhow::bail!("no TrueType font found (apt-get install fonts-dejavu-core)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(workload: &str, target: &str, rep: usize, rps: f64) -> Measurement {
+        Measurement {
+            workload: workload.into(),
+            target: target.into(),
+            rep,
+            rps,
+            p50_ms: Some(1.0),
+            p99_ms: Some(2.0),
+            p999_ms: None,
+            cpu_us_per_req: None,
+            rss_kib: None,
+            bytes_per_s: None,
+            extra: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn median_and_spread() {
+        assert_eq!(
+            stat(&[3.0, 1.0, 2.0]),
+            Some(Stat {
+                median: 2.0,
+                min: 1.0,
+                max: 3.0
+            })
+        );
+        assert_eq!(stat(&[4.0, 1.0]).unwrap().median, 2.5);
+        assert_eq!(stat(&[]), None);
+    }
+
+    #[test]
+    fn ratios_against_direct_and_best_peer() {
+        let ms = vec![
+            m("w", "direct", 0, 100.0),
+            m("w", "nodeproxy", 0, 60.0),
+            m("w", "nodeproxy", 1, 54.0),
+            m("w", "nodeproxy", 2, 58.0),
+            m("w", "haproxy", 0, 50.0),
+            m("w", "nginx", 0, 40.0),
+        ];
+        let rows = summarize(&ms, "w");
+        assert_eq!(rows.len(), 4);
+        let np = rows.iter().find(|r| r.target == "nodeproxy").unwrap();
+        assert_eq!(
+            np.rps,
+            Stat {
+                median: 58.0,
+                min: 54.0,
+                max: 60.0
+            }
+        );
+        let (d, p) = ratios(&rows, np);
+        assert!((d.unwrap() - 0.58).abs() < 1e-9);
+        assert!((p.unwrap() - 1.16).abs() < 1e-9);
+        let md = markdown(&ms, "# t", &["w".into()]);
+        assert!(md.contains("| nodeproxy | 58 (54–60) |"), "{md}");
+        assert!(md.contains("| 0.58 | 1.16 |"), "{md}");
+    }
+}
