@@ -82,9 +82,22 @@ pub struct ConnInfo {
     pub listener: ListenerRef,
     /// `http` or `https`.
     pub scheme: &'static str,
+    /// The client's identity, looked up once per connection (a workload's labels for an IP do
+    /// not change while a connection lives).
+    pub source: std::sync::OnceLock<crate::telemetry::metrics::Side>,
 }
 
 impl ConnInfo {
+    /// A connection's facts.
+    pub fn new(peer: SocketAddr, local: SocketAddr, original_dst: SocketAddr, listener: ListenerRef) -> ConnInfo {
+        ConnInfo { peer, local, original_dst, listener, scheme: "http", source: std::sync::OnceLock::new() }
+    }
+
+    /// The client workload's metric identity.
+    pub fn source_side(&self, snap: &Snapshot) -> crate::telemetry::metrics::Side {
+        self.source.get_or_init(|| crate::telemetry::metrics::Side::source(snap, self.peer.ip())).clone()
+    }
+
     /// The listener port.
     pub fn port(&self) -> u16 {
         self.original_dst.port()

@@ -61,6 +61,24 @@ pub struct EndpointState {
     pub(crate) pool: pool::EndpointPool,
     /// Workload identity for metrics.
     pub side: crate::telemetry::metrics::Side,
+    /// Metric series by (client, code, flags) for requests served by this endpoint.
+    series: Mutex<HashMap<SeriesKey, crate::telemetry::metrics::Series>>,
+}
+
+/// Key of an endpoint's metric series cache: everything in the label set that is not the
+/// endpoint's own identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SeriesKey {
+    /// Client workload.
+    pub source: Arc<str>,
+    /// Client namespace.
+    pub source_ns: Arc<str>,
+    /// Response code.
+    pub code: u16,
+    /// Response flags bits.
+    pub flags: u32,
+    /// gRPC status.
+    pub grpc: Option<u32>,
 }
 
 impl EndpointState {
@@ -79,7 +97,19 @@ impl EndpointState {
             outlier: Mutex::new(outlier::HostOutlier::default()),
             pool: pool::EndpointPool::default(),
             side: crate::telemetry::metrics::Side::unknown(),
+            series: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The cached metric series for `key`, made with `make` on first use.
+    pub fn series(&self, key: SeriesKey, make: impl FnOnce() -> crate::telemetry::metrics::Series) -> crate::telemetry::metrics::Series {
+        let mut cache = self.series.lock().expect("series lock");
+        if let Some(s) = cache.get(&key) {
+            return s.clone();
+        }
+        let s = make();
+        cache.insert(key, s.clone());
+        s
     }
 
     /// Is it in the LB set?
@@ -211,8 +241,12 @@ impl ClusterState {
 
     /// The endpoints eligible for load balancing: healthy ones, or all of them in panic mode
     /// (healthy share below minHealthPercent).
-    pub fn lb_set(&self) -> Vec<Arc<EndpointState>> {
-        let all = self.endpoints.load();
+    pub fn lb_set(&self) -> LbSet {
+        let all = self.endpoints.load_full();
+        // Common case: nothing ejected, no copy.
+        if all.iter().all(|e| e.healthy()) {
+            return LbSet::All(all);
+        }
         let healthy: Vec<_> = all.iter().filter(|e| e.healthy()).cloned().collect();
         let policy = self.policy.load();
         if let Some(o) = &policy.outlier
@@ -220,9 +254,27 @@ impl ClusterState {
             && o.min_health_percent > 0
             && (healthy.len() * 100) < (o.min_health_percent as usize * all.len())
         {
-            return all.iter().cloned().collect();
+            return LbSet::All(all);
         }
-        healthy
+        LbSet::Healthy(healthy)
+    }
+}
+
+/// The endpoints eligible for load balancing.
+pub enum LbSet {
+    /// Every endpoint (none ejected, or panic mode).
+    All(Arc<Vec<Arc<EndpointState>>>),
+    /// The healthy subset.
+    Healthy(Vec<Arc<EndpointState>>),
+}
+
+impl std::ops::Deref for LbSet {
+    type Target = [Arc<EndpointState>];
+    fn deref(&self) -> &Self::Target {
+        match self {
+            LbSet::All(v) => v,
+            LbSet::Healthy(v) => v,
+        }
     }
 }
 

@@ -45,6 +45,11 @@ impl Flags {
     /// No flag.
     pub const NONE: Flags = Flags(0);
 
+    /// The raw bits (for cache keys).
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+
     /// Union.
     pub fn with(self, o: Flags) -> Flags {
         Flags(self.0 | o.0)

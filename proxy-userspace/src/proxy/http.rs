@@ -23,9 +23,9 @@ use crate::compile::{
     RuleMatch, StrMatch, match_http,
 };
 use crate::telemetry::AccessLog;
-use crate::telemetry::metrics::{HttpLabels, Side, peers};
+use crate::telemetry::metrics::{HttpLabels, peers};
 use crate::upstream::outlier::{self, Outcome};
-use crate::upstream::pool::{self, EndpointPool, Lease, PoolError};
+use crate::upstream::pool::{self, Lease, PoolError};
 use crate::upstream::{ClusterState, EndpointState, View, lb};
 
 /// Largest request body buffered for retries and mirrors.
@@ -54,84 +54,112 @@ struct Outcome_ {
 }
 
 /// Handle one downstream request.
-pub async fn handle(
-    shared: Arc<Shared>,
-    conn: Arc<ConnInfo>,
-    req: Request<Incoming>,
-) -> Response<BoxBody> {
+pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<BoxBody> {
     let start = Instant::now();
     let view = shared.view.load_full();
-    let grpc = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|c| c.starts_with("application/grpc"));
+    let grpc = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/grpc"));
     let mut log = AccessLog::start(&req, &conn);
-    let authority = crate::compile::strip_port(log.authority()).to_string();
-    let (resp, out) = pipeline(&shared, &view, &conn, req, start).await;
+    let authority = req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok())).unwrap_or("");
+    let authority = crate::compile::strip_port(authority).to_string();
+    let (out_kind, out) = pipeline(&shared, &view, &conn, req, start).await;
     let snap = &view.snapshot;
+    let protocol = if grpc { "grpc" } else { "http" };
     let labels = |status: u16, flags: Flags, grpc_status: &str| HttpLabels {
         peers: peers(
-            &Side::source(snap, conn.peer.ip()),
+            &conn.source_side(snap),
             out.ep.as_ref().map(|e| &e.side),
             out.cid.map(|c| snap.service(snap.clusters[c].service)),
             &authority,
-            if grpc { "grpc" } else { "http" },
+            protocol,
         ),
-        response_code: Arc::from(status.to_string()),
+        response_code: code_label(status),
         grpc_response_status: Arc::from(grpc_status),
-        response_flags: Arc::from(flags.to_string()),
+        response_flags: flags_label(flags),
     };
-    let resp = match resp {
-        Ok(r) => r,
-        Err(local) => {
+    let (resp, guards, deadline, flags) = match out_kind {
+        Out::Local(local) => {
             let flags = local.flags;
             let r = local.into_response(grpc);
-            let grpc_status = r
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            let body_len = r
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            shared.metrics.record_http(
-                &labels(r.status().as_u16(), flags, grpc_status),
-                start.elapsed().as_secs_f64() * 1000.0,
-                out.request_bytes,
-                body_len,
-            );
-            log.finish_local(&r, flags, out.route.as_deref(), out.cluster.as_deref());
+            let grpc_status = r.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("");
+            let body_len = r.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+            shared.metrics.record_http(&labels(r.status().as_u16(), flags, grpc_status), start.elapsed().as_secs_f64() * 1000.0, out.request_bytes, body_len);
+            if let Some(log) = &mut log {
+                log.finish_local(&r, flags, out.route.as_deref(), out.cluster.as_deref());
+            }
             return r;
         }
+        Out::Ready(r) => {
+            let (parts, body) = r.into_parts();
+            (Response::from_parts(parts, body), Vec::new(), None, out.flags)
+        }
+        Out::Upstream(r, guards, deadline) => {
+            let (parts, body) = r.into_parts();
+            (Response::from_parts(parts, body.map_err(|e| Box::new(e) as super::body::BoxError).boxed_unsync()), guards, deadline, out.flags)
+        }
     };
-    let grpc_status = resp
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    log.set_metrics(
-        shared.metrics.clone(),
-        labels(resp.status().as_u16(), out.flags, &grpc_status),
-        out.request_bytes,
-    );
-    log.set(out.flags, out.route, out.cluster, out.upstream);
     let status = resp.status();
+    let grpc_status = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("");
+    // The per-endpoint series cache spares building and hashing the full label set per request.
+    let series = match &out.ep {
+        Some(ep) => {
+            let src = conn.source_side(snap);
+            let key = crate::upstream::SeriesKey { source: src.workload.clone(), source_ns: src.namespace.clone(), code: status.as_u16(), flags: flags.bits(), grpc: grpc_status.parse().ok() };
+            ep.series(key, || shared.metrics.series(&labels(status.as_u16(), flags, grpc_status)))
+        }
+        None => shared.metrics.series(&labels(status.as_u16(), flags, grpc_status)),
+    };
+    let end = RequestEnd { start, series, request_bytes: out.request_bytes, log: log.map(|mut l| {
+        l.set(flags, out.route, out.cluster, out.upstream);
+        l.with_status(status)
+    }) };
     let (parts, body) = resp.into_parts();
-    let body = Guarded::new(
-        body,
-        None,
-        Vec::new(),
-        Some(Box::new(log.with_status(status)) as Box<dyn OnEnd>),
-    );
+    let body = Guarded::new(body, deadline, guards, Some(Box::new(end) as Box<dyn OnEnd>));
     Response::from_parts(parts, body.boxed_unsync())
 }
 
-type Result2 = (Result<Response<BoxBody>, LocalReply>, Outcome_);
+/// Records metrics and the access log when a response body ends.
+struct RequestEnd {
+    start: Instant,
+    series: crate::telemetry::metrics::Series,
+    request_bytes: u64,
+    log: Option<AccessLog>,
+}
+
+impl OnEnd for RequestEnd {
+    fn on_end(self: Box<Self>, bytes: u64, complete: bool) {
+        self.series.record(self.start.elapsed().as_secs_f64() * 1000.0, self.request_bytes, bytes);
+        if let Some(log) = self.log {
+            Box::new(log).on_end(bytes, complete);
+        }
+    }
+}
+
+/// `response_code` label values, shared (no allocation per request).
+fn code_label(code: u16) -> Arc<str> {
+    static CODES: std::sync::OnceLock<Vec<Arc<str>>> = std::sync::OnceLock::new();
+    let codes = CODES.get_or_init(|| (0..600).map(|c| Arc::from(c.to_string())).collect());
+    codes.get(code as usize).cloned().unwrap_or_else(|| Arc::from(code.to_string()))
+}
+
+fn flags_label(flags: Flags) -> Arc<str> {
+    static NONE: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    if flags == Flags::NONE {
+        return NONE.get_or_init(|| Arc::from("-")).clone();
+    }
+    Arc::from(flags.to_string())
+}
+
+/// What the pipeline produced.
+enum Out {
+    /// A response made here (redirect, direct response, CORS preflight, gRPC fault).
+    Ready(Response<BoxBody>),
+    /// A local reply with response flags.
+    Local(LocalReply),
+    /// The upstream's response, its guards and the route deadline.
+    Upstream(Response<Incoming>, Vec<Box<dyn Send>>, Option<Instant>),
+}
+
+type Result2 = (Out, Outcome_);
 
 async fn pipeline(
     shared: &Arc<Shared>,
@@ -152,7 +180,7 @@ async fn pipeline(
     let snap = &view.snapshot;
     let listener = match conn.listener.lookup(snap) {
         Some(l) => l,
-        None => return (Err(LocalReply::new(404, "", Flags::NR)), out),
+        None => return (Out::Local(LocalReply::new(404, "", Flags::NR)), out),
     };
     let authority = req
         .uri()
@@ -167,10 +195,10 @@ async fn pipeline(
         .unwrap_or_default();
     let table = match listener.http {
         Some(t) => &snap.http_tables[t],
-        None => return (Err(LocalReply::new(404, "", Flags::NR)), out),
+        None => return (Out::Local(LocalReply::new(404, "", Flags::NR)), out),
     };
     let Some(vi) = table.vhost(&authority).or(listener.fallback_vhost) else {
-        return (Err(LocalReply::new(404, "", Flags::NR)), out);
+        return (Out::Local(LocalReply::new(404, "", Flags::NR)), out);
     };
     let vhost = &table.vhosts[vi];
     let path_and_query = req
@@ -186,7 +214,7 @@ async fn pipeline(
             .header(header::CONTENT_LENGTH, 0)
             .body(empty())
             .expect("redirect");
-        return (Ok(r), out);
+        return (Out::Ready(r), out);
     }
     let source = snap.source_info(conn.peer.ip());
     let scheme = conn.scheme;
@@ -206,7 +234,7 @@ async fn pipeline(
         m => (&vhost.rules, m),
     };
     let RuleMatch::Matched { rule, block } = m else {
-        return (Err(LocalReply::new(404, "", Flags::NR)), out);
+        return (Out::Local(LocalReply::new(404, "", Flags::NR)), out);
     };
     let rule = &rules[rule];
     out.route = Some(rule.name.clone().unwrap_or_else(|| rule.origin.clone()));
@@ -226,7 +254,7 @@ async fn pipeline(
                 .headers()
                 .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
         if preflight && (cors_allowed || !cors.forward_unmatched_preflights) {
-            return (Ok(preflight_response(cors, o, cors_allowed)), out);
+            return (Out::Ready(preflight_response(cors, o, cors_allowed)), out);
         }
     }
     // Fault injection: delay (outside the route timeout), then abort, each its own draw.
@@ -251,10 +279,10 @@ async fn pipeline(
             if matches!(status, AbortStatus::Grpc(_)) {
                 let resp = r.into_response(true);
                 out.flags = out.flags.with(Flags::FI);
-                return (Ok(resp), out);
+                return (Out::Ready(resp), out);
             }
             r.flags = out.flags.with(Flags::FI);
-            return (Err(r), out);
+            return (Out::Local(r), out);
         }
     }
     let wc = match &rule.action {
@@ -269,7 +297,7 @@ async fn pipeline(
                 .body(full(Bytes::from(body.clone())))
                 .expect("direct response");
             rule.headers.response.apply(r.headers_mut());
-            return (Ok(r), out);
+            return (Out::Ready(r), out);
         }
         HttpAction::Redirect(rd) => {
             let matched_prefix = block.and_then(|b| match &rule.matches[b].uri {
@@ -290,7 +318,7 @@ async fn pipeline(
                 .header(header::CONTENT_LENGTH, 0)
                 .body(empty())
                 .expect("redirect");
-            return (Ok(r), out);
+            return (Out::Ready(r), out);
         }
         HttpAction::Route(wc) => wc,
     };
@@ -301,8 +329,7 @@ async fn pipeline(
     };
     out.cluster = Some(dest.name.clone());
     let ClusterRef::Cluster(cid) = dest.cluster else {
-        return (
-            Err(LocalReply::new(503, "", out.flags.with(Flags::NC))),
+        return (Out::Local(LocalReply::new(503, "", out.flags.with(Flags::NC))),
             out,
         );
     };
@@ -322,8 +349,7 @@ async fn pipeline(
             let too_big = e
                 .downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some();
-            return (
-                Err(if too_big {
+            return (Out::Local(if too_big {
                     LocalReply::new(413, "request body too large to buffer", out.flags)
                 } else {
                     LocalReply::new(400, "", out.flags.with(Flags::DPE))
@@ -379,10 +405,13 @@ async fn pipeline(
             body,
         };
         let r = forward_upgrade(&state, &ureq, on_upgrade).await;
-        if let Ok(resp) = &r {
-            out.upstream = resp.extensions().get::<UpstreamHost>().map(|u| u.0.clone());
-        }
-        return (r, out);
+        return match r {
+            Ok(resp) => {
+                out.upstream = resp.extensions().get::<UpstreamHost>().map(|u| u.0.clone());
+                (Out::Ready(resp), out)
+            }
+            Err(local) => (Out::Local(local), out),
+        };
     }
 
     // Mirrors: fire and forget, bounded.
@@ -454,13 +483,12 @@ async fn pipeline(
             if cors_allowed && let (Some(c), Some(o)) = (&rule.cors, &origin) {
                 cors_headers(c, o, &mut parts.headers);
             }
-            let body = Guarded::new(body, deadline, guards, None).boxed_unsync();
-            (Ok(Response::from_parts(parts, body)), out)
+            (Out::Upstream(Response::from_parts(parts, body), guards, deadline), out)
         }
         Err(local) => {
             let mut local = local;
             local.flags = out.flags;
-            (Err(local), out)
+            (Out::Local(local), out)
         }
     }
 }
@@ -1128,17 +1156,14 @@ async fn attempt_once(
                 if send.ready().await.is_err() {
                     return Err(AttemptError::Reset("connection termination".into()));
                 }
-                let r = send.send_request(upstream_req).await;
-                EndpointPool::recycle(state.clone(), ep.clone(), send, used + 1);
-                r.map_err(|e| AttemptError::Reset(reset_reason(&e)))
+                let resp = send.send_request(upstream_req).await.map_err(|e| AttemptError::Reset(reset_reason(&e)))?;
+                Ok((resp, Some(pool::Recycle::new(state.clone(), ep.clone(), send, used + 1))))
             }
             Lease::H2(mut send) => {
                 if send.ready().await.is_err() {
                     return Err(AttemptError::Reset("connection termination".into()));
                 }
-                send.send_request(upstream_req)
-                    .await
-                    .map_err(|e| AttemptError::Reset(reset_reason(&e)))
+                send.send_request(upstream_req).await.map(|r| (r, None)).map_err(|e| AttemptError::Reset(reset_reason(&e)))
             }
         }
     };
@@ -1150,11 +1175,16 @@ async fn attempt_once(
         None => work.await,
     };
     match r {
-        Ok(resp) => Ok((
-            resp,
-            ep.clone(),
-            vec![Box::new(req_guard) as Box<dyn Send>, Box::new(ep_guard)],
-        )),
+        Ok((resp, recycle)) => {
+            let mut guards: Vec<Box<dyn Send>> = Vec::with_capacity(3);
+            guards.push(Box::new(req_guard));
+            guards.push(Box::new(ep_guard));
+            if let Some(r) = recycle {
+                // Dropped with the body, after the counters: the connection is reusable then.
+                guards.push(Box::new(r));
+            }
+            Ok((resp, ep.clone(), guards))
+        }
         Err(e) => Err((e, Some(ep))),
     }
 }

@@ -120,13 +120,7 @@ async fn capture_loop(
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(peer);
-        let conn = Arc::new(ConnInfo {
-            peer,
-            local,
-            original_dst: orig,
-            listener: ListenerRef::Mesh(orig),
-            scheme: "http",
-        });
+        let conn = Arc::new(ConnInfo::new(peer, local, orig, ListenerRef::Mesh(orig)));
         tokio::spawn(serve_connection(shared.clone(), conn, stream));
     }
 }
@@ -155,13 +149,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, lref: ListenerR
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().or(local).unwrap_or(peer);
-        let conn = Arc::new(ConnInfo {
-            peer,
-            local,
-            original_dst: local,
-            listener: lref,
-            scheme: "http",
-        });
+        let conn = Arc::new(ConnInfo::new(peer, local, local, lref));
         tokio::spawn(serve_connection(shared.clone(), conn, stream));
     }
 }

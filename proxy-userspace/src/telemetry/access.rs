@@ -40,16 +40,14 @@ pub struct AccessLog {
     cluster: Option<String>,
     upstream: Option<String>,
     status: u16,
-    metrics: Option<(
-        std::sync::Arc<super::Metrics>,
-        super::metrics::HttpLabels,
-        u64,
-    )>,
 }
 
 impl AccessLog {
-    /// Start an entry for a request.
-    pub fn start<B>(req: &Request<B>, conn: &ConnInfo) -> Self {
+    /// Start an entry for a request; `None` when the access log is off (nothing is allocated).
+    pub fn start<B>(req: &Request<B>, conn: &ConnInfo) -> Option<Self> {
+        if !tracing::enabled!(target: "nodeproxy::access", tracing::Level::INFO) {
+            return None;
+        }
         let h = |n: &str| {
             req.headers()
                 .get(n)
@@ -57,7 +55,7 @@ impl AccessLog {
                 .unwrap_or("-")
                 .to_string()
         };
-        AccessLog {
+        Some(AccessLog {
             at: SystemTime::now(),
             start: Instant::now(),
             method: req.method().to_string(),
@@ -84,23 +82,7 @@ impl AccessLog {
             cluster: None,
             upstream: None,
             status: 0,
-            metrics: None,
-        }
-    }
-
-    /// `:authority` or Host as sent.
-    pub fn authority(&self) -> &str {
-        &self.authority
-    }
-
-    /// Record `istio_*` metrics when the response ends.
-    pub fn set_metrics(
-        &mut self,
-        metrics: std::sync::Arc<super::Metrics>,
-        labels: super::metrics::HttpLabels,
-        request_bytes: u64,
-    ) {
-        self.metrics = Some((metrics, labels, request_bytes));
+        })
     }
 
     /// Record routing results.
@@ -145,14 +127,6 @@ impl AccessLog {
     }
 
     fn emit(&self, bytes: u64, complete: bool) {
-        if let Some((m, labels, request_bytes)) = &self.metrics {
-            m.record_http(
-                labels,
-                self.start.elapsed().as_secs_f64() * 1000.0,
-                *request_bytes,
-                bytes,
-            );
-        }
         let flags = if complete {
             self.flags
         } else {

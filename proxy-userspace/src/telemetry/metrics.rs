@@ -114,7 +114,27 @@ pub struct ReasonLabel {
 }
 
 fn unknown() -> Arc<str> {
-    Arc::from("unknown")
+    static UNKNOWN: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    UNKNOWN.get_or_init(|| Arc::from("unknown")).clone()
+}
+
+/// The four HTTP metrics of one label set, resolved once.
+#[derive(Debug, Clone)]
+pub struct Series {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl Series {
+    /// Record one finished request.
+    pub fn record(&self, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
+        self.requests.inc();
+        self.duration.observe(duration_ms);
+        self.request_bytes.observe(request_bytes as f64);
+        self.response_bytes.observe(response_bytes as f64);
+    }
 }
 
 /// Identity facts for one side.
@@ -133,12 +153,8 @@ pub struct Side {
 impl Side {
     /// Nothing known.
     pub fn unknown() -> Side {
-        Side {
-            workload: unknown(),
-            namespace: unknown(),
-            app: unknown(),
-            version: unknown(),
-        }
+        static UNKNOWN: std::sync::OnceLock<Side> = std::sync::OnceLock::new();
+        UNKNOWN.get_or_init(|| Side { workload: unknown(), namespace: unknown(), app: unknown(), version: unknown() }).clone()
     }
 
     /// From a workload name, namespace and labels.
@@ -476,6 +492,16 @@ impl Metrics {
         }
         if let Some(v) = counters.get("fastpath") {
             self.fastpath.inner().store(*v, Ordering::Relaxed);
+        }
+    }
+
+    /// The series of a label set (to cache and record into).
+    pub fn series(&self, labels: &HttpLabels) -> Series {
+        Series {
+            requests: self.requests.get_or_create(labels).clone(),
+            duration: self.duration.get_or_create(labels).clone(),
+            request_bytes: self.request_bytes.get_or_create(labels).clone(),
+            response_bytes: self.response_bytes.get_or_create(labels).clone(),
         }
     }
 

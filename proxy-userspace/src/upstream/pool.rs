@@ -93,11 +93,14 @@ pub async fn acquire(
             {
                 return Ok(Lease::H2(s.clone()));
             }
-        } else if let Some(idle) = ep.pool.take_idle(limits.idle_timeout) {
-            return Ok(Lease::H1 {
-                send: idle.send,
-                used: idle.used,
-            });
+        } else {
+            // Idle connections go back to the pool as soon as their response ends; wait for
+            // hyper to confirm readiness here, and skip ones that died meanwhile.
+            while let Some(mut idle) = ep.pool.take_idle(limits.idle_timeout) {
+                if idle.send.ready().await.is_ok() {
+                    return Ok(Lease::H1 { send: idle.send, used: idle.used });
+                }
+            }
         }
         if try_reserve_connection(cluster, limits.max_connections) {
             drop(pending);
@@ -242,34 +245,41 @@ impl EndpointPool {
     fn take_idle(&self, idle_timeout: Duration) -> Option<Idle> {
         let mut idle = self.idle.lock().expect("pool lock");
         while let Some(c) = idle.pop() {
-            if c.since.elapsed() < idle_timeout && c.send.is_ready() {
+            if c.since.elapsed() < idle_timeout && !c.send.is_closed() {
                 return Some(c);
             }
         }
         None
     }
+}
 
-    /// Put an HTTP/1 connection back once its response is fully read, unless it has served
-    /// `maxRequestsPerConnection` requests (then it is dropped, which closes it).
-    pub fn recycle(
-        cluster: Arc<ClusterState>,
-        ep: Arc<EndpointState>,
-        mut send: http1::SendRequest<ReqBody>,
-        used: u32,
-    ) {
-        let max = cluster.policy.load().pool.max_requests_per_connection;
-        if max > 0 && used >= max {
+/// Returns an HTTP/1 connection to its endpoint's idle list when dropped, which happens when the
+/// response body ends (it is one of the body's guards): no task per request. A connection that
+/// served `maxRequestsPerConnection` requests, or closed, is dropped instead (closing it).
+pub struct Recycle {
+    cluster: Arc<ClusterState>,
+    ep: Arc<EndpointState>,
+    send: Option<http1::SendRequest<ReqBody>>,
+    used: u32,
+}
+
+impl Recycle {
+    /// Recycle `send` (which has now served `used` requests) when this guard drops.
+    pub fn new(cluster: Arc<ClusterState>, ep: Arc<EndpointState>, send: http1::SendRequest<ReqBody>, used: u32) -> Recycle {
+        Recycle { cluster, ep, send: Some(send), used }
+    }
+}
+
+impl Drop for Recycle {
+    fn drop(&mut self) {
+        let Some(send) = self.send.take() else { return };
+        let max = self.cluster.policy.load().pool.max_requests_per_connection;
+        if (max > 0 && self.used >= max) || send.is_closed() {
             return;
         }
-        tokio::spawn(async move {
-            if send.ready().await.is_ok() {
-                ep.pool.idle.lock().expect("pool lock").push(Idle {
-                    send,
-                    since: Instant::now(),
-                    used,
-                });
-                cluster.conn_released.notify_waiters();
-            }
-        });
+        self.ep.pool.idle.lock().expect("pool lock").push(Idle { send, since: Instant::now(), used: self.used });
+        if self.cluster.pending_requests.load(Ordering::Relaxed) > 0 {
+            self.cluster.conn_released.notify_waiters();
+        }
     }
 }
