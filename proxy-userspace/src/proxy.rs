@@ -89,13 +89,27 @@ pub struct ConnInfo {
 
 impl ConnInfo {
     /// A connection's facts.
-    pub fn new(peer: SocketAddr, local: SocketAddr, original_dst: SocketAddr, listener: ListenerRef) -> ConnInfo {
-        ConnInfo { peer, local, original_dst, listener, scheme: "http", source: std::sync::OnceLock::new() }
+    pub fn new(
+        peer: SocketAddr,
+        local: SocketAddr,
+        original_dst: SocketAddr,
+        listener: ListenerRef,
+    ) -> ConnInfo {
+        ConnInfo {
+            peer,
+            local,
+            original_dst,
+            listener,
+            scheme: "http",
+            source: std::sync::OnceLock::new(),
+        }
     }
 
     /// The client workload's metric identity.
     pub fn source_side(&self, snap: &Snapshot) -> crate::telemetry::metrics::Side {
-        self.source.get_or_init(|| crate::telemetry::metrics::Side::source(snap, self.peer.ip())).clone()
+        self.source
+            .get_or_init(|| crate::telemetry::metrics::Side::source(snap, self.peer.ip()))
+            .clone()
     }
 
     /// The listener port.

@@ -62,7 +62,7 @@ pub struct EndpointState {
     /// Workload identity for metrics.
     pub side: crate::telemetry::metrics::Side,
     /// Metric series by (client, code, flags) for requests served by this endpoint.
-    series: Mutex<HashMap<SeriesKey, crate::telemetry::metrics::Series>>,
+    series: std::sync::RwLock<HashMap<SeriesKey, crate::telemetry::metrics::Series>>,
 }
 
 /// Key of an endpoint's metric series cache: everything in the label set that is not the
@@ -97,18 +97,25 @@ impl EndpointState {
             outlier: Mutex::new(outlier::HostOutlier::default()),
             pool: pool::EndpointPool::default(),
             side: crate::telemetry::metrics::Side::unknown(),
-            series: Mutex::new(HashMap::new()),
+            series: std::sync::RwLock::new(HashMap::new()),
         }
     }
 
     /// The cached metric series for `key`, made with `make` on first use.
-    pub fn series(&self, key: SeriesKey, make: impl FnOnce() -> crate::telemetry::metrics::Series) -> crate::telemetry::metrics::Series {
-        let mut cache = self.series.lock().expect("series lock");
-        if let Some(s) = cache.get(&key) {
+    pub fn series(
+        &self,
+        key: SeriesKey,
+        make: impl FnOnce() -> crate::telemetry::metrics::Series,
+    ) -> crate::telemetry::metrics::Series {
+        // Read-mostly: a read lock does not contend between worker threads.
+        if let Some(s) = self.series.read().expect("series lock").get(&key) {
             return s.clone();
         }
         let s = make();
-        cache.insert(key, s.clone());
+        self.series
+            .write()
+            .expect("series lock")
+            .insert(key, s.clone());
         s
     }
 

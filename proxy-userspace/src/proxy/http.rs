@@ -54,12 +54,29 @@ struct Outcome_ {
 }
 
 /// Handle one downstream request.
-pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incoming>) -> Response<BoxBody> {
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Response<BoxBody> {
     let start = Instant::now();
     let view = shared.view.load_full();
-    let grpc = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/grpc"));
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/grpc"));
     let mut log = AccessLog::start(&req, &conn);
-    let authority = req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok())).unwrap_or("");
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("");
     let authority = crate::compile::strip_port(authority).to_string();
     let (out_kind, out) = pipeline(&shared, &view, &conn, req, start).await;
     let snap = &view.snapshot;
@@ -80,9 +97,23 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incom
         Out::Local(local) => {
             let flags = local.flags;
             let r = local.into_response(grpc);
-            let grpc_status = r.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("");
-            let body_len = r.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
-            shared.metrics.record_http(&labels(r.status().as_u16(), flags, grpc_status), start.elapsed().as_secs_f64() * 1000.0, out.request_bytes, body_len);
+            let grpc_status = r
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let body_len = r
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            shared.metrics.record_http(
+                &labels(r.status().as_u16(), flags, grpc_status),
+                start.elapsed().as_secs_f64() * 1000.0,
+                out.request_bytes,
+                body_len,
+            );
             if let Some(log) = &mut log {
                 log.finish_local(&r, flags, out.route.as_deref(), out.cluster.as_deref());
             }
@@ -90,30 +121,70 @@ pub async fn handle(shared: Arc<Shared>, conn: Arc<ConnInfo>, req: Request<Incom
         }
         Out::Ready(r) => {
             let (parts, body) = r.into_parts();
-            (Response::from_parts(parts, body), Vec::new(), None, out.flags)
+            (
+                Response::from_parts(parts, body),
+                Vec::new(),
+                None,
+                out.flags,
+            )
         }
         Out::Upstream(r, guards, deadline) => {
             let (parts, body) = r.into_parts();
-            (Response::from_parts(parts, body.map_err(|e| Box::new(e) as super::body::BoxError).boxed_unsync()), guards, deadline, out.flags)
+            (
+                Response::from_parts(
+                    parts,
+                    body.map_err(|e| Box::new(e) as super::body::BoxError)
+                        .boxed_unsync(),
+                ),
+                guards,
+                deadline,
+                out.flags,
+            )
         }
     };
     let status = resp.status();
-    let grpc_status = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let grpc_status = resp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     // The per-endpoint series cache spares building and hashing the full label set per request.
     let series = match &out.ep {
         Some(ep) => {
             let src = conn.source_side(snap);
-            let key = crate::upstream::SeriesKey { source: src.workload.clone(), source_ns: src.namespace.clone(), code: status.as_u16(), flags: flags.bits(), grpc: grpc_status.parse().ok() };
-            ep.series(key, || shared.metrics.series(&labels(status.as_u16(), flags, grpc_status)))
+            let key = crate::upstream::SeriesKey {
+                source: src.workload.clone(),
+                source_ns: src.namespace.clone(),
+                code: status.as_u16(),
+                flags: flags.bits(),
+                grpc: grpc_status.parse().ok(),
+            };
+            ep.series(key, || {
+                shared
+                    .metrics
+                    .series(&labels(status.as_u16(), flags, grpc_status))
+            })
         }
-        None => shared.metrics.series(&labels(status.as_u16(), flags, grpc_status)),
+        None => shared
+            .metrics
+            .series(&labels(status.as_u16(), flags, grpc_status)),
     };
-    let end = RequestEnd { start, series, request_bytes: out.request_bytes, log: log.map(|mut l| {
-        l.set(flags, out.route, out.cluster, out.upstream);
-        l.with_status(status)
-    }) };
+    let end = RequestEnd {
+        start,
+        series,
+        request_bytes: out.request_bytes,
+        log: log.map(|mut l| {
+            l.set(flags, out.route, out.cluster, out.upstream);
+            l.with_status(status)
+        }),
+    };
     let (parts, body) = resp.into_parts();
-    let body = Guarded::new(body, deadline, guards, Some(Box::new(end) as Box<dyn OnEnd>));
+    let body = Guarded::new(
+        body,
+        deadline,
+        guards,
+        Some(Box::new(end) as Box<dyn OnEnd>),
+    );
     Response::from_parts(parts, body.boxed_unsync())
 }
 
@@ -127,7 +198,11 @@ struct RequestEnd {
 
 impl OnEnd for RequestEnd {
     fn on_end(self: Box<Self>, bytes: u64, complete: bool) {
-        self.series.record(self.start.elapsed().as_secs_f64() * 1000.0, self.request_bytes, bytes);
+        self.series.record(
+            self.start.elapsed().as_secs_f64() * 1000.0,
+            self.request_bytes,
+            bytes,
+        );
         if let Some(log) = self.log {
             Box::new(log).on_end(bytes, complete);
         }
@@ -138,7 +213,10 @@ impl OnEnd for RequestEnd {
 fn code_label(code: u16) -> Arc<str> {
     static CODES: std::sync::OnceLock<Vec<Arc<str>>> = std::sync::OnceLock::new();
     let codes = CODES.get_or_init(|| (0..600).map(|c| Arc::from(c.to_string())).collect());
-    codes.get(code as usize).cloned().unwrap_or_else(|| Arc::from(code.to_string()))
+    codes
+        .get(code as usize)
+        .cloned()
+        .unwrap_or_else(|| Arc::from(code.to_string()))
 }
 
 fn flags_label(flags: Flags) -> Arc<str> {
@@ -329,7 +407,8 @@ async fn pipeline(
     };
     out.cluster = Some(dest.name.clone());
     let ClusterRef::Cluster(cid) = dest.cluster else {
-        return (Out::Local(LocalReply::new(503, "", out.flags.with(Flags::NC))),
+        return (
+            Out::Local(LocalReply::new(503, "", out.flags.with(Flags::NC))),
             out,
         );
     };
@@ -349,7 +428,8 @@ async fn pipeline(
             let too_big = e
                 .downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some();
-            return (Out::Local(if too_big {
+            return (
+                Out::Local(if too_big {
                     LocalReply::new(413, "request body too large to buffer", out.flags)
                 } else {
                     LocalReply::new(400, "", out.flags.with(Flags::DPE))
@@ -360,9 +440,7 @@ async fn pipeline(
     };
     out.request_bytes = body.len() as u64;
     let mut headers = parts.headers;
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
-    }
+    strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
     let mut upstream_authority = authority.clone();
     let mut path = path_and_query.clone();
@@ -383,10 +461,7 @@ async fn pipeline(
         upstream_authority = a.clone();
     }
     if !headers.contains_key("x-request-id") {
-        let id: u128 = rand::rng().random();
-        if let Ok(v) = HeaderValue::from_str(&format!("{id:032x}")) {
-            headers.insert("x-request-id", v);
-        }
+        headers.insert("x-request-id", request_id());
     }
     headers.insert(
         "x-forwarded-proto",
@@ -467,9 +542,7 @@ async fn pipeline(
     match result.response {
         Ok((resp, guards, deadline)) => {
             let (mut parts, body) = resp.into_parts();
-            for h in &HOP_BY_HOP {
-                parts.headers.remove(h);
-            }
+            strip_hop_by_hop(&mut parts.headers);
             rule.headers.response.apply(&mut parts.headers);
             dest.headers.response.apply(&mut parts.headers);
             if let Ok(v) = HeaderValue::from_str(&result.upstream_ms.to_string()) {
@@ -483,7 +556,10 @@ async fn pipeline(
             if cors_allowed && let (Some(c), Some(o)) = (&rule.cors, &origin) {
                 cors_headers(c, o, &mut parts.headers);
             }
-            (Out::Upstream(Response::from_parts(parts, body), guards, deadline), out)
+            (
+                Out::Upstream(Response::from_parts(parts, body), guards, deadline),
+                out,
+            )
         }
         Err(local) => {
             let mut local = local;
@@ -491,6 +567,36 @@ async fn pipeline(
             (Out::Local(local), out)
         }
     }
+}
+
+/// Remove hop-by-hop headers (RFC 9110 §7.6.1). One scan over the (few) present headers
+/// instead of a hash lookup per hop-by-hop name.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let mut found: [Option<HeaderName>; 6] = Default::default();
+    let mut n = 0;
+    for name in headers.keys() {
+        if n < found.len()
+            && HOP_BY_HOP.contains(name)
+            && !found[..n].iter().any(|f| f.as_ref() == Some(name))
+        {
+            found[n] = Some(name.clone());
+            n += 1;
+        }
+    }
+    for name in found.into_iter().flatten() {
+        headers.remove(name);
+    }
+}
+
+/// A random 128-bit request id in hex, without going through `fmt`.
+fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let id: u128 = rand::rng().random();
+    let mut buf = [0u8; 32];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
 }
 
 fn fires(per_million: u32) -> bool {
@@ -1156,14 +1262,28 @@ async fn attempt_once(
                 if send.ready().await.is_err() {
                     return Err(AttemptError::Reset("connection termination".into()));
                 }
-                let resp = send.send_request(upstream_req).await.map_err(|e| AttemptError::Reset(reset_reason(&e)))?;
-                Ok((resp, Some(pool::Recycle::new(state.clone(), ep.clone(), send, used + 1))))
+                let resp = send
+                    .send_request(upstream_req)
+                    .await
+                    .map_err(|e| AttemptError::Reset(reset_reason(&e)))?;
+                Ok((
+                    resp,
+                    Some(pool::Recycle::new(
+                        state.clone(),
+                        ep.clone(),
+                        send,
+                        used + 1,
+                    )),
+                ))
             }
             Lease::H2(mut send) => {
                 if send.ready().await.is_err() {
                     return Err(AttemptError::Reset("connection termination".into()));
                 }
-                send.send_request(upstream_req).await.map(|r| (r, None)).map_err(|e| AttemptError::Reset(reset_reason(&e)))
+                send.send_request(upstream_req)
+                    .await
+                    .map(|r| (r, None))
+                    .map_err(|e| AttemptError::Reset(reset_reason(&e)))
             }
         }
     };

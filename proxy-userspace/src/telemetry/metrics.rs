@@ -154,7 +154,14 @@ impl Side {
     /// Nothing known.
     pub fn unknown() -> Side {
         static UNKNOWN: std::sync::OnceLock<Side> = std::sync::OnceLock::new();
-        UNKNOWN.get_or_init(|| Side { workload: unknown(), namespace: unknown(), app: unknown(), version: unknown() }).clone()
+        UNKNOWN
+            .get_or_init(|| Side {
+                workload: unknown(),
+                namespace: unknown(),
+                app: unknown(),
+                version: unknown(),
+            })
+            .clone()
     }
 
     /// From a workload name, namespace and labels.

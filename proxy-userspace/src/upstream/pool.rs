@@ -98,7 +98,10 @@ pub async fn acquire(
             // hyper to confirm readiness here, and skip ones that died meanwhile.
             while let Some(mut idle) = ep.pool.take_idle(limits.idle_timeout) {
                 if idle.send.ready().await.is_ok() {
-                    return Ok(Lease::H1 { send: idle.send, used: idle.used });
+                    return Ok(Lease::H1 {
+                        send: idle.send,
+                        used: idle.used,
+                    });
                 }
             }
         }
@@ -265,8 +268,18 @@ pub struct Recycle {
 
 impl Recycle {
     /// Recycle `send` (which has now served `used` requests) when this guard drops.
-    pub fn new(cluster: Arc<ClusterState>, ep: Arc<EndpointState>, send: http1::SendRequest<ReqBody>, used: u32) -> Recycle {
-        Recycle { cluster, ep, send: Some(send), used }
+    pub fn new(
+        cluster: Arc<ClusterState>,
+        ep: Arc<EndpointState>,
+        send: http1::SendRequest<ReqBody>,
+        used: u32,
+    ) -> Recycle {
+        Recycle {
+            cluster,
+            ep,
+            send: Some(send),
+            used,
+        }
     }
 }
 
@@ -277,7 +290,11 @@ impl Drop for Recycle {
         if (max > 0 && self.used >= max) || send.is_closed() {
             return;
         }
-        self.ep.pool.idle.lock().expect("pool lock").push(Idle { send, since: Instant::now(), used: self.used });
+        self.ep.pool.idle.lock().expect("pool lock").push(Idle {
+            send,
+            since: Instant::now(),
+            used: self.used,
+        });
         if self.cluster.pending_requests.load(Ordering::Relaxed) > 0 {
             self.cluster.conn_released.notify_waiters();
         }
