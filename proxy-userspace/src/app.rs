@@ -32,6 +32,8 @@ pub struct Options {
     pub log: Option<crate::admin::LogControl>,
     /// eBPF capture (None: `--capture none`, the proxy binds service addresses itself).
     pub capture: Option<crate::dataplane::Options>,
+    /// The node's locality, `region/zone/subzone`.
+    pub locality: Option<String>,
 }
 
 /// A running proxy; dropping it stops the data plane and the config watch.
@@ -101,6 +103,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
             gateway_ip: opts.gateway_ip,
             shadow_host_suffix: opts.shadow_host_suffix,
             credentials_dir: opts.credentials_dir.clone(),
+            locality: opts.locality.clone(),
         },
         kernel,
     );

@@ -169,6 +169,9 @@ enum Command {
         /// Source CIDR the XDP guard drops (repeatable, IPv4).
         #[arg(long = "deny-cidr")]
         deny_cidr: Vec<ipnet::Ipv4Net>,
+        /// The node's locality, `region/zone/subzone` (locality-aware load balancing).
+        #[arg(long)]
+        locality: Option<String>,
         /// bpffs mount point for the pinned maps (mounted when needed).
         #[arg(long, default_value = nodeproxy::dataplane::DEFAULT_BPFFS)]
         bpffs: PathBuf,
@@ -340,6 +343,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
             uplink,
             deny_cidr,
             bpffs,
+            locality,
         } => {
             if access_log_format == AccessLogFormat::Json {
                 nodeproxy::telemetry::access::set_json(true);
@@ -385,6 +389,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                     admin_public,
                     log: Some(log.clone()),
                     capture,
+                    locality,
                 })
                 .await?;
                 eprintln!(

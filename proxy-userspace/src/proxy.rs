@@ -35,6 +35,8 @@ pub struct ProxyOptions {
     pub shadow_host_suffix: bool,
     /// Where Gateway `credentialName` secrets live as `<name>.crt` / `<name>.key`.
     pub credentials_dir: std::path::PathBuf,
+    /// The node's locality, `region/zone/subzone` (for locality-aware load balancing).
+    pub locality: Option<String>,
 }
 
 /// Default `--credentials-dir`.
@@ -46,6 +48,7 @@ impl Default for ProxyOptions {
             gateway_ip: IpAddr::from([0, 0, 0, 0]),
             shadow_host_suffix: false,
             credentials_dir: DEFAULT_CREDENTIALS_DIR.into(),
+            locality: None,
         }
     }
 }
@@ -142,7 +145,7 @@ impl Shared {
         options: ProxyOptions,
         kernel: Option<Arc<crate::dataplane::Kernel>>,
     ) -> Arc<Self> {
-        let clusters = Clusters::default();
+        let clusters = Clusters::new(options.locality.clone());
         let view = clusters.sync(snapshot);
         Arc::new(Shared {
             view: ArcSwap::from_pointee(view),

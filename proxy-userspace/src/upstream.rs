@@ -6,6 +6,7 @@
 //! clusters that still exist. [`Clusters::sync`] builds the per-snapshot view.
 
 pub mod lb;
+pub mod locality;
 pub mod outlier;
 pub mod pool;
 
@@ -61,6 +62,8 @@ pub struct EndpointState {
     pub(crate) pool: pool::EndpointPool,
     /// Workload identity for metrics.
     pub side: crate::telemetry::metrics::Side,
+    /// `region/zone/subzone`, when known.
+    pub locality: Option<String>,
     /// Metric series by (client, code, flags) for requests served by this endpoint.
     series: std::sync::RwLock<HashMap<SeriesKey, crate::telemetry::metrics::Series>>,
 }
@@ -97,6 +100,7 @@ impl EndpointState {
             outlier: Mutex::new(outlier::HostOutlier::default()),
             pool: pool::EndpointPool::default(),
             side: crate::telemetry::metrics::Side::unknown(),
+            locality: None,
             series: std::sync::RwLock::new(HashMap::new()),
         }
     }
@@ -150,6 +154,8 @@ pub struct ClusterStats {
 /// Run-time state of one cluster.
 #[derive(Debug)]
 pub struct ClusterState {
+    /// The node's locality (the clients' locality for locality-aware LB).
+    pub node_locality: Option<Arc<str>>,
     /// Identity.
     pub key: ClusterKey,
     /// Policy of the snapshot in force (replaced on swap).
@@ -175,8 +181,9 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    fn new(c: &Cluster) -> Self {
+    fn new(c: &Cluster, node_locality: Option<Arc<str>>) -> Self {
         ClusterState {
+            node_locality,
             key: c.key.clone(),
             policy: ArcSwap::from_pointee(c.policy.clone()),
             endpoints: ArcSwap::from_pointee(Vec::new()),
@@ -227,6 +234,7 @@ impl ClusterState {
                         // Same address, new weight or labels: keep health, take the new values.
                         let mut fresh = EndpointState::new(target, e.weight, e.labels.clone());
                         fresh.side = side(e, &fresh.target);
+                        fresh.locality = e.locality.clone();
                         fresh
                             .ejected
                             .store(existing.ejected.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -237,6 +245,7 @@ impl ClusterState {
                     None => {
                         let mut fresh = EndpointState::new(target, e.weight, e.labels.clone());
                         fresh.side = side(e, &fresh.target);
+                        fresh.locality = e.locality.clone();
                         Arc::new(fresh)
                     }
                 }
@@ -244,6 +253,27 @@ impl ClusterState {
             .collect();
         self.endpoints.store(Arc::new(new));
         self.lb.invalidate();
+    }
+
+    /// The endpoints to balance over for one request: the LB set narrowed by locality when the
+    /// node has one and the cluster asks for it (outlier detection on, or `distribute`).
+    pub fn lb_set_for_request(&self) -> LbSet {
+        let set = self.lb_set();
+        let Some(client) = &self.node_locality else {
+            return set;
+        };
+        let policy = self.policy.load();
+        let all = self.endpoints.load();
+        match locality::select(
+            &all,
+            &set,
+            client,
+            policy.lb.locality.as_ref(),
+            policy.outlier.is_some(),
+        ) {
+            Some(v) => LbSet::Healthy(v),
+            None => set,
+        }
     }
 
     /// The endpoints eligible for load balancing: healthy ones, or all of them in panic mode
@@ -295,12 +325,20 @@ pub struct View {
 }
 
 /// All cluster states, surviving snapshot swaps.
-#[derive(Default)]
 pub struct Clusters {
     states: Mutex<HashMap<ClusterKey, Weak<ClusterState>>>,
+    locality: Option<Arc<str>>,
 }
 
 impl Clusters {
+    /// Cluster states for a node at `locality` (`region/zone/subzone`).
+    pub fn new(locality: Option<String>) -> Clusters {
+        Clusters {
+            states: Mutex::default(),
+            locality: locality.map(Arc::from),
+        }
+    }
+
     /// Build the view for a new snapshot, reusing state of clusters that still exist.
     pub fn sync(&self, snapshot: Arc<Snapshot>) -> View {
         let mut states = self.states.lock().expect("clusters lock");
@@ -311,7 +349,7 @@ impl Clusters {
                 let st = states
                     .get(&c.key)
                     .and_then(Weak::upgrade)
-                    .unwrap_or_else(|| Arc::new(ClusterState::new(c)));
+                    .unwrap_or_else(|| Arc::new(ClusterState::new(c, self.locality.clone())));
                 st.update(c, &snapshot.service(c.service).namespace);
                 states.insert(c.key.clone(), Arc::downgrade(&st));
                 st

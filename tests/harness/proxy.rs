@@ -134,7 +134,17 @@ pub async fn start_with(
     gateway_ip: Option<&str>,
     credentials_dir: PathBuf,
 ) -> nodeproxy::app::Running {
-    let running = nodeproxy::app::start(nodeproxy::app::Options {
+    start_custom(s, gateway_ip, credentials_dir, |_| {}).await
+}
+
+/// Start with options adjusted by `f`.
+pub async fn start_custom(
+    s: &Scenario,
+    gateway_ip: Option<&str>,
+    credentials_dir: PathBuf,
+    f: impl FnOnce(&mut nodeproxy::app::Options),
+) -> nodeproxy::app::Running {
+    let mut opts = nodeproxy::app::Options {
         config: vec![s.path.clone()],
         admin: "127.0.0.1:0".parse().unwrap(),
         gateway_ip: gateway_ip.unwrap_or("127.0.0.1").parse::<IpAddr>().unwrap(),
@@ -143,9 +153,10 @@ pub async fn start_with(
         admin_public: false,
         log: None,
         capture: None,
-    })
-    .await
-    .expect("proxy starts");
+        locality: None,
+    };
+    f(&mut opts);
+    let running = nodeproxy::app::start(opts).await.expect("proxy starts");
     // Wait until the first listener accepts.
     let snap = running.publisher.load();
     if let Some(l) = snap.listeners.iter().find(|l| l.address.is_some()) {

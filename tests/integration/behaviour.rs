@@ -358,3 +358,123 @@ async fn cookie_affinity_sets_and_honours_the_cookie() {
         }
     }
 }
+
+#[tokio::test]
+async fn locality_failover_keeps_traffic_local_until_it_fails() {
+    let s = Scenario::from_config("circuit-breaking.yaml");
+    let yaml = s
+        .yaml
+        .replace("      tcp:\n        maxConnections: 1\n      http:\n        http1MaxPendingRequests: 1\n        maxRequestsPerConnection: 1\n", "      tcp:\n        maxConnections: 100\n")
+        .replace(&format!("{}11, labels: {{app: httpbin, version: v1}}}}", s.net), &format!("{}11, locality: us-west/a/1, labels: {{app: httpbin, version: v1}}}}", s.net))
+        .replace(&format!("{}12, labels: {{app: httpbin, version: v1}}}}", s.net), &format!("{}12, locality: us-east/b/1, labels: {{app: httpbin, version: v1}}}}", s.net));
+    assert!(yaml.contains("locality: us-west/a/1"), "{yaml}");
+    let s = Scenario::from_yaml_on(yaml, s.net.clone());
+    let local = Backend::start(&format!("{}:8080", s.ip(11)), "local").await;
+    let _remote = Backend::start(&format!("{}:8080", s.ip(12)), "remote").await;
+    let creds = s.path.parent().unwrap().to_path_buf();
+    let _p =
+        proxy::start_custom(&s, None, creds, |o| o.locality = Some("us-west/a/1".into())).await;
+    let c = client();
+    for _ in 0..50 {
+        assert_eq!(
+            get(&c, &s.vip(), "/", &[]).await.body,
+            "local",
+            "same locality while healthy"
+        );
+    }
+    // The local endpoint fails: ejected after 3 errors, traffic fails over to the other region.
+    local.behaviour.status.store(500, Ordering::SeqCst);
+    for _ in 0..10 {
+        get(&c, &s.vip(), "/", &[]).await;
+    }
+    for _ in 0..20 {
+        assert_eq!(get(&c, &s.vip(), "/", &[]).await.body, "remote");
+    }
+}
+
+#[tokio::test]
+async fn grpc_timeout_header_is_honoured() {
+    let s = Scenario::from_config("canary.yaml");
+    let v1 = Backend::start(&format!("{}:8080", s.ip(11)), "v1").await;
+    let v2 = Backend::start(&format!("{}:8080", s.ip(12)), "v2").await;
+    v1.behaviour.delay_ms.store(1000, Ordering::SeqCst);
+    v2.behaviour.delay_ms.store(1000, Ordering::SeqCst);
+    let _p = proxy::start(&s, None).await;
+    let t = Instant::now();
+    let r = get(
+        &client(),
+        &s.vip(),
+        "/pkg.S/M",
+        &[
+            ("content-type", "application/grpc"),
+            ("grpc-timeout", "150m"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.header("grpc-status")),
+        (200, "14"),
+        "504 as gRPC UNAVAILABLE"
+    );
+    assert!(t.elapsed() < Duration::from_millis(800));
+}
+
+#[tokio::test]
+async fn tcp_idle_timeout_and_max_connection_duration() {
+    let net = proxy::unique_net();
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: db}}\nspec:\n  hosts: [db.example]\n  addresses: [{net}1]\n  resolution: STATIC\n  ports: [{{number: 10090, name: tcp, protocol: TCP, targetPort: 9000}}]\n  endpoints: [{{address: {net}11}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: db}}\nspec:\n  host: db.example\n  trafficPolicy:\n    connectionPool:\n      tcp: {{idleTimeout: 300ms, maxConnectionDuration: 1s, tcpKeepalive: {{time: 60s, interval: 10s, probes: 3}}}}\n"
+    );
+    let s = Scenario::from_yaml_on(yaml, net.clone());
+    // An echo backend that never closes on its own.
+    let l = tokio::net::TcpListener::bind(format!("{net}11:9000"))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = c.read(&mut buf).await {
+                    if n == 0 || c.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let _p = proxy::start(&s, None).await;
+    let vip = format!("{net}1:10090");
+    // Idle: closed after 300 ms without traffic.
+    let mut c = tokio::net::TcpStream::connect(&vip).await.unwrap();
+    c.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    c.read_exact(&mut b).await.unwrap();
+    let t = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b))
+        .await
+        .expect("closed by the proxy")
+        .unwrap();
+    assert_eq!(n, 0);
+    assert!(t.elapsed() >= Duration::from_millis(250));
+    // Busy but old: closed at maxConnectionDuration even while bytes flow.
+    let mut c = tokio::net::TcpStream::connect(&vip).await.unwrap();
+    let t = Instant::now();
+    let closed = loop {
+        if c.write_all(b"y").await.is_err() {
+            break t.elapsed();
+        }
+        match tokio::time::timeout(Duration::from_millis(500), c.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break t.elapsed(),
+            _ => {}
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "not closed at maxConnectionDuration"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        closed >= Duration::from_millis(900),
+        "closed after {closed:?}"
+    );
+}

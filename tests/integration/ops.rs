@@ -247,6 +247,7 @@ async fn admin_refuses_public_address_without_flag() {
         admin_public: false,
         log: None,
         capture: None,
+        locality: None,
     })
     .await;
     let err = r.err().expect("refused").to_string();

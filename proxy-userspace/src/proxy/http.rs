@@ -526,10 +526,21 @@ async fn pipeline(
         _ if cluster.policy.pool.use_client_protocol => downstream_version == Version::HTTP_2,
         _ => cluster.policy.pool.h2_upgrade,
     };
+    // gRPC: the client's grpc-timeout is honoured, capped by the route timeout when there is one.
+    let grpc_timeout = ureq
+        .headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    let timeout = match (rule.timeout, grpc_timeout) {
+        (Some(r), Some(g)) => Some(r.min(g)),
+        (r, g) => r.or(g),
+    };
     let result = forward(
         &state,
         cluster.passthrough,
         rule,
+        timeout,
         &ureq,
         h2,
         hash.as_ref().map(|h| h.0),
@@ -567,6 +578,24 @@ async fn pipeline(
             (Out::Local(local), out)
         }
     }
+}
+
+/// `grpc-timeout` (gRPC over HTTP/2 spec): up to 8 digits and a unit H M S m u n.
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1). One scan over the (few) present headers
@@ -834,7 +863,7 @@ async fn forward_upgrade(
             Flags::UF,
         )
     };
-    let stream = pool::connect_tcp(&ep.target, policy.pool.connect_timeout)
+    let stream = pool::connect_tcp(&ep.target, &policy.pool)
         .await
         .map_err(|e| connect_failure(format!("{e:?}")))?;
     let (mut send, conn) = hyper::client::conn::http1::Builder::new()
@@ -1012,10 +1041,12 @@ fn error_retriable(on: &RetryOn, e: &AttemptError) -> bool {
 
 /// The retry loop: pick an endpoint, pass the breakers, send, classify; back off and retry on
 /// another host while the policy allows and the route deadline has not passed.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     state: &Arc<ClusterState>,
     passthrough: bool,
     rule: &HttpRule,
+    timeout: Option<Duration>,
     req: &UpstreamRequest,
     h2: bool,
     hash: Option<u64>,
@@ -1024,7 +1055,7 @@ async fn forward(
     let policy = state.policy.load_full();
     let retry = &rule.retry;
     // The route timeout starts once the whole downstream request is here (now), after faults.
-    let deadline = rule.timeout.map(|t| Instant::now() + t);
+    let deadline = timeout.map(|t| Instant::now() + t);
     let mut tried: Vec<crate::upstream::Target> = Vec::new();
     let mut flags = Flags::NONE;
     let mut last_err: Option<AttemptError>;
@@ -1241,7 +1272,7 @@ async fn attempt_once(
             .fetch_add(1, Ordering::Relaxed);
         return Err((AttemptError::Overflow, None));
     }
-    let set = state.lb_set();
+    let set = state.lb_set_for_request();
     let Some(ep) = lb::pick(&state.lb, &policy.lb.algorithm, &set, hash, tried) else {
         return Err((AttemptError::NoHealthy, None));
     };
@@ -1258,7 +1289,11 @@ async fn attempt_once(
             })?;
         let upstream_req = req.build(h2, attempt);
         match lease {
-            Lease::H1 { mut send, used } => {
+            Lease::H1 {
+                mut send,
+                used,
+                created,
+            } => {
                 if send.ready().await.is_err() {
                     return Err(AttemptError::Reset("connection termination".into()));
                 }
@@ -1273,6 +1308,7 @@ async fn attempt_once(
                         ep.clone(),
                         send,
                         used + 1,
+                        created,
                     )),
                 ))
             }
@@ -1333,6 +1369,16 @@ pub async fn send_mirror(state: Arc<ClusterState>, protocol: Protocol, req: Upst
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("123456789m"), None, "at most 8 digits");
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+    }
 
     #[test]
     fn shadow_suffix_goes_before_the_port() {

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::error::Flags;
@@ -193,7 +193,7 @@ pub async fn proxy(
     }
     let _slot = Slot(state.clone());
     let upstream = ep.target.to_string();
-    let mut up = match pool::connect_tcp(&ep.target, policy.pool.connect_timeout).await {
+    let mut up = match pool::connect_tcp(&ep.target, &policy.pool).await {
         Ok(s) => s,
         Err(_) => {
             outlier::record(&state, &ep, Outcome::LocalFailure);
@@ -223,10 +223,18 @@ pub async fn proxy(
     );
     let m = &shared.metrics;
     m.tcp_opened.get_or_create(&labels).inc();
-    // Byte-for-byte until either side closes.
-    let (received, sent) = tokio::io::copy_bidirectional(&mut down, &mut up)
-        .await
-        .unwrap_or((0, 0));
+    // Byte-for-byte until either side closes, the connection idles for tcp.idleTimeout (1h by
+    // default) or lives for tcp.maxConnectionDuration (flag DT).
+    let (received, sent, ended) = copy_bounded(
+        &mut down,
+        &mut up,
+        policy.pool.tcp_idle_timeout,
+        policy.pool.max_connection_duration,
+    )
+    .await;
+    if ended == Ended::MaxDuration {
+        flags = flags.with(Flags::DT);
+    }
     ep.active_connections.fetch_sub(1, Ordering::Relaxed);
     m.tcp_closed.get_or_create(&labels).inc();
     m.tcp_sent.get_or_create(&labels).inc_by(sent);
@@ -242,6 +250,77 @@ pub async fn proxy(
         received,
         start,
     );
+}
+
+/// Why a bounded copy ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// A side closed (or failed).
+    Closed,
+    /// No byte moved for the idle timeout.
+    Idle,
+    /// The connection reached its maximum duration.
+    MaxDuration,
+}
+
+/// Copy both ways until a side closes, nothing moves for `idle`, or `max` elapses.
+/// Returns (bytes client→upstream, bytes upstream→client, why it ended).
+pub async fn copy_bounded(
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    idle: Option<Duration>,
+    max: Option<Duration>,
+) -> (u64, u64, Ended) {
+    let (mut ar, mut aw) = a.split();
+    let (mut br, mut bw) = b.split();
+    let (mut up, mut down) = (0u64, 0u64);
+    let (mut a_open, mut b_open) = (true, true);
+    let mut buf_a = vec![0u8; 16 * 1024];
+    let mut buf_b = vec![0u8; 16 * 1024];
+    let deadline = max.map(|m| tokio::time::Instant::now() + m);
+    loop {
+        if !a_open && !b_open {
+            return (up, down, Ended::Closed);
+        }
+        let idle_sleep = async {
+            match idle {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        let max_sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = ar.read(&mut buf_a), if a_open => match r {
+                Ok(0) | Err(_) => {
+                    a_open = false;
+                    let _ = bw.shutdown().await;
+                    if !b_open { return (up, down, Ended::Closed); }
+                }
+                Ok(n) => {
+                    if bw.write_all(&buf_a[..n]).await.is_err() { return (up, down, Ended::Closed); }
+                    up += n as u64;
+                }
+            },
+            r = br.read(&mut buf_b), if b_open => match r {
+                Ok(0) | Err(_) => {
+                    b_open = false;
+                    let _ = aw.shutdown().await;
+                    if !a_open { return (up, down, Ended::Closed); }
+                }
+                Ok(n) => {
+                    if aw.write_all(&buf_b[..n]).await.is_err() { return (up, down, Ended::Closed); }
+                    down += n as u64;
+                }
+            },
+            _ = idle_sleep => return (up, down, Ended::Idle),
+            _ = max_sleep => return (up, down, Ended::MaxDuration),
+        }
+    }
 }
 
 /// Peek the ClientHello (without consuming it) and return its SNI.

@@ -14,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use super::{ClusterState, EndpointState, Target};
+use crate::compile::policy::PoolLimits;
 
 /// Request body type sent upstream (requests are buffered so they can be retried).
 pub type ReqBody = Full<Bytes>;
@@ -22,7 +23,7 @@ pub type ReqBody = Full<Bytes>;
 #[derive(Debug, Default)]
 pub struct EndpointPool {
     idle: Mutex<Vec<Idle>>,
-    h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
+    h2: Mutex<Option<(http2::SendRequest<ReqBody>, Instant)>>,
 }
 
 #[derive(Debug)]
@@ -30,6 +31,7 @@ struct Idle {
     send: http1::SendRequest<ReqBody>,
     since: Instant,
     used: u32,
+    created: Instant,
 }
 
 /// Why no connection could be had.
@@ -53,6 +55,8 @@ pub enum Lease {
         send: http1::SendRequest<ReqBody>,
         /// Requests already sent on it.
         used: u32,
+        /// When the connection was opened (maxConnectionDuration).
+        created: Instant,
     },
     /// HTTP/2: shared.
     H2(http2::SendRequest<ReqBody>),
@@ -83,31 +87,37 @@ pub async fn acquire(
         tokio::pin!(notified);
         notified.as_mut().enable();
         if h2 {
-            if let Some(s) = ep
-                .pool
-                .h2
-                .lock()
-                .expect("pool lock")
-                .as_ref()
-                .filter(|s| !s.is_closed())
-            {
-                return Ok(Lease::H2(s.clone()));
+            let mut slot = ep.pool.h2.lock().expect("pool lock");
+            match slot.as_ref() {
+                Some((s, created))
+                    if !s.is_closed() && !too_old(*created, limits.max_connection_duration) =>
+                {
+                    return Ok(Lease::H2(s.clone()));
+                }
+                // Closed or past maxConnectionDuration: new streams go to a new connection; the
+                // old one drains as its streams finish.
+                Some(_) => *slot = None,
+                None => {}
             }
         } else {
             // Idle connections go back to the pool as soon as their response ends; wait for
             // hyper to confirm readiness here, and skip ones that died meanwhile.
-            while let Some(mut idle) = ep.pool.take_idle(limits.idle_timeout) {
+            while let Some(mut idle) = ep
+                .pool
+                .take_idle(limits.idle_timeout, limits.max_connection_duration)
+            {
                 if idle.send.ready().await.is_ok() {
                     return Ok(Lease::H1 {
                         send: idle.send,
                         used: idle.used,
+                        created: idle.created,
                     });
                 }
             }
         }
         if try_reserve_connection(cluster, limits.max_connections) {
             drop(pending);
-            return connect(cluster, ep, h2, limits.connect_timeout).await;
+            return connect(cluster, ep, h2, limits).await;
         }
         if pending.is_none() {
             cluster
@@ -152,8 +162,14 @@ fn release_connection(cluster: &ClusterState, ep: &EndpointState) {
     cluster.conn_released.notify_waiters();
 }
 
-/// Open a TCP connection to `target` within `timeout` (the cluster's connect timeout).
-pub async fn connect_tcp(target: &Target, timeout: Duration) -> Result<TcpStream, PoolError> {
+fn too_old(created: Instant, max: Option<Duration>) -> bool {
+    max.is_some_and(|m| created.elapsed() >= m)
+}
+
+/// Open a TCP connection to `target` within the cluster's connect timeout, with its TCP
+/// keepalive settings.
+pub async fn connect_tcp(target: &Target, limits: &PoolLimits) -> Result<TcpStream, PoolError> {
+    let timeout = limits.connect_timeout;
     let fut = async {
         let addr = match target {
             Target::Addr(a) => *a,
@@ -173,6 +189,21 @@ pub async fn connect_tcp(target: &Target, timeout: Duration) -> Result<TcpStream
         .await
         .map_err(|_| PoolError::ConnectTimeout)??;
     let _ = stream.set_nodelay(true);
+    if let Some((probes, time, interval)) = limits.tcp_keepalive {
+        // tcpKeepalive: SO_KEEPALIVE with the configured probes/time/interval (OS defaults for
+        // the unset ones).
+        let mut ka = socket2::TcpKeepalive::new();
+        if let Some(t) = time {
+            ka = ka.with_time(t);
+        }
+        if let Some(i) = interval {
+            ka = ka.with_interval(i);
+        }
+        if let Some(p) = probes {
+            ka = ka.with_retries(p);
+        }
+        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
+    }
     Ok(stream)
 }
 
@@ -199,10 +230,11 @@ async fn connect(
     cluster: &Arc<ClusterState>,
     ep: &Arc<EndpointState>,
     h2: bool,
-    timeout: Duration,
+    limits: &PoolLimits,
 ) -> Result<Lease, PoolError> {
     ep.active_connections.fetch_add(1, Ordering::Relaxed);
-    let stream = match connect_tcp(&ep.target, timeout).await {
+    let created = Instant::now();
+    let stream = match connect_tcp(&ep.target, limits).await {
         Ok(s) => s,
         Err(e) => {
             release_connection(cluster, ep);
@@ -226,7 +258,7 @@ async fn connect(
             let _ = conn.await;
             release_connection(&c2, &e2);
         });
-        *ep.pool.h2.lock().expect("pool lock") = Some(send.clone());
+        *ep.pool.h2.lock().expect("pool lock") = Some((send.clone(), created));
         Ok(Lease::H2(send))
     } else {
         let (send, conn) = match http1::Builder::new().handshake(io).await {
@@ -240,15 +272,22 @@ async fn connect(
             let _ = conn.with_upgrades().await;
             release_connection(&c2, &e2);
         });
-        Ok(Lease::H1 { send, used: 0 })
+        Ok(Lease::H1 {
+            send,
+            used: 0,
+            created,
+        })
     }
 }
 
 impl EndpointPool {
-    fn take_idle(&self, idle_timeout: Duration) -> Option<Idle> {
+    fn take_idle(&self, idle_timeout: Duration, max_duration: Option<Duration>) -> Option<Idle> {
         let mut idle = self.idle.lock().expect("pool lock");
         while let Some(c) = idle.pop() {
-            if c.since.elapsed() < idle_timeout && !c.send.is_closed() {
+            if c.since.elapsed() < idle_timeout
+                && !c.send.is_closed()
+                && !too_old(c.created, max_duration)
+            {
                 return Some(c);
             }
         }
@@ -264,6 +303,7 @@ pub struct Recycle {
     ep: Arc<EndpointState>,
     send: Option<http1::SendRequest<ReqBody>>,
     used: u32,
+    created: Instant,
 }
 
 impl Recycle {
@@ -273,12 +313,14 @@ impl Recycle {
         ep: Arc<EndpointState>,
         send: http1::SendRequest<ReqBody>,
         used: u32,
+        created: Instant,
     ) -> Recycle {
         Recycle {
             cluster,
             ep,
             send: Some(send),
             used,
+            created,
         }
     }
 }
@@ -286,14 +328,20 @@ impl Recycle {
 impl Drop for Recycle {
     fn drop(&mut self) {
         let Some(send) = self.send.take() else { return };
-        let max = self.cluster.policy.load().pool.max_requests_per_connection;
-        if (max > 0 && self.used >= max) || send.is_closed() {
+        let policy = self.cluster.policy.load();
+        let max = policy.pool.max_requests_per_connection;
+        // maxConnectionDuration: an old connection is not reused (dropping it closes it).
+        if (max > 0 && self.used >= max)
+            || send.is_closed()
+            || too_old(self.created, policy.pool.max_connection_duration)
+        {
             return;
         }
         self.ep.pool.idle.lock().expect("pool lock").push(Idle {
             send,
             since: Instant::now(),
             used: self.used,
+            created: self.created,
         });
         if self.cluster.pending_requests.load(Ordering::Relaxed) > 0 {
             self.cluster.conn_released.notify_waiters();
