@@ -31,6 +31,11 @@ int main(void)
 	OFF(np_event, netns_cookie);
 	OFF(np_event, orig);
 	OFF(np_event, target);
+	SIZE(np_sock_key);
+	OFF(np_sock_key, local_ip);
+	OFF(np_sock_key, remote_ip);
+	OFF(np_sock_key, local_port);
+	OFF(np_sock_key, remote_port);
 	SIZE(np_lpm4);
 	OFF(np_lpm4, prefixlen);
 	OFF(np_lpm4, addr);

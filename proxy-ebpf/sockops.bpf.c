@@ -11,6 +11,33 @@
 #include "abi.h"
 #include "lib/common.h"
 
+/*
+ * With the sk_msg splice on, both local ends of a captured connection (the client's socket and
+ * the proxy's accepted socket on the capture port) go into np_sock_hash, keyed by their own
+ * 4-tuple; np_sk_msg then moves each sendmsg straight into the peer's receive queue.
+ */
+static __always_inline void np_sockmap_add(struct bpf_sock_ops *skops)
+{
+	struct np_sock_key key = {};
+	__u32 capture_port = bpf_ntohs((__u16)np_capture_port);
+	/* remote_port holds the network-order port in its upper 16 bits (measured on 6.18:
+	 * bpf_ntohl(x) >> 16 does not give the port; bpf_ntohs(x >> 16) does). */
+	__u32 remote_port = bpf_ntohs((__u16)(skops->remote_port >> 16));
+
+	if (!np_sockmap || skops->family != NP_AF_INET)
+		return;
+	if (skops->local_port != capture_port && remote_port != capture_port)
+		return;
+	if (skops->local_ip4 != np_capture_ip4 && skops->remote_ip4 != np_capture_ip4)
+		return;
+	key.local_ip = skops->local_ip4;
+	key.remote_ip = skops->remote_ip4;
+	key.local_port = skops->local_port;
+	key.remote_port = remote_port;
+	if (!bpf_sock_hash_update(skops, &np_sock_hash, &key, BPF_NOEXIST))
+		np_count(NP_R_SOCKMAP_ADD);
+}
+
 SEC("sockops")
 int np_sockops(struct bpf_sock_ops *skops)
 {
@@ -19,8 +46,13 @@ int np_sockops(struct bpf_sock_ops *skops)
 	struct np_addr *found;
 	__u64 cookie;
 
+	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+		np_sockmap_add(skops);
+		return 1;
+	}
 	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
 		return 1;
+	np_sockmap_add(skops);
 	cookie = bpf_get_socket_cookie(skops);
 	found = bpf_map_lookup_elem(&np_orig_cookie, &cookie);
 	if (!found)

@@ -44,7 +44,7 @@ fn main() -> anyhow::Result<()> {
         "aarch64" => ("arm64", "aarch64-linux-gnu"),
         _ => ("x86", "x86_64-linux-gnu"),
     };
-    for prog in ["connect", "sockops", "xdp_guard"] {
+    for prog in ["connect", "sockops", "getsockopt", "sk_msg", "xdp_guard"] {
         let input = src.join(format!("{prog}.bpf.c"));
         let output = out.join(format!("{prog}.bpf.o"));
         // -g keeps BTF (aya refuses BTF-defined maps without it); the multiarch include dir is

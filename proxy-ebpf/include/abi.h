@@ -41,7 +41,9 @@ enum np_reason {
 	NP_R_XDP_DROP_CIDR = 10,
 	NP_R_XDP_PASS = 11,
 	NP_R_NO_CAPTURE_ADDR = 12,
-	NP_R_MAX = 13,
+	NP_R_SOCKMAP_ADD = 13,
+	NP_R_SOCKMAP_REDIRECT = 14,
+	NP_R_MAX = 15,
 };
 
 /* An IPv4 or IPv6 socket address. IPv4 uses addr[0]. */
@@ -83,6 +85,15 @@ struct np_event {
 	struct np_addr target;
 };
 _Static_assert(sizeof(struct np_event) == 56, "np_event layout");
+
+/* Key of np_sock_hash: a local TCP socket by its own 4-tuple (IPv4). */
+struct np_sock_key {
+	__u32 local_ip;    /* network order */
+	__u32 remote_ip;   /* network order */
+	__u32 local_port;  /* host order */
+	__u32 remote_port; /* host order */
+};
+_Static_assert(sizeof(struct np_sock_key) == 16, "np_sock_key layout");
 
 /* LPM key of the XDP deny list (IPv4). */
 struct np_lpm4 {

@@ -76,10 +76,20 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } np_events SEC(".maps");
 
+/* Local sockets of captured connections (client <-> proxy), for the sk_msg splice. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct np_sock_key);
+	__type(value, __u32); /* socket fd on update from userspace; aya expects 4 bytes */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} np_sock_hash SEC(".maps");
+
 /* Where captured connections go; set at load time (EbpfLoader::set_global). */
 volatile const __u32 np_capture_ip4 = 0;   /* network order */
 volatile const __u32 np_capture_port = 0;  /* network order, low 16 bits */
 volatile const __u32 np_capture_ip6[4] = {}; /* network order; all zero: IPv6 not captured */
+volatile const __u32 np_sockmap = 0;         /* 1: splice client<->proxy bytes with sk_msg */
 
 static __always_inline void np_count(__u32 reason)
 {

@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use aya::maps::{HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps, Xdp, XdpMode};
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps, Xdp, XdpMode,
+};
 use aya::{Ebpf, EbpfLoader};
 use serde::Serialize;
 
@@ -29,6 +31,9 @@ use self::services::{KernelService, kernel_services};
 use crate::compile::Snapshot;
 
 static CONNECT_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connect.bpf.o"));
+static GETSOCKOPT_OBJ: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/getsockopt.bpf.o"));
+static SK_MSG_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sk_msg.bpf.o"));
 static SOCKOPS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockops.bpf.o"));
 static XDP_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp_guard.bpf.o"));
 
@@ -128,6 +133,8 @@ pub struct Options {
     pub deny_cidrs: Vec<ipnet::Ipv4Net>,
     /// bpffs mount point.
     pub bpffs: PathBuf,
+    /// Splice client<->proxy bytes with sockops + sk_msg (off by default).
+    pub sockmap: bool,
 }
 
 struct Maps {
@@ -161,6 +168,8 @@ pub struct Kernel {
     pin_dir: PathBuf,
     capture: SocketAddr,
     attached: Vec<String>,
+    /// The sk_msg splice's socket map, while attached.
+    _sock_hash: Option<aya::maps::SockHash<MapData, abi::NpSockKey>>,
 }
 
 /// `/kernel` view.
@@ -254,11 +263,13 @@ impl Kernel {
             IpAddr::V6(_) => (0, NpAddr::from_socket(opts.capture).addr),
         };
         let port = opts.capture.port().to_be() as u32;
+        let sockmap = opts.sockmap as u32;
         let mut connect = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
             .override_global("np_capture_ip4", &ip4, true)
             .override_global("np_capture_port", &port, true)
             .override_global("np_capture_ip6", &ip6, true)
+            .override_global("np_sockmap", &sockmap, true)
             .load(CONNECT_OBJ)
             .map_err(|source| Error::Load {
                 object: "connect.bpf.o",
@@ -269,6 +280,7 @@ impl Kernel {
             .override_global("np_capture_ip4", &ip4, true)
             .override_global("np_capture_port", &port, true)
             .override_global("np_capture_ip6", &ip6, true)
+            .override_global("np_sockmap", &sockmap, true)
             .load(SOCKOPS_OBJ)
             .map_err(|source| Error::Load {
                 object: "sockops.bpf.o",
@@ -328,7 +340,90 @@ impl Kernel {
                 })?;
             attached.push(format!("{name} -> cgroup {}", cgroup.display()));
         }
-        let mut objects = Vec::new();
+        // getsockopt(SO_ORIGINAL_DST) for tools that ask the standard way; shares the pinned maps.
+        let mut getsockopt = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .override_global("np_capture_ip4", &ip4, true)
+            .override_global("np_capture_port", &port, true)
+            .override_global("np_capture_ip6", &ip6, true)
+            .override_global("np_sockmap", &sockmap, true)
+            .load(GETSOCKOPT_OBJ)
+            .map_err(|source| Error::Load {
+                object: "getsockopt.bpf.o",
+                source,
+            })?;
+        {
+            let name = "np_getsockopt";
+            let prog: &mut CgroupSockopt = getsockopt
+                .program_mut(name)
+                .ok_or(Error::Missing(name))?
+                .try_into()
+                .map_err(|source| Error::Program {
+                    action: "find".into(),
+                    name,
+                    source,
+                })?;
+            prog.load().map_err(|source| Error::Program {
+                action: "load".into(),
+                name,
+                source,
+            })?;
+            prog.attach(&cgroup_file, CgroupAttachMode::Single)
+                .map_err(|source| Error::Program {
+                    action: format!("attach to cgroup {}", cgroup.display()),
+                    name,
+                    source,
+                })?;
+            attached.push(format!("{name} -> cgroup {}", cgroup.display()));
+        }
+        let mut objects = vec![getsockopt];
+        let mut sock_hash = None;
+        if opts.sockmap {
+            let mut skmsg = EbpfLoader::new()
+                .default_map_pin_directory(&pin_dir)
+                .override_global("np_capture_ip4", &ip4, true)
+                .override_global("np_capture_port", &port, true)
+                .override_global("np_capture_ip6", &ip6, true)
+                .override_global("np_sockmap", &sockmap, true)
+                .load(SK_MSG_OBJ)
+                .map_err(|source| Error::Load {
+                    object: "sk_msg.bpf.o",
+                    source,
+                })?;
+            let hash: aya::maps::SockHash<MapData, abi::NpSockKey> = aya::maps::SockHash::try_from(
+                skmsg
+                    .take_map("np_sock_hash")
+                    .ok_or(Error::Missing("np_sock_hash"))?,
+            )
+            .map_err(map_err("np_sock_hash", "open"))?;
+            let name = "np_sk_msg";
+            let prog: &mut SkMsg = skmsg
+                .program_mut(name)
+                .ok_or(Error::Missing(name))?
+                .try_into()
+                .map_err(|source| Error::Program {
+                    action: "find".into(),
+                    name,
+                    source,
+                })?;
+            prog.load().map_err(|source| Error::Program {
+                action: "load".into(),
+                name,
+                source,
+            })?;
+            let fd = hash.fd().try_clone().map_err(|source| Error::Io {
+                what: "dup np_sock_hash fd".into(),
+                source,
+            })?;
+            prog.attach(&fd).map_err(|source| Error::Program {
+                action: "attach to np_sock_hash".into(),
+                name,
+                source,
+            })?;
+            attached.push(format!("{name} -> np_sock_hash"));
+            objects.push(skmsg);
+            sock_hash = Some(hash);
+        }
         let mut xdp_counters = None;
         if !opts.uplinks.is_empty() {
             let mut xdp = EbpfLoader::new()
@@ -425,6 +520,7 @@ impl Kernel {
             pin_dir,
             capture: opts.capture,
             attached,
+            _sock_hash: sock_hash,
         };
         for p in &opts.enroll {
             kernel.enroll(p)?;
@@ -548,6 +644,16 @@ impl Kernel {
         let orig = st.maps.orig_tuple.get(&key, 0).ok()?;
         let _ = st.maps.orig_tuple.remove(&key);
         orig.to_socket()
+    }
+
+    /// Record an original destination for a client address (what sockops does at ESTABLISHED);
+    /// used by tests and by tools replaying state.
+    pub fn remember_orig_dst(&self, client: SocketAddr, orig: SocketAddr) -> Result<(), Error> {
+        let mut st = self.state.lock().expect("kernel lock");
+        st.maps
+            .orig_tuple
+            .insert(NpAddr::from_socket(client), NpAddr::from_socket(orig), 0)
+            .map_err(map_err("np_orig_tuple", format!("insert {client}")))
     }
 
     /// Counters summed over CPUs, by reason name.
@@ -680,6 +786,7 @@ mod tests {
             guard_ports: Vec::new(),
             deny_cidrs: Vec::new(),
             bpffs: PathBuf::from(DEFAULT_BPFFS),
+            sockmap: true,
         };
         let k = Kernel::load(&opts)
             .unwrap_or_else(|e| panic!("{e:#}: {:?}", std::error::Error::source(&e)));
@@ -688,7 +795,19 @@ mod tests {
             "shared maps are pinned"
         );
         let st = k.status();
-        assert_eq!(st.attached.len(), 3);
+        assert_eq!(st.attached.len(), 5, "{:?}", st.attached);
+        // cgroup/getsockopt answers SO_ORIGINAL_DST for a peer the 4-tuple map knows.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (accepted, peer) = l.accept().unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+        let orig: std::net::SocketAddr = "10.96.7.7:8080".parse().unwrap();
+        k.remember_orig_dst(peer, orig).unwrap();
+        assert_eq!(
+            netns::original_dst(&accepted).expect("SO_ORIGINAL_DST"),
+            orig
+        );
+        assert_eq!(k.take_orig_dst(peer), Some(orig));
         assert_eq!(st.enrolled.len(), 1);
         assert!(k.unenroll(Path::new("/proc/self/ns/net")).unwrap());
         drop(k);

@@ -169,6 +169,9 @@ enum Command {
         /// Source CIDR the XDP guard drops (repeatable, IPv4).
         #[arg(long = "deny-cidr")]
         deny_cidr: Vec<ipnet::Ipv4Net>,
+        /// Splice client<->proxy bytes in the kernel with sockops + sk_msg (off by default).
+        #[arg(long)]
+        sockmap: bool,
         /// The node's locality, `region/zone/subzone` (locality-aware load balancing).
         #[arg(long)]
         locality: Option<String>,
@@ -344,6 +347,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
             deny_cidr,
             bpffs,
             locality,
+            sockmap,
         } => {
             if access_log_format == AccessLogFormat::Json {
                 nodeproxy::telemetry::access::set_json(true);
@@ -373,6 +377,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                         guard_ports,
                         deny_cidrs: deny_cidr,
                         bpffs,
+                        sockmap,
                     })
                 }
             };

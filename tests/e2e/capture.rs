@@ -118,10 +118,14 @@ async fn scene(test: &str) -> Scene {
 
 impl Scene {
     fn start_proxy(&self) -> nodeproxy_tests::node::ProxyGuard {
+        self.start_proxy_with(&[])
+    }
+
+    fn start_proxy_with(&self, extra: &[&str]) -> nodeproxy_tests::node::ProxyGuard {
         let cfg = self.dir.0.join("mesh.yaml");
         let capture = format!("{}:15001", self.node.ip());
         let client_ns = self.node.pods[self.client].path();
-        let p = self.node.spawn_proxy(&[
+        let mut args = vec![
             "run",
             "--capture",
             "ebpf",
@@ -135,7 +139,9 @@ impl Scene {
             client_ns.to_str().unwrap(),
             "--access-log",
             "off",
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let p = self.node.spawn_proxy(&args);
         eventually("proxy ready", Duration::from_secs(30), || {
             self.node
                 .http_get(ADMIN, "/ready")
@@ -535,4 +541,39 @@ fn socket_from(src: &str) -> socket2::Socket {
     sock.bind(&format!("{src}:0").parse::<SocketAddr>().unwrap().into())
         .unwrap();
     sock
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sockmap_splice_carries_captured_traffic() {
+    if !require_root("sockmap_splice_carries_captured_traffic") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let s = std::sync::Arc::new(scene("sockmap").await);
+    let _proxy = s.start_proxy_with(&["--sockmap"]);
+    let vip = s.vip(1, 80);
+    let s2 = s.clone();
+    let bodies = blocking(move || {
+        (0..50)
+            .map(|_| {
+                s2.node.pods[s2.client]
+                    .http_get(vip, "/", &[("end-user", "jason")])
+                    .expect("request")
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    assert!(
+        bodies.iter().all(|(st, b)| *st == 200 && b == "v2"),
+        "{bodies:?}"
+    );
+    assert!(
+        s.counter("sockmap_add") >= 100,
+        "both ends of each captured connection are in the sockhash"
+    );
+    assert!(
+        s.counter("sockmap_redirect") >= 50,
+        "sends were spliced: {}",
+        s.counter("sockmap_redirect")
+    );
 }

@@ -41,7 +41,7 @@ pub fn run() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dest = root.join("target/bpf");
     std::fs::create_dir_all(&dest)?;
-    for name in ["connect", "sockops", "xdp_guard"] {
+    for name in ["connect", "sockops", "getsockopt", "sk_msg", "xdp_guard"] {
         let src = out_dir.join(format!("{name}.bpf.o"));
         let dst = dest.join(format!("{name}.bpf.o"));
         std::fs::copy(&src, &dst).with_context(|| format!("copy {}", src.display()))?;

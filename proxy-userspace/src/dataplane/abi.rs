@@ -17,7 +17,7 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
 /// `enum np_reason`, in order. Keep in sync with proxy-ebpf/include/abi.h.
-pub const REASONS: [&str; 13] = [
+pub const REASONS: [&str; 15] = [
     "not_tcp",
     "not_enrolled",
     "proxy_mark",
@@ -31,6 +31,8 @@ pub const REASONS: [&str; 13] = [
     "xdp_drop_cidr",
     "xdp_pass",
     "no_capture_addr",
+    "sockmap_add",
+    "sockmap_redirect",
 ];
 /// Index of `NP_R_FASTPATH`.
 pub const R_FASTPATH: usize = 5;
@@ -97,6 +99,20 @@ pub struct NpEvent {
     pub target: NpAddr,
 }
 
+/// `struct np_sock_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct NpSockKey {
+    /// Network order.
+    pub local_ip: u32,
+    /// Network order.
+    pub remote_ip: u32,
+    /// Host order.
+    pub local_port: u32,
+    /// Host order.
+    pub remote_port: u32,
+}
+
 /// `struct np_lpm4` (key data after the prefix length).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -113,6 +129,7 @@ const _: () = assert!(size_of::<NpBackendKey>() == 8);
 const _: () = assert!(size_of::<NpBackendVal>() == 24);
 const _: () = assert!(size_of::<NpEvent>() == 56);
 const _: () = assert!(size_of::<NpLpm4>() == 8);
+const _: () = assert!(size_of::<NpSockKey>() == 16);
 
 // SAFETY: plain #[repr(C)] structs of integers with no padding (checked above and by the layout
 // test), valid for any bit pattern.
@@ -125,6 +142,8 @@ unsafe impl aya::Pod for NpBackendKey {}
 unsafe impl aya::Pod for NpBackendVal {}
 // SAFETY: as above.
 unsafe impl aya::Pod for NpEvent {}
+// SAFETY: as above.
+unsafe impl aya::Pod for NpSockKey {}
 
 impl NpAddr {
     /// From a socket address (IPv4-mapped IPv6 becomes IPv4, as connect4 sees it).
@@ -232,7 +251,7 @@ mod tests {
                     .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
             })
             .collect();
-        let rust: [(&str, usize); 28] = [
+        let rust: [(&str, usize); 33] = [
             ("np_addr", size_of::<NpAddr>()),
             ("np_addr.addr", offset_of!(NpAddr, addr)),
             ("np_addr.port", offset_of!(NpAddr, port)),
@@ -266,6 +285,14 @@ mod tests {
             ("np_event.netns_cookie", offset_of!(NpEvent, netns_cookie)),
             ("np_event.orig", offset_of!(NpEvent, orig)),
             ("np_event.target", offset_of!(NpEvent, target)),
+            ("np_sock_key", size_of::<NpSockKey>()),
+            ("np_sock_key.local_ip", offset_of!(NpSockKey, local_ip)),
+            ("np_sock_key.remote_ip", offset_of!(NpSockKey, remote_ip)),
+            ("np_sock_key.local_port", offset_of!(NpSockKey, local_port)),
+            (
+                "np_sock_key.remote_port",
+                offset_of!(NpSockKey, remote_port),
+            ),
             ("np_lpm4", size_of::<NpLpm4>()),
             ("np_lpm4.prefixlen", offset_of!(NpLpm4, prefixlen)),
             ("np_lpm4.addr", offset_of!(NpLpm4, addr)),

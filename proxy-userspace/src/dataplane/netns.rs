@@ -47,6 +47,42 @@ pub fn current_cookie(sock: &impl AsRawFd) -> std::io::Result<u64> {
     Ok(value)
 }
 
+/// `getsockopt(SOL_IP, SO_ORIGINAL_DST)`: the destination a captured connection was meant for
+/// (answered by the cgroup/getsockopt program, or by iptables REDIRECT elsewhere).
+pub fn original_dst(sock: &impl AsRawFd) -> std::io::Result<std::net::SocketAddr> {
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    let mut addr: libc::sockaddr_in = zeroed_sockaddr_in();
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `addr`, a valid sockaddr_in on our
+    // stack; the fd is borrowed from `sock` and open for the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_IP,
+            SO_ORIGINAL_DST,
+            (&mut addr as *mut libc::sockaddr_in).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let ip = std::net::Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+    Ok(std::net::SocketAddr::new(
+        ip.into(),
+        u16::from_be(addr.sin_port),
+    ))
+}
+
+fn zeroed_sockaddr_in() -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: 0,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: 0 },
+        sin_zero: [0; 8],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

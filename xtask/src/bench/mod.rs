@@ -742,28 +742,77 @@ fn netns_workloads(ctx: &mut Ctx) -> anyhow::Result<()> {
             Some(captured.pid()),
         ),
     ];
-    for (w, close) in [("netns h1-keepalive", false), ("netns h1-newconn", true)] {
+    let measure = |ctx: &mut Ctx,
+                   w: &str,
+                   name: &str,
+                   url: &str,
+                   pid: Option<u32>,
+                   close: bool,
+                   rep: usize|
+     -> anyhow::Result<()> {
+        let cpu_of = |p: u32| {
+            procs::tree(p)
+                .iter()
+                .map(|q| procs::cpu_of(*q))
+                .sum::<f64>()
+        };
+        let cpu0 = pid.map(cpu_of);
+        let r = load::wrk(url, ctx.secs, 50, close, Some(&ns))?;
+        let cpu = pid.map(cpu_of).zip(cpu0).map(|(a, b)| a - b);
+        ctx.record(w, name, rep, &r, cpu, pid.map(procs::rss_of));
+        Ok(())
+    };
+    let workloads = [("netns h1-keepalive", false), ("netns h1-newconn", true)];
+    for (w, close) in workloads {
         for rep in 0..ctx.reps {
             for (name, url, pid) in &targets {
-                let cpu0 = pid.map(|p| {
-                    procs::tree(p)
-                        .iter()
-                        .map(|q| procs::cpu_of(*q))
-                        .sum::<f64>()
-                });
-                let r = load::wrk(url, ctx.secs, 50, close, Some(&ns))?;
-                let cpu = pid
-                    .map(|p| {
-                        procs::tree(p)
-                            .iter()
-                            .map(|q| procs::cpu_of(*q))
-                            .sum::<f64>()
-                    })
-                    .zip(cpu0)
-                    .map(|(a, b)| a - b);
-                let rss = pid.map(procs::rss_of);
-                ctx.record(w, name, rep, &r, cpu, rss);
+                measure(ctx, w, name, url, *pid, close, rep)?;
             }
+        }
+    }
+    // The sk_msg splice needs its own proxy start (one eBPF proxy at a time): measured after the
+    // interleaved targets.
+    drop(captured);
+    let sockmap = node.spawn_proxy_bin(
+        &bin,
+        &[
+            "run",
+            "--capture",
+            "ebpf",
+            "--sockmap",
+            "--capture-listen",
+            &format!("{node_ip}:15001"),
+            "--admin",
+            "127.0.0.1:15000",
+            "--access-log",
+            "off",
+            "--config",
+            dir.join("mesh.yaml").to_str().context("path")?,
+            "--enroll-netns",
+            client_ns.to_str().context("path")?,
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while node
+        .http_get("127.0.0.1:15000", "/ready")
+        .is_none_or(|(s, _)| s != 200)
+    {
+        if Instant::now() > deadline {
+            bail!("the --sockmap proxy did not become ready");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (w, close) in workloads {
+        for rep in 0..ctx.reps {
+            measure(
+                ctx,
+                w,
+                "nodeproxy-captured-sockmap",
+                &format!("http://{vip_http}:80/"),
+                Some(sockmap.pid()),
+                close,
+                rep,
+            )?;
         }
     }
     Ok(())
