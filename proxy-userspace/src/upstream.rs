@@ -105,6 +105,11 @@ impl EndpointState {
         }
     }
 
+    /// A one-off endpoint for a passthrough request (the client's original destination).
+    pub fn transient(addr: SocketAddr) -> EndpointState {
+        EndpointState::new(Target::Addr(addr), 1, Default::default())
+    }
+
     /// The cached metric series for `key`, made with `make` on first use.
     pub fn series(
         &self,

@@ -72,6 +72,15 @@ spec:
   resolution: STATIC
   ports: [{{number: 5432, name: tcp, protocol: TCP, targetPort: 9000}}]
   endpoints: [{{address: {echo}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: v1-pod}}
+spec:
+  hosts: [v1.pods.local]
+  addresses: [{v1}]
+  resolution: NONE
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
 ",
         weights.0, weights.1
     )
@@ -271,6 +280,20 @@ async fn capture_split_routing_fastpath_and_cleanup() {
     let k = s.kernel();
     assert_eq!(k["services"][db.to_string()]["mode"], "fastpath");
     assert_eq!(k["services"][vip.to_string()]["mode"], "proxy");
+
+    // resolution NONE: captured, then forwarded to the address the client asked for.
+    let before = s.counter("redirect_proxy");
+    let pod_v1 = SocketAddr::new(s.node.pods[2].ip.into(), 8080);
+    let s2 = s.clone();
+    assert_eq!(
+        blocking(move || s2.node.pods[s2.client].http_get(pod_v1, "/", &[]).unwrap()).await,
+        (200, "v1".to_string())
+    );
+    assert_eq!(
+        s.counter("redirect_proxy"),
+        before + 1,
+        "went through the proxy"
+    );
 
     // A pod that is not enrolled is untouched: its connect to the VIP is not rewritten and fails.
     let s2 = s.clone();

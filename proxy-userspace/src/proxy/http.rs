@@ -538,7 +538,13 @@ async fn pipeline(
     };
     let result = forward(
         &state,
-        cluster.passthrough,
+        if !cluster.passthrough {
+            Passthrough::No
+        } else if conn.original_dst != conn.local {
+            Passthrough::To(conn.original_dst)
+        } else {
+            Passthrough::Unavailable
+        },
         rule,
         timeout,
         &ureq,
@@ -948,6 +954,17 @@ impl UpstreamRequest {
 /// An upstream response with the guards its body keeps alive and the route deadline.
 type Streaming = (Response<Incoming>, Vec<Box<dyn Send>>, Option<Instant>);
 
+/// Whether (and where) a request goes to its original destination instead of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Passthrough {
+    /// Load-balance over the cluster's endpoints.
+    No,
+    /// Forward to the captured connection's original destination.
+    To(SocketAddr),
+    /// A passthrough cluster reached without capture: there is no original destination.
+    Unavailable,
+}
+
 /// What forwarding produced.
 struct Forwarded {
     response: Result<Streaming, LocalReply>,
@@ -1044,7 +1061,7 @@ fn error_retriable(on: &RetryOn, e: &AttemptError) -> bool {
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     state: &Arc<ClusterState>,
-    passthrough: bool,
+    passthrough: Passthrough,
     rule: &HttpRule,
     timeout: Option<Duration>,
     req: &UpstreamRequest,
@@ -1250,7 +1267,7 @@ type AttemptOk = (Response<Incoming>, Arc<EndpointState>, Vec<Box<dyn Send>>);
 #[allow(clippy::too_many_arguments)]
 async fn attempt_once(
     state: &Arc<ClusterState>,
-    passthrough: bool,
+    passthrough: Passthrough,
     policy: &crate::compile::policy::ClusterPolicy,
     req: &UpstreamRequest,
     h2: bool,
@@ -1259,7 +1276,7 @@ async fn attempt_once(
     deadline: Option<Instant>,
     attempt: u32,
 ) -> Result<AttemptOk, (AttemptError, Option<Arc<EndpointState>>)> {
-    if passthrough {
+    if passthrough == Passthrough::Unavailable {
         return Err((AttemptError::Passthrough, None));
     }
     // Circuit breaker on concurrent requests (http2MaxRequests): immediate 503 UO.
@@ -1272,9 +1289,16 @@ async fn attempt_once(
             .fetch_add(1, Ordering::Relaxed);
         return Err((AttemptError::Overflow, None));
     }
-    let set = state.lb_set_for_request();
-    let Some(ep) = lb::pick(&state.lb, &policy.lb.algorithm, &set, hash, tried) else {
-        return Err((AttemptError::NoHealthy, None));
+    let ep = match passthrough {
+        // resolution NONE / PASSTHROUGH: the destination the client asked for (captured).
+        Passthrough::To(addr) => Arc::new(EndpointState::transient(addr)),
+        _ => {
+            let set = state.lb_set_for_request();
+            let Some(ep) = lb::pick(&state.lb, &policy.lb.algorithm, &set, hash, tried) else {
+                return Err((AttemptError::NoHealthy, None));
+            };
+            ep
+        }
     };
     ep.active_requests.fetch_add(1, Ordering::Relaxed);
     let ep_guard = CounterGuard(EpReq(ep.clone()));
@@ -1358,8 +1382,18 @@ pub async fn send_mirror(state: Arc<ClusterState>, protocol: Protocol, req: Upst
     let policy = state.policy.load_full();
     let h2 = matches!(protocol, Protocol::Http2 | Protocol::Grpc) || policy.pool.h2_upgrade;
     let deadline = Some(Instant::now() + Duration::from_secs(30));
-    if let Ok((resp, _, guards)) =
-        attempt_once(&state, false, &policy, &req, h2, None, &[], deadline, 1).await
+    if let Ok((resp, _, guards)) = attempt_once(
+        &state,
+        Passthrough::No,
+        &policy,
+        &req,
+        h2,
+        None,
+        &[],
+        deadline,
+        1,
+    )
+    .await
     {
         let _ = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect()).await;
         drop(guards);

@@ -117,7 +117,12 @@ pub async fn proxy(
     };
     let state = view.clusters[cid].clone();
     let policy = state.policy.load_full();
-    if snap.clusters[cid].passthrough {
+    // resolution NONE / PASSTHROUGH: the original destination, which exists only when captured.
+    let pass_to = snap.clusters[cid]
+        .passthrough
+        .then_some(conn.original_dst)
+        .filter(|o| *o != conn.local);
+    if snap.clusters[cid].passthrough && pass_to.is_none() {
         tcp_access(
             conn.peer,
             conn.local,
@@ -131,21 +136,25 @@ pub async fn proxy(
         );
         return;
     }
-    let set = state.lb_set();
+    let set = state.lb_set_for_request();
     let hash = Some(lb::hash64(conn.peer.ip()));
-    let Some(ep) = lb::pick(
-        &state.lb,
-        &policy.lb.algorithm,
-        &set,
-        hash.filter(|_| {
-            matches!(
-                policy.lb.algorithm,
-                crate::compile::policy::LbAlgorithm::RingHash { .. }
-                    | crate::compile::policy::LbAlgorithm::Maglev { .. }
-            )
-        }),
-        &[],
-    ) else {
+    let picked = match pass_to {
+        Some(addr) => Some(Arc::new(crate::upstream::EndpointState::transient(addr))),
+        None => lb::pick(
+            &state.lb,
+            &policy.lb.algorithm,
+            &set,
+            hash.filter(|_| {
+                matches!(
+                    policy.lb.algorithm,
+                    crate::compile::policy::LbAlgorithm::RingHash { .. }
+                        | crate::compile::policy::LbAlgorithm::Maglev { .. }
+                )
+            }),
+            &[],
+        ),
+    };
+    let Some(ep) = picked else {
         tcp_access(
             conn.peer,
             conn.local,
