@@ -263,133 +263,57 @@ impl Kernel {
             IpAddr::V6(_) => (0, NpAddr::from_socket(opts.capture).addr),
         };
         let port = opts.capture.port().to_be() as u32;
-        let sockmap = opts.sockmap as u32;
-        let mut connect = EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
-            .override_global("np_capture_ip4", &ip4, true)
-            .override_global("np_capture_port", &port, true)
-            .override_global("np_capture_ip6", &ip6, true)
-            .override_global("np_sockmap", &sockmap, true)
-            .load(CONNECT_OBJ)
-            .map_err(|source| Error::Load {
-                object: "connect.bpf.o",
-                source,
-            })?;
-        let mut sockops = EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
-            .override_global("np_capture_ip4", &ip4, true)
-            .override_global("np_capture_port", &port, true)
-            .override_global("np_capture_ip6", &ip6, true)
-            .override_global("np_sockmap", &sockmap, true)
-            .load(SOCKOPS_OBJ)
-            .map_err(|source| Error::Load {
-                object: "sockops.bpf.o",
-                source,
-            })?;
+        let globals = Globals {
+            ip4,
+            port,
+            ip6,
+            sockmap: opts.sockmap as u32,
+        };
+        let mut connect = load_shared(CONNECT_OBJ, "connect.bpf.o", &pin_dir, &globals)?;
+        let mut sockops = load_shared(SOCKOPS_OBJ, "sockops.bpf.o", &pin_dir, &globals)?;
+        // getsockopt(SO_ORIGINAL_DST) for tools that ask the standard way; shares the pinned maps.
+        let mut getsockopt = load_shared(GETSOCKOPT_OBJ, "getsockopt.bpf.o", &pin_dir, &globals)?;
         let cgroup_file = std::fs::File::open(&cgroup).map_err(|source| Error::Io {
             what: format!("open cgroup {}", cgroup.display()),
             source,
         })?;
         let mut attached = Vec::new();
-        for name in ["np_connect4", "np_connect6"] {
-            let prog: &mut CgroupSockAddr = connect
-                .program_mut(name)
-                .ok_or(Error::Missing(name))?
-                .try_into()
-                .map_err(|source| Error::Program {
-                    action: "find".into(),
+        // Single: aya 0.14's AllowMultiple fails with EINVAL (aya issue 1078); an existing foreign
+        // program at the root makes this fail rather than replacing it.
+        macro_rules! attach_cgroup {
+            ($bpf:expr, $ty:ty, $name:expr) => {{
+                let name: &'static str = $name;
+                let prog: &mut $ty = $bpf
+                    .program_mut(name)
+                    .ok_or(Error::Missing(name))?
+                    .try_into()
+                    .map_err(|source| Error::Program {
+                        action: "find".into(),
+                        name,
+                        source,
+                    })?;
+                prog.load().map_err(|source| Error::Program {
+                    action: "load".into(),
                     name,
                     source,
                 })?;
-            prog.load().map_err(|source| Error::Program {
-                action: "load".into(),
-                name,
-                source,
-            })?;
-            // Single: aya 0.14's AllowMultiple fails with EINVAL (aya issue 1078); an existing
-            // foreign program at the root makes this fail rather than replacing it.
-            prog.attach(&cgroup_file, CgroupAttachMode::Single)
-                .map_err(|source| Error::Program {
-                    action: format!("attach to cgroup {}", cgroup.display()),
-                    name,
-                    source,
-                })?;
-            attached.push(format!("{name} -> cgroup {}", cgroup.display()));
+                prog.attach(&cgroup_file, CgroupAttachMode::Single)
+                    .map_err(|source| Error::Program {
+                        action: format!("attach to cgroup {}", cgroup.display()),
+                        name,
+                        source,
+                    })?;
+                attached.push(format!("{name} -> cgroup {}", cgroup.display()));
+            }};
         }
-        {
-            let name = "np_sockops";
-            let prog: &mut SockOps = sockops
-                .program_mut(name)
-                .ok_or(Error::Missing(name))?
-                .try_into()
-                .map_err(|source| Error::Program {
-                    action: "find".into(),
-                    name,
-                    source,
-                })?;
-            prog.load().map_err(|source| Error::Program {
-                action: "load".into(),
-                name,
-                source,
-            })?;
-            prog.attach(&cgroup_file, CgroupAttachMode::Single)
-                .map_err(|source| Error::Program {
-                    action: format!("attach to cgroup {}", cgroup.display()),
-                    name,
-                    source,
-                })?;
-            attached.push(format!("{name} -> cgroup {}", cgroup.display()));
-        }
-        // getsockopt(SO_ORIGINAL_DST) for tools that ask the standard way; shares the pinned maps.
-        let mut getsockopt = EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
-            .override_global("np_capture_ip4", &ip4, true)
-            .override_global("np_capture_port", &port, true)
-            .override_global("np_capture_ip6", &ip6, true)
-            .override_global("np_sockmap", &sockmap, true)
-            .load(GETSOCKOPT_OBJ)
-            .map_err(|source| Error::Load {
-                object: "getsockopt.bpf.o",
-                source,
-            })?;
-        {
-            let name = "np_getsockopt";
-            let prog: &mut CgroupSockopt = getsockopt
-                .program_mut(name)
-                .ok_or(Error::Missing(name))?
-                .try_into()
-                .map_err(|source| Error::Program {
-                    action: "find".into(),
-                    name,
-                    source,
-                })?;
-            prog.load().map_err(|source| Error::Program {
-                action: "load".into(),
-                name,
-                source,
-            })?;
-            prog.attach(&cgroup_file, CgroupAttachMode::Single)
-                .map_err(|source| Error::Program {
-                    action: format!("attach to cgroup {}", cgroup.display()),
-                    name,
-                    source,
-                })?;
-            attached.push(format!("{name} -> cgroup {}", cgroup.display()));
-        }
+        attach_cgroup!(connect, CgroupSockAddr, "np_connect4");
+        attach_cgroup!(connect, CgroupSockAddr, "np_connect6");
+        attach_cgroup!(sockops, SockOps, "np_sockops");
+        attach_cgroup!(getsockopt, CgroupSockopt, "np_getsockopt");
         let mut objects = vec![getsockopt];
         let mut sock_hash = None;
         if opts.sockmap {
-            let mut skmsg = EbpfLoader::new()
-                .default_map_pin_directory(&pin_dir)
-                .override_global("np_capture_ip4", &ip4, true)
-                .override_global("np_capture_port", &port, true)
-                .override_global("np_capture_ip6", &ip6, true)
-                .override_global("np_sockmap", &sockmap, true)
-                .load(SK_MSG_OBJ)
-                .map_err(|source| Error::Load {
-                    object: "sk_msg.bpf.o",
-                    source,
-                })?;
+            let mut skmsg = load_shared(SK_MSG_OBJ, "sk_msg.bpf.o", &pin_dir, &globals)?;
             let hash: aya::maps::SockHash<MapData, abi::NpSockKey> = aya::maps::SockHash::try_from(
                 skmsg
                     .take_map("np_sock_hash")
@@ -699,6 +623,31 @@ impl Kernel {
             counters,
         }
     }
+}
+
+/// Load-time settings of the socket programs (`volatile const` globals).
+struct Globals {
+    ip4: u32,
+    port: u32,
+    ip6: [u32; 4],
+    sockmap: u32,
+}
+
+/// Load a socket object whose maps are shared through pins in `pin_dir`.
+fn load_shared(
+    obj: &'static [u8],
+    object: &'static str,
+    pin_dir: &Path,
+    g: &Globals,
+) -> Result<Ebpf, Error> {
+    EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .override_global("np_capture_ip4", &g.ip4, true)
+        .override_global("np_capture_port", &g.port, true)
+        .override_global("np_capture_ip6", &g.ip6, true)
+        .override_global("np_sockmap", &g.sockmap, true)
+        .load(obj)
+        .map_err(|source| Error::Load { object, source })
 }
 
 fn remove_backends(maps: &mut Maps, base: u32, count: usize) {

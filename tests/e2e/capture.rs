@@ -500,30 +500,8 @@ async fn xdp_guard_drops_outside_traffic_to_proxy_ports_and_denied_sources() {
         std::net::TcpListener::bind("192.168.250.1:9999").unwrap()
     });
     std::thread::spawn(move || for _c in open.incoming() {});
-    let cfg = s.dir.0.join("mesh.yaml");
     let capture = format!("{}:15001", s.node.ip());
-    let _proxy = s.node.spawn_proxy(&[
-        "run",
-        "--capture",
-        "ebpf",
-        "--capture-listen",
-        &capture,
-        "--admin",
-        ADMIN,
-        "--config",
-        cfg.to_str().unwrap(),
-        "--uplink",
-        &up,
-        "--deny-cidr",
-        "192.168.250.3/32",
-        "--access-log",
-        "off",
-    ]);
-    eventually("proxy ready", Duration::from_secs(30), || {
-        s.node
-            .http_get(ADMIN, "/ready")
-            .filter(|(st, _)| *st == 200)
-    });
+    let _proxy = s.start_proxy_with(&["--uplink", &up, "--deny-cidr", "192.168.250.3/32"]);
     let connect_from = |src: &'static str, to: String| {
         nodeproxy_tests::node::in_netns(&outside.path(), move || {
             let sock = socket_from(src);

@@ -863,8 +863,9 @@ async fn forward_upgrade(
     let connect_failure = |reason: String| {
         LocalReply::new(
             503,
-            format!(
-                "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: {reason}"
+            reset_body(
+                false,
+                &format!("remote connection failure, transport failure reason: {reason}"),
             ),
             Flags::UF,
         )
@@ -974,31 +975,12 @@ struct Forwarded {
     upstream_ms: u128,
 }
 
-/// Decrements a counter on drop.
-struct CounterGuard<T: AsRef<std::sync::atomic::AtomicU32> + Send>(T);
+/// Decrements one of `T`'s counters on drop.
+struct CounterGuard<T: Send + Sync + 'static>(Arc<T>, fn(&T) -> &std::sync::atomic::AtomicU32);
 
-impl<T: AsRef<std::sync::atomic::AtomicU32> + Send> Drop for CounterGuard<T> {
+impl<T: Send + Sync + 'static> Drop for CounterGuard<T> {
     fn drop(&mut self) {
-        self.0.as_ref().fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-struct ActiveReq(Arc<ClusterState>);
-impl AsRef<std::sync::atomic::AtomicU32> for ActiveReq {
-    fn as_ref(&self) -> &std::sync::atomic::AtomicU32 {
-        &self.0.active_requests
-    }
-}
-struct ActiveRetry(Arc<ClusterState>);
-impl AsRef<std::sync::atomic::AtomicU32> for ActiveRetry {
-    fn as_ref(&self) -> &std::sync::atomic::AtomicU32 {
-        &self.0.active_retries
-    }
-}
-struct EpReq(Arc<EndpointState>);
-impl AsRef<std::sync::atomic::AtomicU32> for EpReq {
-    fn as_ref(&self) -> &std::sync::atomic::AtomicU32 {
-        &self.0.active_requests
+        (self.1)(&self.0).fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -1091,7 +1073,9 @@ async fn forward(
                 .fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        *guard = Some(Box::new(CounterGuard(ActiveRetry(state.clone()))));
+        *guard = Some(Box::new(CounterGuard(state.clone(), |c: &ClusterState| {
+            &c.active_retries
+        })));
         state
             .stats
             .upstream_rq_retry
@@ -1220,29 +1204,16 @@ async fn forward(
             "passthrough to the original destination needs --capture ebpf",
             Flags::UF,
         ),
-        Some(AttemptError::Connect(reason)) => {
-            let body = if retried {
-                format!(
-                    "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: remote connection failure, transport failure reason: {reason}"
-                )
-            } else {
-                format!(
-                    "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure, transport failure reason: {reason}"
-                )
-            };
-            LocalReply::new(503, body, Flags::UF)
-        }
+        Some(AttemptError::Connect(reason)) => LocalReply::new(
+            503,
+            reset_body(
+                retried,
+                &format!("remote connection failure, transport failure reason: {reason}"),
+            ),
+            Flags::UF,
+        ),
         Some(AttemptError::Reset(reason)) => {
-            let body = if retried {
-                format!(
-                    "upstream connect error or disconnect/reset before headers. retried and the latest reset reason: {reason}"
-                )
-            } else {
-                format!(
-                    "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
-                )
-            };
-            LocalReply::new(503, body, Flags::UC)
+            LocalReply::new(503, reset_body(retried, &reason), Flags::UC)
         }
         None => LocalReply::new(503, BODY_NO_HEALTHY, Flags::UH),
     };
@@ -1256,6 +1227,16 @@ async fn forward(
         ep: last_ep,
         upstream_ms: start.elapsed().as_millis(),
     }
+}
+
+/// Envoy's local-reply body for a connect failure or reset, before or after retries.
+fn reset_body(retried: bool, reason: &str) -> String {
+    let what = if retried {
+        "retried and the latest reset reason"
+    } else {
+        "reset reason"
+    };
+    format!("upstream connect error or disconnect/reset before headers. {what}: {reason}")
 }
 
 fn is_consistent_hash(a: &LbAlgorithm) -> bool {
@@ -1281,7 +1262,7 @@ async fn attempt_once(
     }
     // Circuit breaker on concurrent requests (http2MaxRequests): immediate 503 UO.
     let n = state.active_requests.fetch_add(1, Ordering::Relaxed);
-    let req_guard = CounterGuard(ActiveReq(state.clone()));
+    let req_guard = CounterGuard(state.clone(), |c: &ClusterState| &c.active_requests);
     if n >= policy.pool.max_requests {
         state
             .stats
@@ -1301,7 +1282,7 @@ async fn attempt_once(
         }
     };
     ep.active_requests.fetch_add(1, Ordering::Relaxed);
-    let ep_guard = CounterGuard(EpReq(ep.clone()));
+    let ep_guard = CounterGuard(ep.clone(), |e: &EndpointState| &e.active_requests);
     let work = async {
         let lease = pool::acquire(state, &ep, h2, deadline)
             .await

@@ -32,18 +32,14 @@ pub async fn proxy(
     let view = shared.view.load_full();
     let snap = &view.snapshot;
     let mut flags = Flags::NONE;
-    let Some(listener) = conn.listener.lookup(snap) else {
+    // A connection closed before any upstream byte: log it with its flag.
+    let refused = |sni: Option<&str>, cluster: Option<&str>, flags: Flags| {
         tcp_access(
-            conn.peer,
-            conn.local,
-            None,
-            None,
-            None,
-            Flags::NR,
-            0,
-            0,
-            start,
-        );
+            conn.peer, conn.local, sni, cluster, None, flags, 0, 0, start,
+        )
+    };
+    let Some(listener) = conn.listener.lookup(snap) else {
+        refused(None, None, Flags::NR);
         return;
     };
     let sni = if sni_routed {
@@ -57,17 +53,7 @@ pub async fn proxy(
         match match_l4(&listener.tls, dst_ip, &source, sni.as_deref()) {
             Some(r) => Some(&r.route),
             None => {
-                tcp_access(
-                    conn.peer,
-                    conn.local,
-                    sni.as_deref(),
-                    None,
-                    None,
-                    Flags::NR,
-                    0,
-                    0,
-                    start,
-                );
+                refused(sni.as_deref(), None, Flags::NR);
                 return;
             }
         }
@@ -86,33 +72,13 @@ pub async fn proxy(
         None => match listener.default_cluster {
             Some(id) => (ClusterRef::Cluster(id), snap.clusters[id].name.clone()),
             None => {
-                tcp_access(
-                    conn.peer,
-                    conn.local,
-                    sni.as_deref(),
-                    None,
-                    None,
-                    Flags::NR,
-                    0,
-                    0,
-                    start,
-                );
+                refused(sni.as_deref(), None, Flags::NR);
                 return;
             }
         },
     };
     let ClusterRef::Cluster(cid) = cluster_ref else {
-        tcp_access(
-            conn.peer,
-            conn.local,
-            sni.as_deref(),
-            Some(&name),
-            None,
-            Flags::NC,
-            0,
-            0,
-            start,
-        );
+        refused(sni.as_deref(), Some(&name), Flags::NC);
         return;
     };
     let state = view.clusters[cid].clone();
@@ -123,17 +89,7 @@ pub async fn proxy(
         .then_some(conn.original_dst)
         .filter(|o| *o != conn.local);
     if snap.clusters[cid].passthrough && pass_to.is_none() {
-        tcp_access(
-            conn.peer,
-            conn.local,
-            sni.as_deref(),
-            Some(&name),
-            None,
-            Flags::UF,
-            0,
-            0,
-            start,
-        );
+        refused(sni.as_deref(), Some(&name), Flags::UF);
         return;
     }
     let set = state.lb_set_for_request();
@@ -155,17 +111,7 @@ pub async fn proxy(
         ),
     };
     let Some(ep) = picked else {
-        tcp_access(
-            conn.peer,
-            conn.local,
-            sni.as_deref(),
-            Some(&name),
-            None,
-            Flags::UH,
-            0,
-            0,
-            start,
-        );
+        refused(sni.as_deref(), Some(&name), Flags::UH);
         return;
     };
     // TCP proxy: maxConnections overflow closes the downstream connection at once (UO).
@@ -180,17 +126,7 @@ pub async fn proxy(
             .stats
             .upstream_cx_overflow
             .fetch_add(1, Ordering::Relaxed);
-        tcp_access(
-            conn.peer,
-            conn.local,
-            sni.as_deref(),
-            Some(&name),
-            None,
-            Flags::UO,
-            0,
-            0,
-            start,
-        );
+        refused(sni.as_deref(), Some(&name), Flags::UO);
         return;
     }
     struct Slot(Arc<crate::upstream::ClusterState>);
