@@ -280,7 +280,8 @@ impl Kernel {
         let mut attached = Vec::new();
         // Single: aya 0.14's AllowMultiple fails with EINVAL (aya issue 1078); an existing foreign
         // program at the root makes this fail rather than replacing it.
-        macro_rules! attach_cgroup {
+        // Find a program by name, as its type, and load it into the kernel.
+        macro_rules! program {
             ($bpf:expr, $ty:ty, $name:expr) => {{
                 let name: &'static str = $name;
                 let prog: &mut $ty = $bpf
@@ -297,6 +298,13 @@ impl Kernel {
                     name,
                     source,
                 })?;
+                prog
+            }};
+        }
+        macro_rules! attach_cgroup {
+            ($bpf:expr, $ty:ty, $name:expr) => {{
+                let name: &'static str = $name;
+                let prog = program!($bpf, $ty, name);
                 prog.attach(&cgroup_file, CgroupAttachMode::Single)
                     .map_err(|source| Error::Program {
                         action: format!("attach to cgroup {}", cgroup.display()),
@@ -321,20 +329,7 @@ impl Kernel {
             )
             .map_err(map_err("np_sock_hash", "open"))?;
             let name = "np_sk_msg";
-            let prog: &mut SkMsg = skmsg
-                .program_mut(name)
-                .ok_or(Error::Missing(name))?
-                .try_into()
-                .map_err(|source| Error::Program {
-                    action: "find".into(),
-                    name,
-                    source,
-                })?;
-            prog.load().map_err(|source| Error::Program {
-                action: "load".into(),
-                name,
-                source,
-            })?;
+            let prog = program!(skmsg, SkMsg, name);
             let fd = hash.fd().try_clone().map_err(|source| Error::Io {
                 what: "dup np_sock_hash fd".into(),
                 source,
@@ -384,20 +379,7 @@ impl Kernel {
                 }
             }
             let name = "np_xdp_guard";
-            let prog: &mut Xdp = xdp
-                .program_mut(name)
-                .ok_or(Error::Missing(name))?
-                .try_into()
-                .map_err(|source| Error::Program {
-                    action: "find".into(),
-                    name,
-                    source,
-                })?;
-            prog.load().map_err(|source| Error::Program {
-                action: "load".into(),
-                name,
-                source,
-            })?;
+            let prog = program!(xdp, Xdp, name);
             for iface in &opts.uplinks {
                 prog.attach(iface, XdpMode::default())
                     .map_err(|source| Error::Program {
