@@ -34,6 +34,9 @@ pub struct Options {
     pub capture: Option<crate::dataplane::Options>,
     /// The node's locality, `region/zone/subzone`.
     pub locality: Option<String>,
+    /// Data-plane runtimes: the caller's plus `workers - 1` single-threaded ones, each with its
+    /// own SO_REUSEPORT listeners (0 or 1: only the caller's).
+    pub workers: usize,
 }
 
 /// A running proxy; dropping it stops the data plane and the config watch.
@@ -46,11 +49,13 @@ pub struct Running {
     pub shared: Arc<Shared>,
     _watch: WatchGuard,
     dataplane: JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
         self.dataplane.abort();
+        self.stop.send_replace(true);
         if let Some(k) = &self.shared.kernel {
             k.shutdown();
         }
@@ -115,11 +120,30 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     let admin_addr = spawn_admin(opts.admin, admin)
         .with_context(|| format!("bind admin API on {}", opts.admin))?;
     let dataplane = tokio::spawn(listener::run(shared.clone(), publisher.clone()));
+    let (stop, _) = tokio::sync::watch::channel(false);
+    for i in 1..opts.workers.max(1) {
+        let (shared, mut stop_rx) = (shared.clone(), stop.subscribe());
+        std::thread::Builder::new()
+            .name(format!("dataplane-{i}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("worker runtime");
+                rt.block_on(async move {
+                    tokio::select! {
+                        _ = listener::run_worker(shared) => {}
+                        _ = stop_rx.wait_for(|s| *s) => {}
+                    }
+                });
+            })?;
+    }
     Ok(Running {
         admin_addr,
         publisher,
         shared,
         _watch: watch,
         dataplane,
+        stop,
     })
 }

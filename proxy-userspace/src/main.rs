@@ -169,6 +169,9 @@ enum Command {
         /// Source CIDR the XDP guard drops (repeatable, IPv4).
         #[arg(long = "deny-cidr")]
         deny_cidr: Vec<ipnet::Ipv4Net>,
+        /// Data-plane threads, each a single-threaded runtime (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
         /// Splice client<->proxy bytes in the kernel with sockops + sk_msg (off by default).
         #[arg(long)]
         sockmap: bool,
@@ -348,6 +351,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
             bpffs,
             locality,
             sockmap,
+            workers,
         } => {
             if access_log_format == AccessLogFormat::Json {
                 nodeproxy::telemetry::access::set_json(true);
@@ -381,7 +385,14 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                     })
                 }
             };
-            let rt = tokio::runtime::Builder::new_multi_thread()
+            // One single-threaded runtime per core (this thread's plus workers - 1), each with its
+            // own SO_REUSEPORT listeners: a connection's tasks never hop threads.
+            let workers = workers.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            });
+            let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(async {
@@ -395,6 +406,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                     log: Some(log.clone()),
                     capture,
                     locality,
+                    workers,
                 })
                 .await?;
                 eprintln!(

@@ -135,6 +135,8 @@ pub struct Shared {
     pub metrics: Arc<crate::telemetry::Metrics>,
     /// The eBPF data path, when capture is `ebpf`.
     pub kernel: Option<Arc<crate::dataplane::Kernel>>,
+    /// Signals worker runtimes that a new view is installed.
+    views: tokio::sync::watch::Sender<u64>,
     mirrors: Arc<Semaphore>,
 }
 
@@ -153,15 +155,23 @@ impl Shared {
             options,
             kernel,
             tls: tls::TlsConfigs::default(),
+            views: tokio::sync::watch::channel(0).0,
             metrics: crate::telemetry::Metrics::new(),
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
         })
     }
 
-    /// Install a new snapshot (cluster state carried over).
+    /// Install a new snapshot (cluster state carried over) and tell the worker runtimes.
     pub fn update(&self, snapshot: Arc<Snapshot>) {
+        let version = snapshot.version;
         let view = self.clusters.sync(snapshot);
         self.view.store(Arc::new(view));
+        self.views.send_replace(version);
+    }
+
+    /// Follow view changes (worker runtimes).
+    pub fn subscribe_views(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.views.subscribe()
     }
 
     /// Dispatch a mirror copy, fire and forget; dropped (and counted) when too many are in flight.

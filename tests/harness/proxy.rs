@@ -154,6 +154,7 @@ pub async fn start_custom(
         log: None,
         capture: None,
         locality: None,
+        workers: 2,
     };
     f(&mut opts);
     let running = nodeproxy::app::start(opts).await.expect("proxy starts");

@@ -248,6 +248,7 @@ async fn admin_refuses_public_address_without_flag() {
         log: None,
         capture: None,
         locality: None,
+        workers: 1,
     })
     .await;
     let err = r.err().expect("refused").to_string();

@@ -42,33 +42,32 @@ pub fn desired(snap: &Snapshot, shared: &Shared) -> Vec<(SocketAddr, ListenerRef
     out
 }
 
-/// Keep listeners in step with the publisher until it is dropped.
-pub async fn run(shared: Arc<Shared>, publisher: Arc<Publisher>) {
-    let mut versions = publisher.subscribe();
-    let mut active: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
-    let sweeper = tokio::spawn(sweep_outliers(shared.clone()));
-    let mut capture = None;
-    if let Some(k) = &shared.kernel {
-        match bind(k.capture()) {
-            Ok(l) => {
-                tracing::info!(addr = %k.capture(), "capture listener");
-                capture = Some(tokio::spawn(capture_loop(shared.clone(), k.clone(), l)));
-            }
-            Err(e) => {
-                tracing::error!(addr = %k.capture(), error = %e, "cannot listen on the capture address")
-            }
-        }
-    }
-    loop {
-        let snap = publisher.load();
-        shared.update(snap.clone());
-        if let Some(k) = &shared.kernel
-            && let Err(e) = k.sync(&snap)
+/// The listening sockets of one runtime, kept in step with the snapshot.
+#[derive(Default)]
+struct Listeners {
+    active: HashMap<SocketAddr, JoinHandle<()>>,
+    capture: Option<JoinHandle<()>>,
+}
+
+impl Listeners {
+    /// Bind what `snap` asks for and stop accepting on what it no longer has (accepted
+    /// connections run to completion).
+    fn apply(&mut self, shared: &Arc<Shared>, snap: &Snapshot) {
+        if self.capture.is_none()
+            && let Some(k) = &shared.kernel
         {
-            tracing::error!(error = %e, "kernel maps not updated; the previous service table stays");
+            match bind(k.capture()) {
+                Ok(l) => {
+                    tracing::info!(addr = %k.capture(), "capture listener");
+                    self.capture = Some(tokio::spawn(capture_loop(shared.clone(), k.clone(), l)));
+                }
+                Err(e) => {
+                    tracing::error!(addr = %k.capture(), error = %e, "cannot listen on the capture address")
+                }
+            }
         }
-        let want: HashMap<SocketAddr, ListenerRef> = desired(&snap, &shared).into_iter().collect();
-        active.retain(|addr, task| {
+        let want: HashMap<SocketAddr, ListenerRef> = desired(snap, shared).into_iter().collect();
+        self.active.retain(|addr, task| {
             let keep = want.contains_key(addr);
             if !keep {
                 tracing::info!(%addr, "listener removed");
@@ -77,24 +76,67 @@ pub async fn run(shared: Arc<Shared>, publisher: Arc<Publisher>) {
             keep
         });
         for (addr, lref) in want {
-            if active.contains_key(&addr) {
+            if self.active.contains_key(&addr) {
                 continue;
             }
             match bind(addr) {
                 Ok(l) => {
-                    tracing::info!(%addr, "listening");
-                    active.insert(addr, tokio::spawn(accept_loop(shared.clone(), l, lref)));
+                    tracing::debug!(%addr, "listening");
+                    self.active
+                        .insert(addr, tokio::spawn(accept_loop(shared.clone(), l, lref)));
                 }
                 Err(e) => tracing::error!(%addr, error = %e, "cannot listen"),
             }
         }
+    }
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        for (_, t) in self.active.drain() {
+            t.abort();
+        }
+        if let Some(c) = self.capture.take() {
+            c.abort();
+        }
+    }
+}
+
+/// The primary runner: installs each published snapshot (view, kernel maps), runs the outlier
+/// sweeps, and serves its own listeners, until the publisher is dropped.
+pub async fn run(shared: Arc<Shared>, publisher: Arc<Publisher>) {
+    let mut versions = publisher.subscribe();
+    let mut listeners = Listeners::default();
+    let sweeper = tokio::spawn(sweep_outliers(shared.clone()));
+    loop {
+        let snap = publisher.load();
+        // The view first: a service the kernel starts redirecting must already be routable.
+        shared.update(snap.clone());
+        if let Some(k) = &shared.kernel
+            && let Err(e) = k.sync(&snap)
+        {
+            tracing::error!(error = %e, "kernel maps not updated; the previous service table stays");
+        }
+        listeners.apply(&shared, &snap);
         if versions.changed().await.is_err() {
             break;
         }
     }
     sweeper.abort();
-    if let Some(c) = capture {
-        c.abort();
+}
+
+/// A worker runner (one per extra core, each on its own single-threaded runtime): binds the same
+/// addresses with SO_REUSEPORT, so the kernel spreads connections over the runtimes and each
+/// connection's tasks stay on one thread.
+pub async fn run_worker(shared: Arc<Shared>) {
+    let mut versions = shared.subscribe_views();
+    let mut listeners = Listeners::default();
+    loop {
+        let view = shared.view.load_full();
+        listeners.apply(&shared, &view.snapshot);
+        if versions.changed().await.is_err() {
+            break;
+        }
     }
 }
 
@@ -132,6 +174,8 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         tokio::net::TcpSocket::new_v6()?
     };
     sock.set_reuseaddr(true)?;
+    // One socket per runtime on the same address; the kernel balances accepted connections.
+    sock.set_reuseport(true)?;
     sock.bind(addr)?;
     sock.listen(1024)
 }

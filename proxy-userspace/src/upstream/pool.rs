@@ -32,6 +32,8 @@ struct Idle {
     since: Instant,
     used: u32,
     created: Instant,
+    /// The runtime thread whose task drives the connection.
+    owner: std::thread::ThreadId,
 }
 
 /// Why no connection could be had.
@@ -282,16 +284,18 @@ async fn connect(
 
 impl EndpointPool {
     fn take_idle(&self, idle_timeout: Duration, max_duration: Option<Duration>) -> Option<Idle> {
+        let me = std::thread::current().id();
         let mut idle = self.idle.lock().expect("pool lock");
-        while let Some(c) = idle.pop() {
-            if c.since.elapsed() < idle_timeout
+        idle.retain(|c| {
+            c.since.elapsed() < idle_timeout
                 && !c.send.is_closed()
                 && !too_old(c.created, max_duration)
-            {
-                return Some(c);
-            }
+        });
+        // Prefer a connection driven by this thread's runtime: no cross-thread wake-ups.
+        match idle.iter().rposition(|c| c.owner == me) {
+            Some(i) => Some(idle.swap_remove(i)),
+            None => idle.pop(),
         }
-        None
     }
 }
 
@@ -342,6 +346,9 @@ impl Drop for Recycle {
             since: Instant::now(),
             used: self.used,
             created: self.created,
+            // The response ended on this thread, which is (nearly always) the runtime whose task
+            // drives the connection: per-core runtimes keep a connection on its thread.
+            owner: std::thread::current().id(),
         });
         if self.cluster.pending_requests.load(Ordering::Relaxed) > 0 {
             self.cluster.conn_released.notify_waiters();
