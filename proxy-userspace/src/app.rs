@@ -121,7 +121,10 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         .with_context(|| format!("bind admin API on {}", opts.admin))?;
     let dataplane = tokio::spawn(listener::run(shared.clone(), publisher.clone()));
     let (stop, _) = tokio::sync::watch::channel(false);
+    let mut queues = Vec::new();
     for i in 1..opts.workers.max(1) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        queues.push(tx);
         let (shared, mut stop_rx) = (shared.clone(), stop.subscribe());
         std::thread::Builder::new()
             .name(format!("dataplane-{i}"))
@@ -132,12 +135,13 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
                     .expect("worker runtime");
                 rt.block_on(async move {
                     tokio::select! {
-                        _ = listener::run_worker(shared) => {}
+                        _ = listener::run_worker(shared, rx) => {}
                         _ = stop_rx.wait_for(|s| *s) => {}
                     }
                 });
             })?;
     }
+    shared.set_workers(queues);
     Ok(Running {
         admin_addr,
         publisher,

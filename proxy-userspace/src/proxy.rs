@@ -121,6 +121,12 @@ impl ConnInfo {
     }
 }
 
+/// An accepted connection handed to a worker runtime.
+pub type Handoff = (std::net::TcpStream, Arc<ConnInfo>);
+
+/// The queue feeding one worker runtime.
+pub type WorkerQueue = tokio::sync::mpsc::UnboundedSender<Handoff>;
+
 /// State shared by every connection.
 pub struct Shared {
     /// Snapshot and cluster states in force.
@@ -135,8 +141,9 @@ pub struct Shared {
     pub metrics: Arc<crate::telemetry::Metrics>,
     /// The eBPF data path, when capture is `ebpf`.
     pub kernel: Option<Arc<crate::dataplane::Kernel>>,
-    /// Signals worker runtimes that a new view is installed.
-    views: tokio::sync::watch::Sender<u64>,
+    /// Hand-off queues of the worker runtimes (set once at start).
+    workers: std::sync::OnceLock<Vec<WorkerQueue>>,
+    next_worker: std::sync::atomic::AtomicUsize,
     mirrors: Arc<Semaphore>,
 }
 
@@ -155,23 +162,54 @@ impl Shared {
             options,
             kernel,
             tls: tls::TlsConfigs::default(),
-            views: tokio::sync::watch::channel(0).0,
+            workers: std::sync::OnceLock::new(),
+            next_worker: std::sync::atomic::AtomicUsize::new(0),
             metrics: crate::telemetry::Metrics::new(),
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
         })
     }
 
-    /// Install a new snapshot (cluster state carried over) and tell the worker runtimes.
+    /// Install a new snapshot (cluster state carried over).
     pub fn update(&self, snapshot: Arc<Snapshot>) {
-        let version = snapshot.version;
         let view = self.clusters.sync(snapshot);
         self.view.store(Arc::new(view));
-        self.views.send_replace(version);
     }
 
-    /// Follow view changes (worker runtimes).
-    pub fn subscribe_views(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.views.subscribe()
+    /// Set the worker runtimes' hand-off queues (once).
+    pub fn set_workers(&self, workers: Vec<WorkerQueue>) {
+        let _ = self.workers.set(workers);
+    }
+
+    /// Serve an accepted connection: round robin over this runtime and the workers.
+    pub fn dispatch(self: &Arc<Self>, stream: tokio::net::TcpStream, conn: Arc<ConnInfo>) {
+        let workers = self.workers.get().map(Vec::as_slice).unwrap_or(&[]);
+        let i = self.next_worker.fetch_add(1, Ordering::Relaxed) % (workers.len() + 1);
+        let (stream, conn) = if i == 0 {
+            (stream, conn)
+        } else {
+            // `into_std` leaves the socket non-blocking, as the worker's `from_std` needs.
+            let std_stream = match stream.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "hand-off to worker runtime");
+                    return;
+                }
+            };
+            match workers[i - 1].send((std_stream, conn)) {
+                Ok(()) => return,
+                // The worker is gone (shutdown): serve here rather than drop the connection.
+                Err(tokio::sync::mpsc::error::SendError((s, conn))) => {
+                    match tokio::net::TcpStream::from_std(s) {
+                        Ok(s) => (s, conn),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "re-register handed-off connection");
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        tokio::spawn(listener::serve_connection(self.clone(), conn, stream));
     }
 
     /// Dispatch a mirror copy, fire and forget; dropped (and counted) when too many are in flight.

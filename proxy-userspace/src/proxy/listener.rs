@@ -42,7 +42,7 @@ pub fn desired(snap: &Snapshot, shared: &Shared) -> Vec<(SocketAddr, ListenerRef
     out
 }
 
-/// The listening sockets of one runtime, kept in step with the snapshot.
+/// The listening sockets (held by the primary runtime), kept in step with the snapshot.
 #[derive(Default)]
 struct Listeners {
     active: HashMap<SocketAddr, JoinHandle<()>>,
@@ -125,17 +125,19 @@ pub async fn run(shared: Arc<Shared>, publisher: Arc<Publisher>) {
     sweeper.abort();
 }
 
-/// A worker runner (one per extra core, each on its own single-threaded runtime): binds the same
-/// addresses with SO_REUSEPORT, so the kernel spreads connections over the runtimes and each
-/// connection's tasks stay on one thread.
-pub async fn run_worker(shared: Arc<Shared>) {
-    let mut versions = shared.subscribe_views();
-    let mut listeners = Listeners::default();
-    loop {
-        let view = shared.view.load_full();
-        listeners.apply(&shared, &view.snapshot);
-        if versions.changed().await.is_err() {
-            break;
+/// A worker runtime (one per extra core, single-threaded): serves the connections the acceptor
+/// hands it, so each connection's tasks stay on one thread. Listening sockets exist once (in the
+/// primary runtime): thousands of services do not multiply file descriptors per core.
+pub async fn run_worker(
+    shared: Arc<Shared>,
+    mut conns: tokio::sync::mpsc::UnboundedReceiver<super::Handoff>,
+) {
+    while let Some((stream, conn)) = conns.recv().await {
+        match TcpStream::from_std(stream) {
+            Ok(s) => {
+                tokio::spawn(serve_connection(shared.clone(), conn, s));
+            }
+            Err(e) => tracing::warn!(error = %e, "hand-off to worker runtime"),
         }
     }
 }
@@ -163,7 +165,7 @@ async fn capture_loop(
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().unwrap_or(peer);
         let conn = Arc::new(ConnInfo::new(peer, local, orig, ListenerRef::Mesh(orig)));
-        tokio::spawn(serve_connection(shared.clone(), conn, stream));
+        shared.dispatch(stream, conn);
     }
 }
 
@@ -174,8 +176,6 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         tokio::net::TcpSocket::new_v6()?
     };
     sock.set_reuseaddr(true)?;
-    // One socket per runtime on the same address; the kernel balances accepted connections.
-    sock.set_reuseport(true)?;
     sock.bind(addr)?;
     sock.listen(1024)
 }
@@ -194,7 +194,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, lref: ListenerR
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().or(local).unwrap_or(peer);
         let conn = Arc::new(ConnInfo::new(peer, local, local, lref));
-        tokio::spawn(serve_connection(shared.clone(), conn, stream));
+        shared.dispatch(stream, conn);
     }
 }
 
