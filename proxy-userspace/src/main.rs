@@ -170,8 +170,8 @@ enum Command {
         #[arg(long = "deny-cidr")]
         deny_cidr: Vec<ipnet::Ipv4Net>,
         /// Data-plane threads, each a single-threaded runtime (default: one per core).
-        #[arg(long)]
-        workers: Option<usize>,
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        workers: Option<u16>,
         /// Splice client<->proxy bytes in the kernel with sockops + sk_msg (off by default).
         #[arg(long)]
         sockmap: bool,
@@ -188,6 +188,21 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         access_log_format: AccessLogFormat,
     },
+}
+
+/// Every service port is a listening socket and every proxied connection two more: lift the
+/// soft descriptor limit to the hard one (systemd and container runtimes often leave 1024).
+fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "read the open-file limit"),
+    }
 }
 
 fn main() -> ExitCode {
@@ -385,13 +400,14 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                     })
                 }
             };
-            // One single-threaded runtime per core (this thread's plus workers - 1), each with its
-            // own SO_REUSEPORT listeners: a connection's tasks never hop threads.
-            let workers = workers.unwrap_or_else(|| {
+            // One single-threaded runtime per core: this thread's (which owns the listeners)
+            // plus workers - 1 that are handed accepted connections.
+            let workers = workers.map(usize::from).unwrap_or_else(|| {
                 std::thread::available_parallelism()
                     .map(|n| n.get())
                     .unwrap_or(1)
             });
+            raise_nofile_limit();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

@@ -1298,6 +1298,7 @@ async fn attempt_once(
                 mut send,
                 used,
                 created,
+                owner,
             } => {
                 if send.ready().await.is_err() {
                     return Err(AttemptError::Reset("connection termination".into()));
@@ -1314,6 +1315,7 @@ async fn attempt_once(
                         send,
                         used + 1,
                         created,
+                        owner,
                     )),
                 ))
             }

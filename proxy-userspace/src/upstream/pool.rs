@@ -23,7 +23,16 @@ pub type ReqBody = Full<Bytes>;
 #[derive(Debug, Default)]
 pub struct EndpointPool {
     idle: Mutex<Vec<Idle>>,
-    h2: Mutex<Option<(http2::SendRequest<ReqBody>, Instant)>>,
+    /// Shared HTTP/2 connections, at most one per runtime thread (as Envoy's per-worker pools):
+    /// streams stay on the thread that drives their connection.
+    h2: Mutex<Vec<H2Conn>>,
+}
+
+#[derive(Debug)]
+struct H2Conn {
+    send: http2::SendRequest<ReqBody>,
+    created: Instant,
+    owner: std::thread::ThreadId,
 }
 
 #[derive(Debug)]
@@ -59,6 +68,8 @@ pub enum Lease {
         used: u32,
         /// When the connection was opened (maxConnectionDuration).
         created: Instant,
+        /// The runtime thread whose task drives the connection.
+        owner: std::thread::ThreadId,
     },
     /// HTTP/2: shared.
     H2(http2::SendRequest<ReqBody>),
@@ -89,17 +100,8 @@ pub async fn acquire(
         tokio::pin!(notified);
         notified.as_mut().enable();
         if h2 {
-            let mut slot = ep.pool.h2.lock().expect("pool lock");
-            match slot.as_ref() {
-                Some((s, created))
-                    if !s.is_closed() && !too_old(*created, limits.max_connection_duration) =>
-                {
-                    return Ok(Lease::H2(s.clone()));
-                }
-                // Closed or past maxConnectionDuration: new streams go to a new connection; the
-                // old one drains as its streams finish.
-                Some(_) => *slot = None,
-                None => {}
+            if let Some(send) = ep.pool.h2_conn(limits.max_connection_duration, true) {
+                return Ok(Lease::H2(send));
             }
         } else {
             // Idle connections go back to the pool as soon as their response ends; wait for
@@ -113,6 +115,7 @@ pub async fn acquire(
                         send: idle.send,
                         used: idle.used,
                         created: idle.created,
+                        owner: idle.owner,
                     });
                 }
             }
@@ -120,6 +123,10 @@ pub async fn acquire(
         if try_reserve_connection(cluster, limits.max_connections) {
             drop(pending);
             return connect(cluster, ep, h2, limits).await;
+        }
+        // At maxConnections: HTTP/2 streams share another runtime's connection before queueing.
+        if h2 && let Some(send) = ep.pool.h2_conn(limits.max_connection_duration, false) {
+            return Ok(Lease::H2(send));
         }
         if pending.is_none() {
             cluster
@@ -260,7 +267,15 @@ async fn connect(
             let _ = conn.await;
             release_connection(&c2, &e2);
         });
-        *ep.pool.h2.lock().expect("pool lock") = Some((send.clone(), created));
+        let owner = std::thread::current().id();
+        let mut conns = ep.pool.h2.lock().expect("pool lock");
+        conns.retain(|c| c.owner != owner);
+        conns.push(H2Conn {
+            send: send.clone(),
+            created,
+            owner,
+        });
+        drop(conns);
         Ok(Lease::H2(send))
     } else {
         let (send, conn) = match http1::Builder::new().handshake(io).await {
@@ -278,11 +293,30 @@ async fn connect(
             send,
             used: 0,
             created,
+            // `tokio::spawn` above put the connection's task on this thread's runtime.
+            owner: std::thread::current().id(),
         })
     }
 }
 
 impl EndpointPool {
+    /// A live HTTP/2 connection: this thread's, or (`own_only` false) any runtime's. Closed ones
+    /// and ones past maxConnectionDuration leave the list (they drain as their streams finish).
+    fn h2_conn(
+        &self,
+        max_duration: Option<Duration>,
+        own_only: bool,
+    ) -> Option<http2::SendRequest<ReqBody>> {
+        let me = std::thread::current().id();
+        let mut conns = self.h2.lock().expect("pool lock");
+        conns.retain(|c| !c.send.is_closed() && !too_old(c.created, max_duration));
+        conns
+            .iter()
+            .find(|c| c.owner == me)
+            .or_else(|| if own_only { None } else { conns.first() })
+            .map(|c| c.send.clone())
+    }
+
     fn take_idle(&self, idle_timeout: Duration, max_duration: Option<Duration>) -> Option<Idle> {
         let me = std::thread::current().id();
         let mut idle = self.idle.lock().expect("pool lock");
@@ -308,16 +342,19 @@ pub struct Recycle {
     send: Option<http1::SendRequest<ReqBody>>,
     used: u32,
     created: Instant,
+    owner: std::thread::ThreadId,
 }
 
 impl Recycle {
-    /// Recycle `send` (which has now served `used` requests) when this guard drops.
+    /// Recycle `send` (which has now served `used` requests; its task runs on `owner`) when
+    /// this guard drops.
     pub fn new(
         cluster: Arc<ClusterState>,
         ep: Arc<EndpointState>,
         send: http1::SendRequest<ReqBody>,
         used: u32,
         created: Instant,
+        owner: std::thread::ThreadId,
     ) -> Recycle {
         Recycle {
             cluster,
@@ -325,6 +362,7 @@ impl Recycle {
             send: Some(send),
             used,
             created,
+            owner,
         }
     }
 }
@@ -346,9 +384,7 @@ impl Drop for Recycle {
             since: Instant::now(),
             used: self.used,
             created: self.created,
-            // The response ended on this thread, which is (nearly always) the runtime whose task
-            // drives the connection: per-core runtimes keep a connection on its thread.
-            owner: std::thread::current().id(),
+            owner: self.owner,
         });
         if self.cluster.pending_requests.load(Ordering::Relaxed) > 0 {
             self.cluster.conn_released.notify_waiters();
