@@ -78,90 +78,22 @@ impl Backend {
         let max_in_flight = Arc::new(AtomicU32::new(0));
         let behaviour = Arc::new(Behaviour::default());
         let last_headers = Arc::new(std::sync::Mutex::new(String::new()));
-        let (r, f, m, b, h, n) = (
-            requests.clone(),
-            in_flight.clone(),
-            max_in_flight.clone(),
-            behaviour.clone(),
-            last_headers.clone(),
-            name.to_string(),
-        );
+        let state = Arc::new(Served {
+            requests: requests.clone(),
+            in_flight: in_flight.clone(),
+            max_in_flight: max_in_flight.clone(),
+            behaviour: behaviour.clone(),
+            last_headers: last_headers.clone(),
+            name: name.to_string(),
+        });
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (r, f, m, b, h, n) = (
-                    r.clone(),
-                    f.clone(),
-                    m.clone(),
-                    b.clone(),
-                    h.clone(),
-                    n.clone(),
-                );
+                let state = state.clone();
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req: Request<Incoming>| {
-                        let (r, f, m, b, h, n) = (
-                            r.clone(),
-                            f.clone(),
-                            m.clone(),
-                            b.clone(),
-                            h.clone(),
-                            n.clone(),
-                        );
-                        async move {
-                            r.fetch_add(1, Ordering::SeqCst);
-                            let now = f.fetch_add(1, Ordering::SeqCst) + 1;
-                            m.fetch_max(now, Ordering::SeqCst);
-                            *h.lock().unwrap() = format!("version: {:?}\n", req.version())
-                                + &req
-                                    .headers()
-                                    .iter()
-                                    .map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("")))
-                                    .collect::<String>();
-                            let path = req
-                                .uri()
-                                .path_and_query()
-                                .map(|p| p.to_string())
-                                .unwrap_or_default();
-                            let _ = req.into_body().collect().await;
-                            let delay = b.delay_ms.load(Ordering::SeqCst);
-                            if delay > 0 {
-                                tokio::time::sleep(Duration::from_millis(delay)).await;
-                            }
-                            let mut status = match b.status.load(Ordering::SeqCst) {
-                                0 => 200,
-                                s => s as u16,
-                            };
-                            let call = b.call.lock().unwrap().clone();
-                            if let Some(url) = call {
-                                let c = crate::proxy::client();
-                                let r = c
-                                    .request(
-                                        Request::get(url).body(Full::new(Bytes::new())).unwrap(),
-                                    )
-                                    .await;
-                                status = r.map(|r| r.status().as_u16()).unwrap_or(502);
-                            }
-                            if b.fail_first
-                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| {
-                                    x.checked_sub(1)
-                                })
-                                .is_ok()
-                            {
-                                status = 503;
-                            }
-                            f.fetch_sub(1, Ordering::SeqCst);
-                            Ok::<_, Infallible>(
-                                Response::builder()
-                                    .status(status)
-                                    .header("x-backend", n.as_str())
-                                    .header("x-path", path)
-                                    .body(Full::new(Bytes::from(n.clone())))
-                                    .unwrap(),
-                            )
-                        }
-                    });
+                    let svc = service_fn(move |req| handle(state.clone(), req));
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
@@ -184,4 +116,68 @@ impl Backend {
     pub fn count(&self) -> u64 {
         self.requests.load(Ordering::SeqCst)
     }
+}
+
+/// What one backend's requests update (the `Backend`'s counters and knobs, shared).
+struct Served {
+    requests: Arc<AtomicU64>,
+    in_flight: Arc<AtomicU32>,
+    max_in_flight: Arc<AtomicU32>,
+    behaviour: Arc<Behaviour>,
+    last_headers: Arc<std::sync::Mutex<String>>,
+    name: String,
+}
+
+async fn handle(
+    st: Arc<Served>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    st.requests.fetch_add(1, Ordering::SeqCst);
+    let now = st.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    st.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    *st.last_headers.lock().unwrap() = format!("version: {:?}\n", req.version())
+        + &req
+            .headers()
+            .iter()
+            .map(|(k, v)| format!("{k}: {}\n", v.to_str().unwrap_or("")))
+            .collect::<String>();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let _ = req.into_body().collect().await;
+    let delay = st.behaviour.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let mut status = match st.behaviour.status.load(Ordering::SeqCst) {
+        0 => 200,
+        s => s as u16,
+    };
+    let call = st.behaviour.call.lock().unwrap().clone();
+    if let Some(url) = call {
+        let c = crate::proxy::client();
+        let r = c
+            .request(Request::get(url).body(Full::new(Bytes::new())).unwrap())
+            .await;
+        status = r.map(|r| r.status().as_u16()).unwrap_or(502);
+    }
+    if st
+        .behaviour
+        .fail_first
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| x.checked_sub(1))
+        .is_ok()
+    {
+        status = 503;
+    }
+    st.in_flight.fetch_sub(1, Ordering::SeqCst);
+    Ok::<_, Infallible>(
+        Response::builder()
+            .status(status)
+            .header("x-backend", st.name.as_str())
+            .header("x-path", path)
+            .body(Full::new(Bytes::from(st.name.clone())))
+            .unwrap(),
+    )
 }

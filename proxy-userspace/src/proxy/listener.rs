@@ -150,14 +150,7 @@ async fn capture_loop(
     listener: TcpListener,
 ) {
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (stream, peer) = accept(&listener).await;
         let Some(orig) = kernel.take_orig_dst(peer) else {
             tracing::warn!(%peer, "refused: connection to the capture port without an original destination");
             continue;
@@ -166,6 +159,20 @@ async fn capture_loop(
         let local = stream.local_addr().unwrap_or(peer);
         let conn = Arc::new(ConnInfo::new(peer, local, orig, ListenerRef::Mesh(orig)));
         shared.dispatch(stream, conn);
+    }
+}
+
+/// The next connection; accept errors (EMFILE and the like) are logged and retried after a pause
+/// instead of spinning.
+async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(x) => return x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 
@@ -183,14 +190,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, lref: ListenerRef) {
     let local = listener.local_addr().ok();
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (stream, peer) = accept(&listener).await;
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok().or(local).unwrap_or(peer);
         let conn = Arc::new(ConnInfo::new(peer, local, local, lref));

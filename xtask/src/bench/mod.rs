@@ -682,24 +682,44 @@ fn netns_workloads(ctx: &mut Ctx) -> anyhow::Result<()> {
     write(&dir.join("explicit.yaml"), &explicit)?;
     let bin = nodeproxy_bin(&ctx.root);
     let client_ns = node.pods[client].path();
-    let captured = node.spawn_proxy_bin(
-        &bin,
-        &[
-            "run",
-            "--capture",
-            "ebpf",
+    let (capture_listen, mesh_path) = (
+        format!("{node_ip}:15001"),
+        dir.join("mesh.yaml").to_str().context("path")?.to_owned(),
+    );
+    let client_ns_arg = client_ns.to_str().context("path")?.to_owned();
+    // The captured proxy, with or without the sk_msg splice.
+    let spawn_captured = |extra: &[&str]| {
+        let mut args = vec!["run", "--capture", "ebpf"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[
             "--capture-listen",
-            &format!("{node_ip}:15001"),
+            &capture_listen,
             "--admin",
             "127.0.0.1:15000",
             "--access-log",
             "off",
             "--config",
-            dir.join("mesh.yaml").to_str().context("path")?,
+            &mesh_path,
             "--enroll-netns",
-            client_ns.to_str().context("path")?,
-        ],
-    );
+            &client_ns_arg,
+        ]);
+        node.spawn_proxy_bin(&bin, &args)
+    };
+    // Wait for every admin address to answer /ready.
+    let wait_ready = |admins: &[&str], what: &str| -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while admins
+            .iter()
+            .any(|a| node.http_get(a, "/ready").is_none_or(|(s, _)| s != 200))
+        {
+            if Instant::now() > deadline {
+                bail!("{what} did not become ready");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    };
+    let captured = spawn_captured(&[]);
     let explicit_p = node.spawn_proxy_bin(
         &bin,
         &[
@@ -714,19 +734,10 @@ fn netns_workloads(ctx: &mut Ctx) -> anyhow::Result<()> {
             dir.join("explicit.yaml").to_str().context("path")?,
         ],
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while node
-        .http_get("127.0.0.1:15000", "/ready")
-        .is_none_or(|(s, _)| s != 200)
-        || node
-            .http_get("127.0.0.1:15002", "/ready")
-            .is_none_or(|(s, _)| s != 200)
-    {
-        if Instant::now() > deadline {
-            bail!("proxies in the netns node did not become ready");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_ready(
+        &["127.0.0.1:15000", "127.0.0.1:15002"],
+        "proxies in the netns node",
+    )?;
     let ns = client_ns.display().to_string();
     let targets: [(&str, String, Option<u32>); 4] = [
         ("direct-netns", format!("http://{bip}:80/"), None),
@@ -777,35 +788,8 @@ fn netns_workloads(ctx: &mut Ctx) -> anyhow::Result<()> {
     // The sk_msg splice needs its own proxy start (one eBPF proxy at a time): measured after the
     // interleaved targets.
     drop(captured);
-    let sockmap = node.spawn_proxy_bin(
-        &bin,
-        &[
-            "run",
-            "--capture",
-            "ebpf",
-            "--sockmap",
-            "--capture-listen",
-            &format!("{node_ip}:15001"),
-            "--admin",
-            "127.0.0.1:15000",
-            "--access-log",
-            "off",
-            "--config",
-            dir.join("mesh.yaml").to_str().context("path")?,
-            "--enroll-netns",
-            client_ns.to_str().context("path")?,
-        ],
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while node
-        .http_get("127.0.0.1:15000", "/ready")
-        .is_none_or(|(s, _)| s != 200)
-    {
-        if Instant::now() > deadline {
-            bail!("the --sockmap proxy did not become ready");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let sockmap = spawn_captured(&["--sockmap"]);
+    wait_ready(&["127.0.0.1:15000"], "the --sockmap proxy")?;
     for (w, close) in workloads {
         for rep in 0..ctx.reps {
             measure(
