@@ -351,13 +351,20 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         "latency-10k",
         "tcp-bulk",
     ];
-    if http_workloads.iter().any(|w| run_it(w)) {
-        let np = start_nodeproxy(
+    let np = if http_workloads.iter().any(|w| run_it(w)) || run_it("idle-memory") {
+        Some(start_nodeproxy(
             &ctx,
             &out.join("nodeproxy.yaml"),
             "127.0.0.1:15990",
             "127.0.50.1:18180",
-        )?;
+        )?)
+    } else {
+        None
+    };
+    if let Some(np) = np
+        .as_ref()
+        .filter(|_| http_workloads.iter().any(|w| run_it(w)))
+    {
         let ha = Proc::start(
             "haproxy",
             Command::new("haproxy")
@@ -376,7 +383,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                 .args(["-g", "daemon off;"]),
             "127.0.0.1:18380",
         )?;
-        let procs: BTreeMap<&str, &Proc> = [("nodeproxy", &np), ("haproxy", &ha), ("nginx", &ngx)]
+        let procs: BTreeMap<&str, &Proc> = [("nodeproxy", np), ("haproxy", &ha), ("nginx", &ngx)]
             .into_iter()
             .collect();
         for w in http_workloads.into_iter().filter(|w| run_it(w)) {
@@ -435,18 +442,13 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                 }
             }
         }
-        if run_it("idle-memory") {
-            idle_memory(&mut ctx, &np)?;
-        }
-    } else if run_it("idle-memory") {
-        let np = start_nodeproxy(
-            &ctx,
-            &out.join("nodeproxy.yaml"),
-            "127.0.0.1:15990",
-            "127.0.50.1:18180",
-        )?;
-        idle_memory(&mut ctx, &np)?;
     }
+    if let Some(np) = &np
+        && run_it("idle-memory")
+    {
+        idle_memory(&mut ctx, np)?;
+    }
+    drop(np);
     if run_it("route-scale") {
         route_scale(&mut ctx, opts.quick)?;
     }
