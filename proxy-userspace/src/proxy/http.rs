@@ -468,17 +468,18 @@ async fn pipeline(
         HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
     );
     let method = parts.method;
+    let mut ureq = UpstreamRequest {
+        method,
+        path,
+        authority: upstream_authority,
+        headers,
+        body,
+    };
     if let Some(on_upgrade) = upgrade {
         // WebSocket and other HTTP/1.1 upgrades: a dedicated upstream connection, then bytes
         // both ways once the upstream answers 101.
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        let ureq = UpstreamRequest {
-            method,
-            path,
-            authority: upstream_authority,
-            headers,
-            body,
-        };
+        ureq.headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         let r = forward_upgrade(&state, &ureq, on_upgrade).await;
         return match r {
             Ok(resp) => {
@@ -496,29 +497,20 @@ async fn pipeline(
         {
             let mstate = view.clusters[mid].clone();
             let mcluster = snap.clusters[mid].clone();
-            let mut host = upstream_authority.clone();
+            let mut req = ureq.clone();
             if shared.options.shadow_host_suffix {
-                host = shadow_host(&host);
+                req.authority = shadow_host(&req.authority);
             }
-            let req = UpstreamRequest {
-                method: method.clone(),
-                path: path.clone(),
-                authority: host,
-                headers: headers.clone(),
-                body: body.clone(),
-            };
             shared.spawn_mirror(mstate, mcluster.protocol, req);
         }
     }
 
-    let hash = hash_key(&cluster.policy.lb.algorithm, &headers, &path, conn.peer);
-    let ureq = UpstreamRequest {
-        method,
-        path,
-        authority: upstream_authority,
-        headers,
-        body,
-    };
+    let hash = hash_key(
+        &cluster.policy.lb.algorithm,
+        &ureq.headers,
+        &ureq.path,
+        conn.peer,
+    );
     let h2 = match cluster.protocol {
         Protocol::Http2 | Protocol::Grpc => {
             !cluster.policy.pool.use_client_protocol || downstream_version == Version::HTTP_2
