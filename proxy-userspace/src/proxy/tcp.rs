@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::error::Flags;
@@ -240,30 +240,44 @@ pub async fn copy_bounded(
             }
         };
         tokio::select! {
-            r = ar.read(&mut buf_a), if a_open => match r {
-                Ok(0) | Err(_) => {
-                    a_open = false;
-                    let _ = bw.shutdown().await;
-                    if !b_open { return (up, down, Ended::Closed); }
+            r = ar.read(&mut buf_a), if a_open => {
+                if relay(r, &buf_a, &mut bw, &mut a_open, b_open, &mut up).await {
+                    return (up, down, Ended::Closed);
                 }
-                Ok(n) => {
-                    if bw.write_all(&buf_a[..n]).await.is_err() { return (up, down, Ended::Closed); }
-                    up += n as u64;
+            }
+            r = br.read(&mut buf_b), if b_open => {
+                if relay(r, &buf_b, &mut aw, &mut b_open, a_open, &mut down).await {
+                    return (up, down, Ended::Closed);
                 }
-            },
-            r = br.read(&mut buf_b), if b_open => match r {
-                Ok(0) | Err(_) => {
-                    b_open = false;
-                    let _ = aw.shutdown().await;
-                    if !a_open { return (up, down, Ended::Closed); }
-                }
-                Ok(n) => {
-                    if aw.write_all(&buf_b[..n]).await.is_err() { return (up, down, Ended::Closed); }
-                    down += n as u64;
-                }
-            },
+            }
             _ = idle_sleep => return (up, down, Ended::Idle),
             _ = max_sleep => return (up, down, Ended::MaxDuration),
+        }
+    }
+}
+
+/// One direction's read result: write it on, or half-close the other side at EOF (`open` goes
+/// false). True when the copy is over (both directions closed, or a write failed).
+async fn relay<W: AsyncWrite + Unpin>(
+    read: std::io::Result<usize>,
+    buf: &[u8],
+    to: &mut W,
+    open: &mut bool,
+    other_open: bool,
+    moved: &mut u64,
+) -> bool {
+    match read {
+        Ok(0) | Err(_) => {
+            *open = false;
+            let _ = to.shutdown().await;
+            !other_open
+        }
+        Ok(n) => {
+            if to.write_all(&buf[..n]).await.is_err() {
+                return true;
+            }
+            *moved += n as u64;
+            false
         }
     }
 }
