@@ -34,9 +34,26 @@ pub struct Options {
     pub capture: Option<crate::dataplane::Options>,
     /// The node's locality, `region/zone/subzone`.
     pub locality: Option<String>,
-    /// Data-plane runtimes: the caller's plus `workers - 1` single-threaded ones, each with its
-    /// own SO_REUSEPORT listeners (0 or 1: only the caller's).
+    /// Data-plane runtimes: the caller's plus `workers - 1` single-threaded ones that are
+    /// handed accepted connections (0 or 1: only the caller's).
     pub workers: usize,
+    /// Read configuration from the Kubernetes API instead of `config` files.
+    pub kubernetes: Option<KubeRun>,
+}
+
+/// `--source kubernetes`: the client and the source's settings.
+#[derive(Clone)]
+pub struct KubeRun {
+    /// API client.
+    pub client: kube::Client,
+    /// Source settings (node name for enrollment, debounce).
+    pub options: crate::kubernetes::Options,
+}
+
+/// The configuration source in use; dropping it stops watching.
+enum SourceGuard {
+    Files(#[allow(dead_code)] WatchGuard),
+    Kubernetes(#[allow(dead_code)] crate::kubernetes::KubeSource),
 }
 
 /// A running proxy; dropping it stops the data plane and the config watch.
@@ -47,7 +64,7 @@ pub struct Running {
     pub publisher: Arc<Publisher>,
     /// Data-plane state.
     pub shared: Arc<Shared>,
-    _watch: WatchGuard,
+    _source: SourceGuard,
     dataplane: JoinHandle<()>,
     stop: tokio::sync::watch::Sender<bool>,
 }
@@ -66,14 +83,17 @@ impl Drop for Running {
 /// API on its own thread, and start the data plane on the current Tokio runtime.
 pub async fn start(opts: Options) -> anyhow::Result<Running> {
     let publisher = Publisher::new();
-    let source = FileSource::new(opts.config.clone(), publisher.clone());
-    if let Err(diags) = source.reload("startup") {
-        bail!(
-            "configuration rejected, nothing to serve:\n{}",
-            diagnostics_text(&diags)
-        );
+    let mut watch = None;
+    if opts.kubernetes.is_none() {
+        let source = FileSource::new(opts.config.clone(), publisher.clone());
+        if let Err(diags) = source.reload("startup") {
+            bail!(
+                "configuration rejected, nothing to serve:\n{}",
+                diagnostics_text(&diags)
+            );
+        }
+        watch = Some(source.spawn_watch().context("watch configuration")?);
     }
-    let watch = source.spawn_watch().context("watch configuration")?;
     if crate::admin::is_public(opts.admin) && !opts.admin_public {
         bail!(
             "admin address {} is not a loopback address: pass --admin-public to expose the admin API",
@@ -101,6 +121,36 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
             Some(k)
         }
         None => None,
+    };
+    let source = match (&opts.kubernetes, watch) {
+        (Some(k), _) => {
+            let enrollment = kernel.as_ref().map(|k| {
+                (
+                    k.clone() as Arc<dyn crate::kubernetes::enroll::Enroller>,
+                    Box::new(crate::kubernetes::enroll::ProcLocator::host())
+                        as Box<dyn crate::kubernetes::enroll::NetnsLocator>,
+                )
+            });
+            let mut versions = publisher.subscribe();
+            let src = crate::kubernetes::KubeSource::start(
+                k.client.clone(),
+                publisher.clone(),
+                k.options.clone(),
+                enrollment,
+            )
+            .await?;
+            tracing::info!("waiting for the first complete list from the Kubernetes API");
+            versions
+                .wait_for(|v| *v > 0)
+                .await
+                .context("Kubernetes source stopped before the first snapshot")?;
+            if let Some(k) = &kernel {
+                k.sync(&publisher.load()).context("fill kernel maps")?;
+            }
+            SourceGuard::Kubernetes(src)
+        }
+        (None, Some(w)) => SourceGuard::Files(w),
+        (None, None) => unreachable!("file source started above"),
     };
     let shared = Shared::new(
         publisher.load(),
@@ -146,7 +196,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         admin_addr,
         publisher,
         shared,
-        _watch: watch,
+        _source: source,
         dataplane,
         stop,
     })

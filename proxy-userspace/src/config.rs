@@ -9,6 +9,7 @@
 pub mod common;
 pub mod destination_rule;
 pub mod gateway;
+pub mod kubernetes;
 pub mod service_entry;
 pub mod virtual_service;
 
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use self::common::*;
 pub use self::destination_rule::*;
 pub use self::gateway::*;
+pub use self::kubernetes::*;
 pub use self::service_entry::*;
 pub use self::virtual_service::*;
 use crate::diagnostic::{Diagnostic, ObjectRef, Severity, Source, codes};
@@ -48,6 +50,9 @@ pub struct ObjectMeta {
     /// Annotations.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// The API server's unique id (objects read from Kubernetes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
     /// RFC 3339 creation time; orders conflicting VirtualServices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<String>,
@@ -63,6 +68,12 @@ pub struct Object<T> {
     /// Labels.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Annotations.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Kubernetes uid, when read from the API server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
     /// Creation time if the object carries one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub creation_timestamp: Option<String>,
@@ -97,12 +108,18 @@ pub struct ConfigSet {
     pub service_entries: Vec<Object<ServiceEntry>>,
     /// WorkloadEntries.
     pub workload_entries: Vec<Object<WorkloadEntry>>,
-    /// Kubernetes Services (registry entries with `<name>.<ns>.svc.cluster.local` hosts).
+    /// Kubernetes Services (registry entries with `<name>.<ns>.svc.<cluster domain>` hosts).
     pub kube_services: Vec<Object<KubeService>>,
+    /// Kubernetes EndpointSlices (a Service's endpoints).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub endpoint_slices: Vec<Object<KubeEndpointSlice>>,
+    /// Kubernetes Pods (labels of endpoints and clients, selector targets without slices).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<Object<KubePod>>,
 }
 
 /// Istio kinds nodeproxy models.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     /// `VirtualService`.
     VirtualService,
@@ -116,6 +133,10 @@ pub enum Kind {
     WorkloadEntry,
     /// Kubernetes `Service` (core/v1).
     KubeService,
+    /// Kubernetes `EndpointSlice` (discovery.k8s.io/v1).
+    EndpointSlice,
+    /// Kubernetes `Pod` (core/v1).
+    Pod,
 }
 
 impl Kind {
@@ -128,10 +149,13 @@ impl Kind {
             Kind::ServiceEntry => "ServiceEntry",
             Kind::WorkloadEntry => "WorkloadEntry",
             Kind::KubeService => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Pod => "Pod",
         }
     }
 
-    fn from_api(api_version: &str, kind: &str) -> Result<Option<Kind>, String> {
+    /// The kind of an object with this `apiVersion` and `kind` (`None`: not used by nodeproxy).
+    pub fn from_api(api_version: &str, kind: &str) -> Result<Option<Kind>, String> {
         if let Some(version) = api_version.strip_prefix("networking.istio.io/") {
             let k = match kind {
                 "VirtualService" => Kind::VirtualService,
@@ -148,14 +172,43 @@ impl Kind {
             }
             return Ok(Some(k));
         }
-        if api_version == "v1" && kind == "Service" {
-            return Ok(Some(Kind::KubeService));
-        }
-        Ok(None)
+        Ok(match (api_version, kind) {
+            ("v1", "Service") => Some(Kind::KubeService),
+            ("v1", "Pod") => Some(Kind::Pod),
+            ("discovery.k8s.io/v1", "EndpointSlice") => Some(Kind::EndpointSlice),
+            _ => None,
+        })
     }
 }
 
 impl ConfigSet {
+    /// Append every object of `other`.
+    pub fn extend(&mut self, other: ConfigSet) {
+        self.virtual_services.extend(other.virtual_services);
+        self.destination_rules.extend(other.destination_rules);
+        self.gateways.extend(other.gateways);
+        self.service_entries.extend(other.service_entries);
+        self.workload_entries.extend(other.workload_entries);
+        self.kube_services.extend(other.kube_services);
+        self.endpoint_slices.extend(other.endpoint_slices);
+        self.pods.extend(other.pods);
+    }
+
+    /// Keep the objects for which `keep(kind, namespace, name)` holds.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str, &str, &str) -> bool) {
+        fn each<T>(v: &mut Vec<Object<T>>, kind: Kind, keep: &mut impl FnMut(&str, &str, &str) -> bool) {
+            v.retain(|o| keep(kind.as_str(), &o.namespace, &o.name));
+        }
+        each(&mut self.virtual_services, Kind::VirtualService, &mut keep);
+        each(&mut self.destination_rules, Kind::DestinationRule, &mut keep);
+        each(&mut self.gateways, Kind::Gateway, &mut keep);
+        each(&mut self.service_entries, Kind::ServiceEntry, &mut keep);
+        each(&mut self.workload_entries, Kind::WorkloadEntry, &mut keep);
+        each(&mut self.kube_services, Kind::KubeService, &mut keep);
+        each(&mut self.endpoint_slices, Kind::EndpointSlice, &mut keep);
+        each(&mut self.pods, Kind::Pod, &mut keep);
+    }
+
     /// Load every path (file or directory, recursively, `.yaml`/`.yml` in name order).
     /// Returns what could be loaded and the diagnostics; an unreadable path is an error
     /// diagnostic, never a panic.
@@ -191,6 +244,30 @@ impl ConfigSet {
         }
     }
 
+    /// Load one object as the API server returns it (JSON). `source` names where it came from
+    /// (`kubernetes`, with the document index unused).
+    pub fn load_json(
+        &mut self,
+        value: &serde_json::Value,
+        source: Source,
+        diags: &mut Vec<Diagnostic>,
+    ) {
+        match serde_yaml::to_value(value) {
+            Ok(v) => self.load_value(Doc::Value(&v), v.clone(), source, diags),
+            Err(e) => diags.push(
+                Diagnostic::new(codes::PARSE_ERROR, Severity::Error, format!("invalid object: {e}"))
+                    .on(
+                        ObjectRef {
+                            kind: "<unknown>".into(),
+                            namespace: String::new(),
+                            name: String::new(),
+                        },
+                        source,
+                    ),
+            ),
+        }
+    }
+
     /// Parse one document; on failure record a diagnostic and load nothing from it.
     fn load_document(&mut self, doc: &str, source: Source, diags: &mut Vec<Diagnostic>) {
         let value: serde_yaml::Value = match serde_yaml::from_str(doc) {
@@ -210,6 +287,16 @@ impl ConfigSet {
                 return;
             }
         };
+        self.load_value(Doc::Text(doc), value, source, diags);
+    }
+
+    fn load_value(
+        &mut self,
+        doc: Doc<'_>,
+        value: serde_yaml::Value,
+        source: Source,
+        diags: &mut Vec<Diagnostic>,
+    ) {
         if value.is_null() {
             return; // empty document (comments only, trailing `---`)
         }
@@ -249,9 +336,7 @@ impl ConfigSet {
         if kind_name == "List" && api_version == "v1" {
             if let Some(items) = value.get("items").and_then(|v| v.as_sequence()) {
                 for item in items {
-                    if let Ok(text) = serde_yaml::to_string(item) {
-                        self.load_document(&text, source.clone(), diags);
-                    }
+                    self.load_value(Doc::Value(item), item.clone(), source.clone(), diags);
                 }
             }
             return;
@@ -290,15 +375,22 @@ impl ConfigSet {
             );
             return;
         }
+        let (o, s) = (&obj, &source);
         let ok = match kind {
-            Kind::VirtualService => push(doc, &obj, &source, diags, &mut self.virtual_services),
-            Kind::DestinationRule => push(doc, &obj, &source, diags, &mut self.destination_rules),
-            Kind::Gateway => push(doc, &obj, &source, diags, &mut self.gateways),
-            Kind::ServiceEntry => push(doc, &obj, &source, diags, &mut self.service_entries),
-            Kind::WorkloadEntry => push(doc, &obj, &source, diags, &mut self.workload_entries),
-            Kind::KubeService => push(doc, &obj, &source, diags, &mut self.kube_services),
+            Kind::VirtualService => push::<Spec<_>, _>(doc, o, s, diags, &mut self.virtual_services),
+            Kind::DestinationRule => {
+                push::<Spec<_>, _>(doc, o, s, diags, &mut self.destination_rules)
+            }
+            Kind::Gateway => push::<Spec<_>, _>(doc, o, s, diags, &mut self.gateways),
+            Kind::ServiceEntry => push::<Spec<_>, _>(doc, o, s, diags, &mut self.service_entries),
+            Kind::WorkloadEntry => {
+                push::<Spec<_>, _>(doc, o, s, diags, &mut self.workload_entries)
+            }
+            Kind::KubeService => push::<Spec<_>, _>(doc, o, s, diags, &mut self.kube_services),
+            Kind::EndpointSlice => push::<Whole<_>, _>(doc, o, s, diags, &mut self.endpoint_slices),
+            Kind::Pod => push::<Whole<_>, _>(doc, o, s, diags, &mut self.pods),
         };
-        if ok && kind != Kind::KubeService {
+        if ok && !matches!(kind, Kind::KubeService | Kind::EndpointSlice | Kind::Pod) {
             report_later_fields(kind, &value, &obj, &source, diags);
         }
     }
@@ -327,38 +419,81 @@ impl ConfigSet {
         check("ServiceEntry", &self.service_entries, diags);
         check("WorkloadEntry", &self.workload_entries, diags);
         check("Service", &self.kube_services, diags);
+        check("EndpointSlice", &self.endpoint_slices, diags);
+        check("Pod", &self.pods, diags);
     }
 }
 
+/// One document: its text (YAML files, for line numbers) or an already parsed value.
+#[derive(Clone, Copy)]
+enum Doc<'a> {
+    Text(&'a str),
+    Value(&'a serde_yaml::Value),
+}
+
+/// How an object's payload sits in the document.
+trait Envelope<T>: DeserializeOwned {
+    fn parts(self) -> (ObjectMeta, T);
+}
+
+/// Istio kinds and Services: the payload is `spec`.
 #[derive(Deserialize)]
-struct Envelope<T> {
+struct Spec<T> {
     #[serde(default)]
     metadata: ObjectMeta,
     #[serde(default = "Option::default")]
     spec: Option<T>,
 }
 
-/// Deserialize `doc` as `T` with field-path tracking; push on success.
-fn push<T: DeserializeOwned + Default>(
-    doc: &str,
+impl<T: DeserializeOwned + Default> Envelope<T> for Spec<T> {
+    fn parts(self) -> (ObjectMeta, T) {
+        (self.metadata, self.spec.unwrap_or_default())
+    }
+}
+
+/// Pods and EndpointSlices: the payload is the whole object (`spec` + `status`, `endpoints`).
+#[derive(Deserialize)]
+struct Whole<T> {
+    #[serde(default)]
+    metadata: ObjectMeta,
+    #[serde(flatten)]
+    body: T,
+}
+
+impl<T: DeserializeOwned> Envelope<T> for Whole<T> {
+    fn parts(self) -> (ObjectMeta, T) {
+        (self.metadata, self.body)
+    }
+}
+
+/// Deserialize `doc` through envelope `E` with field-path tracking; push on success.
+fn push<E: Envelope<T>, T>(
+    doc: Doc<'_>,
     obj: &ObjectRef,
     source: &Source,
     diags: &mut Vec<Diagnostic>,
     into: &mut Vec<Object<T>>,
 ) -> bool {
-    let de = serde_yaml::Deserializer::from_str(doc);
-    match serde_path_to_error::deserialize::<_, Envelope<T>>(de) {
+    let parsed = match doc {
+        Doc::Text(text) => {
+            serde_path_to_error::deserialize::<_, E>(serde_yaml::Deserializer::from_str(text))
+        }
+        Doc::Value(v) => serde_path_to_error::deserialize::<_, E>(v.clone()),
+    };
+    match parsed {
         Ok(env) => {
+            let (meta, spec) = env.parts();
             into.push(Object {
-                name: env.metadata.name,
-                namespace: env
-                    .metadata
+                name: meta.name,
+                namespace: meta
                     .namespace
                     .unwrap_or_else(|| DEFAULT_NAMESPACE.to_string()),
-                labels: env.metadata.labels,
-                creation_timestamp: env.metadata.creation_timestamp,
+                labels: meta.labels,
+                annotations: meta.annotations,
+                uid: meta.uid,
+                creation_timestamp: meta.creation_timestamp,
                 source: source.clone(),
-                spec: env.spec.unwrap_or_default(),
+                spec,
             });
             true
         }
@@ -495,7 +630,7 @@ fn later_fields(kind: Kind) -> Vec<String> {
             }
         }
         Kind::ServiceEntry => out.push("spec.subjectAltNames".into()),
-        Kind::WorkloadEntry | Kind::KubeService => {}
+        Kind::WorkloadEntry | Kind::KubeService | Kind::EndpointSlice | Kind::Pod => {}
     }
     out
 }

@@ -444,17 +444,28 @@ impl Kernel {
 
     /// Enroll the network namespace at `path`: its sockets become subject to capture.
     pub fn enroll(&self, path: &Path) -> Result<u64, Error> {
-        let cookie = netns::cookie(path).map_err(|source| Error::Netns {
-            path: path.to_path_buf(),
+        self.enroll_as(path, path)
+    }
+
+    /// Enroll the namespace at `netns` under the name `key` (a pod's `/proc/<pid>/ns/net` is
+    /// only valid while that process lives; the key stays). Re-enrolling a key with another
+    /// namespace removes the old one from the map first.
+    pub fn enroll_as(&self, key: &Path, netns: &Path) -> Result<u64, Error> {
+        let cookie = netns::cookie(netns).map_err(|source| Error::Netns {
+            path: netns.to_path_buf(),
             source,
         })?;
         let mut st = self.state.lock().expect("kernel lock");
         st.maps
             .netns
             .insert(cookie, 1, 0)
-            .map_err(map_err("np_netns", format!("enroll {}", path.display())))?;
-        st.enrolled.insert(path.to_path_buf(), cookie);
-        tracing::info!(netns = %path.display(), cookie, "enrolled");
+            .map_err(map_err("np_netns", format!("enroll {}", key.display())))?;
+        if let Some(old) = st.enrolled.insert(key.to_path_buf(), cookie)
+            && old != cookie
+        {
+            let _ = st.maps.netns.remove(&old);
+        }
+        tracing::info!(key = %key.display(), netns = %netns.display(), cookie, "enrolled");
         Ok(cookie)
     }
 

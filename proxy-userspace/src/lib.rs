@@ -14,6 +14,7 @@ pub mod config;
 pub mod dataplane;
 pub mod diagnostic;
 pub mod inspect;
+pub mod kubernetes;
 pub mod proxy;
 pub mod publish;
 pub mod telemetry;

@@ -62,6 +62,14 @@ enum AccessLogFormat {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum SourceKind {
+    /// Istio YAML files (`--config`), watched.
+    Files,
+    /// The Kubernetes API server.
+    Kubernetes,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 enum Capture {
     /// Listen on every service address and port (no privileges needed).
     None,
@@ -136,9 +144,20 @@ enum Command {
     },
     /// Run the proxy.
     Run {
-        /// Files or directories of Istio YAML (watched; SIGHUP reloads).
-        #[arg(long = "config", required = true)]
+        /// Files or directories of Istio YAML (watched; SIGHUP reloads). Needed with
+        /// `--source files`.
+        #[arg(long = "config")]
         config: Vec<PathBuf>,
+        /// Where configuration comes from: `files` (--config) or `kubernetes` (the API server:
+        /// in-cluster service account, else KUBECONFIG).
+        #[arg(long, value_enum, default_value = "files")]
+        source: SourceKind,
+        /// This node's name (pods on it in the ambient mesh are captured; `--source kubernetes`).
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
+        /// Kubernetes cluster domain of service hosts (`<name>.<ns>.svc.<domain>`).
+        #[arg(long, env = "CLUSTER_DOMAIN", default_value = nodeproxy::compile::registry::DEFAULT_CLUSTER_DOMAIN)]
+        cluster_domain: String,
         /// Traffic capture mode (default: ebpf as root, none otherwise).
         #[arg(long, value_enum)]
         capture: Option<Capture>,
@@ -351,6 +370,9 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
         }
         Command::Run {
             config,
+            source,
+            node_name,
+            cluster_domain,
             capture,
             admin,
             gateway_ip,
@@ -368,6 +390,17 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
             sockmap,
             workers,
         } => {
+            nodeproxy::compile::registry::set_cluster_domain(&cluster_domain)
+                .map_err(|e| anyhow::anyhow!("--cluster-domain: {e}"))?;
+            match source {
+                SourceKind::Files if config.is_empty() => {
+                    bail!("--source files needs at least one --config file or directory")
+                }
+                SourceKind::Kubernetes if !config.is_empty() => {
+                    bail!("--config is for --source files; with --source kubernetes the configuration comes from the API server")
+                }
+                _ => {}
+            }
             if access_log_format == AccessLogFormat::Json {
                 nodeproxy::telemetry::access::set_json(true);
             }
@@ -412,7 +445,23 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                 .enable_all()
                 .build()?;
             rt.block_on(async {
+                let kubernetes = match source {
+                    SourceKind::Files => None,
+                    SourceKind::Kubernetes => {
+                        if capture.is_some() && node_name.is_none() {
+                            tracing::warn!("no --node-name (NODE_NAME): no pod will be enrolled");
+                        }
+                        Some(nodeproxy::app::KubeRun {
+                            client: nodeproxy::kubernetes::client().await?,
+                            options: nodeproxy::kubernetes::Options {
+                                node_name,
+                                ..Default::default()
+                            },
+                        })
+                    }
+                };
                 let running = nodeproxy::app::start(nodeproxy::app::Options {
+                    kubernetes,
                     config,
                     admin,
                     gateway_ip,

@@ -155,6 +155,7 @@ pub async fn start_custom(
         capture: None,
         locality: None,
         workers: 2,
+        kubernetes: None,
     };
     f(&mut opts);
     let running = nodeproxy::app::start(opts).await.expect("proxy starts");

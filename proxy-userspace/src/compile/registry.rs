@@ -8,10 +8,33 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::config::{self, ConfigSet, labels_match};
+use crate::config::{
+    self, ConfigSet, KubeEndpointSlice, KubePod, Object, SERVICE_NAME_LABEL, labels_match,
+};
 
-/// The Kubernetes cluster domain used to expand short names.
+/// The Kubernetes cluster domain used when none is set.
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+
+static CLUSTER_DOMAIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The cluster domain Kubernetes hosts end in (`--cluster-domain`, default `cluster.local`).
+pub fn cluster_domain() -> &'static str {
+    CLUSTER_DOMAIN.get().map_or(DEFAULT_CLUSTER_DOMAIN, String::as_str)
+}
+
+/// Set the cluster domain once, at start, before any configuration is compiled.
+pub fn set_cluster_domain(domain: &str) -> Result<(), String> {
+    let d = domain.trim_matches('.').to_ascii_lowercase();
+    if d.is_empty() || d.split('.').any(|l| l.is_empty() || l.len() > 63) {
+        return Err(format!("cluster domain `{domain}` is not a DNS name"));
+    }
+    if cluster_domain() == d {
+        return Ok(());
+    }
+    CLUSTER_DOMAIN
+        .set(d)
+        .map_err(|_| "cluster domain already set".to_string())
+}
 
 /// Index of a service in [`Registry::services`].
 pub type ServiceId = usize;
@@ -234,6 +257,13 @@ impl Registry {
     /// reported by analysis.
     pub fn build(set: &ConfigSet) -> Registry {
         let mut reg = Registry::default();
+        let pods = PodIndex::new(&set.pods);
+        let mut slices_of: HashMap<(&str, &str), Vec<&Object<KubeEndpointSlice>>> = HashMap::new();
+        for s in &set.endpoint_slices {
+            if let Some(svc) = s.labels.get(SERVICE_NAME_LABEL) {
+                slices_of.entry((&s.namespace, svc)).or_default().push(s);
+            }
+        }
         for we in &set.workload_entries {
             if let Ok(ip) = we.spec.address.parse::<IpAddr>() {
                 reg.workloads.insert(
@@ -323,7 +353,14 @@ impl Registry {
         }
         for ks in &set.kube_services {
             let spec = &ks.spec;
-            let host = format!("{}.{}.svc.{DEFAULT_CLUSTER_DOMAIN}", ks.name, ks.namespace)
+            // Headless and ExternalName Services have no VIP to route; their clients resolve
+            // pod addresses (or a CNAME) and reach them as plain pod-to-pod traffic.
+            if spec.cluster_ip.as_deref() == Some("None")
+                || spec.service_type.as_deref() == Some("ExternalName")
+            {
+                continue;
+            }
+            let host = format!("{}.{}.svc.{}", ks.name, ks.namespace, cluster_domain())
                 .to_ascii_lowercase();
             let ports = spec
                 .ports
@@ -347,12 +384,19 @@ impl Registry {
                 .iter()
                 .filter_map(|a| a.parse::<IpAddr>().ok())
                 .collect();
-            // A Service's selector picks WorkloadEntries of its namespace (Istio does the same).
-            let endpoints = if spec.selector.is_empty() {
-                Vec::new()
-            } else {
-                selected_workload_entries(set, &ks.namespace, &spec.selector)
+            // Endpoints: the Service's EndpointSlices when it has any (the API server's view), else
+            // the Pods its selector picks (files without slices); plus the WorkloadEntries the
+            // selector picks (Istio does the same).
+            let mut endpoints = match slices_of.get(&(ks.namespace.as_str(), ks.name.as_str())) {
+                Some(slices) => slice_endpoints(slices, &pods),
+                None if !spec.selector.is_empty() => {
+                    pods.selected(&ks.namespace, &spec.selector)
+                }
+                None => Vec::new(),
             };
+            if !spec.selector.is_empty() {
+                endpoints.extend(selected_workload_entries(set, &ks.namespace, &spec.selector));
+            }
             if reg.by_host.contains_key(&host) {
                 continue; // a ServiceEntry with the same host is already there
             }
@@ -368,6 +412,15 @@ impl Registry {
                 external: false,
                 endpoints,
             });
+        }
+        for pod in &set.pods {
+            for ip in pod.spec.ips() {
+                reg.workloads.entry(ip).or_insert_with(|| Workload {
+                    name: pod.name.clone(),
+                    namespace: pod.namespace.clone(),
+                    labels: pod.labels.clone(),
+                });
+            }
         }
         reg
     }
@@ -438,6 +491,91 @@ fn selected_workload_entries(
         .collect()
 }
 
+/// Pods by namespace and name, for slice endpoints' `targetRef` and selectors.
+struct PodIndex<'a> {
+    by_name: HashMap<(&'a str, &'a str), &'a Object<KubePod>>,
+    all: &'a [Object<KubePod>],
+}
+
+impl<'a> PodIndex<'a> {
+    fn new(all: &'a [Object<KubePod>]) -> Self {
+        let by_name = all
+            .iter()
+            .map(|p| ((p.namespace.as_str(), p.name.as_str()), p))
+            .collect();
+        PodIndex { by_name, all }
+    }
+
+    /// Live pods of `namespace` whose labels match `selector`, one endpoint per address.
+    fn selected(&self, namespace: &str, selector: &BTreeMap<String, String>) -> Vec<Endpoint> {
+        self.all
+            .iter()
+            .filter(|p| p.namespace == namespace && !p.spec.is_terminal())
+            .filter(|p| labels_match(selector, &p.labels))
+            .flat_map(|p| {
+                p.spec.ips().into_iter().map(|ip| Endpoint {
+                    address: EndpointAddress::Ip(ip),
+                    ports: BTreeMap::new(),
+                    labels: p.labels.clone(),
+                    weight: 1,
+                    locality: None,
+                    workload: Some(format!("{}/{}", p.namespace, p.name)),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Ready endpoints of a Service's slices. Labels come from the pod behind each endpoint (subsets
+/// select on them); ports are keyed by the Service port name, as the slices name them. An
+/// address listed twice (slices overlap while the controller rebalances) is one endpoint.
+fn slice_endpoints(slices: &[&Object<KubeEndpointSlice>], pods: &PodIndex<'_>) -> Vec<Endpoint> {
+    let mut out: Vec<Endpoint> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for slice in slices {
+        if slice.spec.address_type.as_deref() == Some("FQDN") {
+            continue;
+        }
+        let ports: BTreeMap<String, u16> = slice
+            .spec
+            .ports
+            .iter()
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| Some((p.name.clone().unwrap_or_default(), p.port? as u16)))
+            .collect();
+        for ep in &slice.spec.endpoints {
+            let c = &ep.conditions;
+            if c.ready == Some(false) || c.terminating == Some(true) {
+                continue;
+            }
+            let pod = ep.target_ref.as_ref().and_then(|r| {
+                let name = r.name.as_deref()?;
+                let ns = r.namespace.as_deref().unwrap_or(&slice.namespace);
+                (r.kind.as_deref() == Some("Pod"))
+                    .then(|| pods.by_name.get(&(ns, name)).copied())
+                    .flatten()
+            });
+            for a in &ep.addresses {
+                let Ok(ip) = a.parse::<IpAddr>() else {
+                    continue;
+                };
+                if !seen.insert(ip) {
+                    continue;
+                }
+                out.push(Endpoint {
+                    address: EndpointAddress::Ip(ip),
+                    ports: ports.clone(),
+                    labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
+                    weight: 1,
+                    locality: None,
+                    workload: pod.map(|p| format!("{}/{}", p.namespace, p.name)),
+                });
+            }
+        }
+    }
+    out
+}
+
 /// Expand a VS/DR host written in namespace `ns`: a name without dots becomes
 /// `name.ns.svc.cluster.local`; anything with a dot, a wildcard or an IP is used as written.
 pub fn expand_host(host: &str, ns: &str) -> String {
@@ -445,7 +583,7 @@ pub fn expand_host(host: &str, ns: &str) -> String {
     if h.contains('.') || h.starts_with('*') || h.parse::<IpAddr>().is_ok() {
         h
     } else {
-        format!("{h}.{ns}.svc.{DEFAULT_CLUSTER_DOMAIN}")
+        format!("{h}.{ns}.svc.{}", cluster_domain())
     }
 }
 
@@ -471,7 +609,7 @@ pub fn hosts_intersect(a: &str, b: &str) -> bool {
 
 /// The names a client may use for a Kubernetes service: `name`, `name.ns`, `name.ns.svc`, FQDN.
 pub fn kube_aliases(host: &str) -> Vec<String> {
-    let suffix = format!(".svc.{DEFAULT_CLUSTER_DOMAIN}");
+    let suffix = format!(".svc.{}", cluster_domain());
     match host.strip_suffix(&suffix) {
         Some(name_ns) => {
             let name = name_ns.split('.').next().unwrap_or(name_ns).to_string();

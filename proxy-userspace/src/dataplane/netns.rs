@@ -26,6 +26,30 @@ pub fn cookie(path: &Path) -> std::io::Result<u64> {
     })
 }
 
+/// Does the network namespace at `path` have one of `ips` on an interface?
+pub fn holds_any(path: &Path, ips: &[std::net::IpAddr]) -> std::io::Result<bool> {
+    let ns = std::fs::File::open(path)?;
+    std::thread::scope(|s| {
+        s.spawn(|| -> std::io::Result<bool> {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)?;
+            let addrs = nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)?;
+            Ok(addrs.filter_map(|a| a.address).any(|a| {
+                let ip = if let Some(v4) = a.as_sockaddr_in() {
+                    std::net::IpAddr::V4(v4.ip())
+                } else if let Some(v6) = a.as_sockaddr_in6() {
+                    std::net::IpAddr::V6(v6.ip())
+                } else {
+                    return false;
+                };
+                ips.contains(&ip)
+            }))
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("netns thread panicked"))?
+    })
+}
+
 /// The netns cookie of the namespace a socket lives in.
 pub fn current_cookie(sock: &impl AsRawFd) -> std::io::Result<u64> {
     let mut value: u64 = 0;
