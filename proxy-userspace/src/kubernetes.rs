@@ -57,6 +57,25 @@ pub enum Resource {
     Namespace,
 }
 
+impl Resource {
+    /// The resource of an object with this `apiVersion` and `kind` (`None`: not watched).
+    pub fn of(api_version: &str, kind: &str) -> Option<Resource> {
+        if api_version == "v1" && kind == "Namespace" {
+            return Some(Resource::Namespace);
+        }
+        Kind::from_api(api_version, kind)
+            .ok()
+            .flatten()
+            .map(Resource::Config)
+    }
+
+    /// The resource of a JSON object from its own `apiVersion` and `kind`.
+    pub fn of_json(value: &serde_json::Value) -> Option<Resource> {
+        let s = |k: &str| value.get(k).and_then(|v| v.as_str()).unwrap_or("");
+        Resource::of(s("apiVersion"), s("kind"))
+    }
+}
+
 /// Source settings.
 #[derive(Debug, Clone)]
 pub struct Options {

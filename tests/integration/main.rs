@@ -3,6 +3,7 @@
 
 mod behaviour;
 mod cli;
+mod kubernetes;
 mod l4;
 mod ops;
 mod traffic;

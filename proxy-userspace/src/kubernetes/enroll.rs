@@ -251,3 +251,48 @@ impl Enrollment {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "7e1f0000-0001-4b2c-9d3e-000000000011";
+
+    #[test]
+    fn cgroup_paths_of_both_drivers_name_the_pod() {
+        let systemd = "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod7e1f0000_0001_4b2c_9d3e_000000000011.slice/cri-containerd-ab12.scope\n";
+        let cgroupfs = "0::/kubepods/besteffort/pod7e1f0000-0001-4b2c-9d3e-000000000011/ab12\n";
+        let guaranteed = "0::/kubepods.slice/kubepods-pod7e1f0000_0001_4b2c_9d3e_000000000011.slice/cri-containerd-ab12.scope\n";
+        for text in [systemd, cgroupfs, guaranteed] {
+            assert!(cgroup_names_pod(text, UID), "{text}");
+        }
+        let other = "0::/kubepods/besteffort/pod7e1f0000-0001-4b2c-9d3e-000000000012/ab12\n";
+        assert!(!cgroup_names_pod(other, UID));
+        assert!(!cgroup_names_pod("0::/system.slice/containerd.service\n", UID));
+        assert!(!cgroup_names_pod(cgroupfs, ""));
+    }
+
+    #[test]
+    fn proc_locator_finds_the_pod_process_not_the_host() {
+        let root = std::env::temp_dir().join(format!("np-proc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let mk = |pid: &str, cgroup: &str| {
+            let d = root.join(pid);
+            std::fs::create_dir_all(d.join("ns")).unwrap();
+            std::fs::write(d.join("cgroup"), cgroup).unwrap();
+            std::fs::write(d.join("ns/net"), pid).unwrap();
+        };
+        std::fs::create_dir_all(root.join("self/ns")).unwrap();
+        std::fs::write(root.join("self/ns/net"), "host").unwrap();
+        mk("1", "0::/init.scope\n");
+        mk("4242", "0::/kubepods/burstable/pod7e1f0000-0001-4b2c-9d3e-000000000011/c1\n");
+        mk("77", "0::/kubepods/burstable/podother/c2\n");
+        let loc = ProcLocator {
+            proc_root: root.clone(),
+            check_ips: false,
+        };
+        assert_eq!(loc.locate(UID, &[]), Some(root.join("4242/ns/net")));
+        assert_eq!(loc.locate("absent", &[]), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
