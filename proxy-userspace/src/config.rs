@@ -196,11 +196,19 @@ impl ConfigSet {
 
     /// Keep the objects for which `keep(kind, namespace, name)` holds.
     pub fn retain(&mut self, mut keep: impl FnMut(&str, &str, &str) -> bool) {
-        fn each<T>(v: &mut Vec<Object<T>>, kind: Kind, keep: &mut impl FnMut(&str, &str, &str) -> bool) {
+        fn each<T>(
+            v: &mut Vec<Object<T>>,
+            kind: Kind,
+            keep: &mut impl FnMut(&str, &str, &str) -> bool,
+        ) {
             v.retain(|o| keep(kind.as_str(), &o.namespace, &o.name));
         }
         each(&mut self.virtual_services, Kind::VirtualService, &mut keep);
-        each(&mut self.destination_rules, Kind::DestinationRule, &mut keep);
+        each(
+            &mut self.destination_rules,
+            Kind::DestinationRule,
+            &mut keep,
+        );
         each(&mut self.gateways, Kind::Gateway, &mut keep);
         each(&mut self.service_entries, Kind::ServiceEntry, &mut keep);
         each(&mut self.workload_entries, Kind::WorkloadEntry, &mut keep);
@@ -255,15 +263,19 @@ impl ConfigSet {
         match serde_yaml::to_value(value) {
             Ok(v) => self.load_value(Doc::Value(&v), v.clone(), source, diags),
             Err(e) => diags.push(
-                Diagnostic::new(codes::PARSE_ERROR, Severity::Error, format!("invalid object: {e}"))
-                    .on(
-                        ObjectRef {
-                            kind: "<unknown>".into(),
-                            namespace: String::new(),
-                            name: String::new(),
-                        },
-                        source,
-                    ),
+                Diagnostic::new(
+                    codes::PARSE_ERROR,
+                    Severity::Error,
+                    format!("invalid object: {e}"),
+                )
+                .on(
+                    ObjectRef {
+                        kind: "<unknown>".into(),
+                        namespace: String::new(),
+                        name: String::new(),
+                    },
+                    source,
+                ),
             ),
         }
     }
@@ -377,15 +389,15 @@ impl ConfigSet {
         }
         let (o, s) = (&obj, &source);
         let ok = match kind {
-            Kind::VirtualService => push::<Spec<_>, _>(doc, o, s, diags, &mut self.virtual_services),
+            Kind::VirtualService => {
+                push::<Spec<_>, _>(doc, o, s, diags, &mut self.virtual_services)
+            }
             Kind::DestinationRule => {
                 push::<Spec<_>, _>(doc, o, s, diags, &mut self.destination_rules)
             }
             Kind::Gateway => push::<Spec<_>, _>(doc, o, s, diags, &mut self.gateways),
             Kind::ServiceEntry => push::<Spec<_>, _>(doc, o, s, diags, &mut self.service_entries),
-            Kind::WorkloadEntry => {
-                push::<Spec<_>, _>(doc, o, s, diags, &mut self.workload_entries)
-            }
+            Kind::WorkloadEntry => push::<Spec<_>, _>(doc, o, s, diags, &mut self.workload_entries),
             Kind::KubeService => push::<Spec<_>, _>(doc, o, s, diags, &mut self.kube_services),
             Kind::EndpointSlice => push::<Whole<_>, _>(doc, o, s, diags, &mut self.endpoint_slices),
             Kind::Pod => push::<Whole<_>, _>(doc, o, s, diags, &mut self.pods),

@@ -26,8 +26,8 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::APIGroup;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -410,7 +410,13 @@ impl KubeSource {
                 )));
             }};
         }
-        spawn_watch!(Service, Resource::Config(Kind::KubeService), "v1", "Service", wc());
+        spawn_watch!(
+            Service,
+            Resource::Config(Kind::KubeService),
+            "v1",
+            "Service",
+            wc()
+        );
         spawn_watch!(
             EndpointSlice,
             Resource::Config(Kind::EndpointSlice),
@@ -433,7 +439,8 @@ impl KubeSource {
             Some(version) => {
                 tracing::info!(%version, "watching {ISTIO_NETWORKING_GROUP}");
                 for (kind, plural) in ISTIO_KINDS {
-                    let gvk = GroupVersionKind::gvk(ISTIO_NETWORKING_GROUP, &version, kind.as_str());
+                    let gvk =
+                        GroupVersionKind::gvk(ISTIO_NETWORKING_GROUP, &version, kind.as_str());
                     let ar = ApiResource::from_gvk_with_plural(&gvk, plural);
                     let res = Resource::Config(kind);
                     expected.insert(res);
@@ -457,7 +464,9 @@ impl KubeSource {
             let node = opts.node_name.clone()?;
             Some(Enrollment::new(node, enroller, locator))
         });
-        tasks.push(tokio::spawn(run_store(rx, expected, publisher, opts, enrollment)));
+        tasks.push(tokio::spawn(run_store(
+            rx, expected, publisher, opts, enrollment,
+        )));
         Ok(KubeSource { tasks })
     }
 }

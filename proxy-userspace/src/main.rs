@@ -397,7 +397,9 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                     bail!("--source files needs at least one --config file or directory")
                 }
                 SourceKind::Kubernetes if !config.is_empty() => {
-                    bail!("--config is for --source files; with --source kubernetes the configuration comes from the API server")
+                    bail!(
+                        "--config is for --source files; with --source kubernetes the configuration comes from the API server"
+                    )
                 }
                 _ => {}
             }

@@ -123,6 +123,7 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+pub mod apiserver;
 pub mod backend;
 pub mod node;
 pub mod proxy;

@@ -17,7 +17,7 @@ use nodeproxy::kubernetes::{Resource, Store};
 use serde_json::Value;
 
 pub const NODE: &str = "kind-worker";
-const HOST: &str = "backend.demo.svc.cluster.local";
+pub const HOST: &str = "backend.demo.svc.cluster.local";
 
 pub fn cluster() -> Vec<Value> {
     let text = std::fs::read_to_string(nodeproxy_tests::repo_path(
@@ -27,7 +27,7 @@ pub fn cluster() -> Vec<Value> {
     serde_json::from_str(&text).expect("fixture is JSON")
 }
 
-fn find(objs: &[Value], kind: &str, name: &str) -> Value {
+pub fn find(objs: &[Value], kind: &str, name: &str) -> Value {
     objs.iter()
         .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
         .unwrap_or_else(|| panic!("{kind}/{name} in fixture"))
@@ -63,7 +63,7 @@ fn snapshot(store: &Store) -> Snapshot {
 }
 
 /// The action of the route a request for `host` with `headers` takes.
-fn route(snap: &Snapshot, host: &str, headers: &[(&str, &str)]) -> String {
+pub fn route(snap: &Snapshot, host: &str, headers: &[(&str, &str)]) -> String {
     let r = simulate(
         snap,
         &SimRequest {
@@ -106,13 +106,19 @@ fn api_objects_become_registry_and_routes() {
     let snap = snapshot(&store);
 
     let svc = &snap.registry.services[snap.registry.by_host(HOST).expect("backend service")];
-    assert_eq!(svc.addresses, vec!["10.96.12.34".parse::<IpAddr>().unwrap()]);
+    assert_eq!(
+        svc.addresses,
+        vec!["10.96.12.34".parse::<IpAddr>().unwrap()]
+    );
     assert_eq!(svc.ports.len(), 1);
     assert!(svc.ports[0].protocol.is_http(), "port named `http` is HTTP");
     // The not-ready endpoint is left out; the named targetPort resolves through the slice.
     assert_eq!(cluster_endpoints(&snap, "v1"), ["10.244.1.11:5678"]);
     assert_eq!(cluster_endpoints(&snap, "v2"), ["10.244.1.12:5678"]);
-    assert_eq!(cluster_endpoints(&snap, ""), ["10.244.1.11:5678", "10.244.1.12:5678"]);
+    assert_eq!(
+        cluster_endpoints(&snap, ""),
+        ["10.244.1.11:5678", "10.244.1.12:5678"]
+    );
     assert!(
         snap.registry
             .by_host("backend-headless.demo.svc.cluster.local")
@@ -120,11 +126,20 @@ fn api_objects_become_registry_and_routes() {
         "headless Services have no VIP to route"
     );
     // Pods are workloads by IP: sourceLabels see the frontend's labels.
-    let w = snap.registry.workload("10.244.1.14".parse().unwrap()).expect("frontend pod");
+    let w = snap
+        .registry
+        .workload("10.244.1.14".parse().unwrap())
+        .expect("frontend pod");
     assert_eq!(w.labels.get("app").map(String::as_str), Some("frontend"));
 
     let split = format!("outbound|80|v1|{HOST} 80%, outbound|80|v2|{HOST} 20%");
-    for name in ["backend", "backend.demo", "backend.demo.svc", HOST, "10.96.12.34"] {
+    for name in [
+        "backend",
+        "backend.demo",
+        "backend.demo.svc",
+        HOST,
+        "10.96.12.34",
+    ] {
         assert_eq!(route(&snap, name, &[]), split, "host {name}");
     }
     assert_eq!(
@@ -144,7 +159,10 @@ fn api_objects_become_registry_and_routes() {
     );
 
     // Update and delete: v2's pod goes away and the slice loses its endpoint.
-    delete(&mut store, &find(&objs, "Pod", "backend-v2-5c8b7d6f9-fghij"));
+    delete(
+        &mut store,
+        &find(&objs, "Pod", "backend-v2-5c8b7d6f9-fghij"),
+    );
     let mut slice = find(&objs, "EndpointSlice", "backend-x7k2p");
     slice["endpoints"].as_array_mut().unwrap().remove(1);
     apply(&mut store, &slice);
@@ -156,14 +174,24 @@ fn api_objects_become_registry_and_routes() {
     // DestinationRule leaves the VirtualService naming unknown subsets.
     delete(&mut store, &find(&objs, "DestinationRule", "backend"));
     let built = store.build();
-    let snap = built.snapshot.expect("the rest of the cluster still publishes");
+    let snap = built
+        .snapshot
+        .expect("the rest of the cluster still publishes");
     assert!(
-        built.diagnostics.iter().any(|d| d.message.starts_with("object left out")
-            && d.object.as_ref().is_some_and(|o| o.kind == "VirtualService")),
+        built
+            .diagnostics
+            .iter()
+            .any(|d| d.message.starts_with("object left out")
+                && d.object
+                    .as_ref()
+                    .is_some_and(|o| o.kind == "VirtualService")),
         "{:#?}",
         built.diagnostics
     );
-    assert_eq!(route(&snap, "backend", &[]), format!("outbound|80||{HOST} 100%"));
+    assert_eq!(
+        route(&snap, "backend", &[]),
+        format!("outbound|80||{HOST} 100%")
+    );
 
     // Deleting the Service removes it from the registry.
     delete(&mut store, &find(&objs, "Service", "backend"));
@@ -289,7 +317,10 @@ fn enrollment_follows_pods_and_churn_leaves_nothing() {
     assert_eq!(kernel.0.lock().unwrap().len(), 4);
 
     // Deleted and finished pods leave capture.
-    delete(&mut store, &find(&objs, "Pod", "backend-v1-6d4f9c7b8-abcde"));
+    delete(
+        &mut store,
+        &find(&objs, "Pod", "backend-v1-6d4f9c7b8-abcde"),
+    );
     let mut done = find(&objs, "Pod", "tagged-3b4c5d6e7-zzzzz");
     done["status"]["phase"] = "Succeeded".into();
     apply(&mut store, &done);

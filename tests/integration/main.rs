@@ -3,6 +3,7 @@
 
 mod behaviour;
 mod cli;
+mod kube_watch;
 mod kubernetes;
 mod l4;
 mod ops;

@@ -19,7 +19,9 @@ static CLUSTER_DOMAIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// The cluster domain Kubernetes hosts end in (`--cluster-domain`, default `cluster.local`).
 pub fn cluster_domain() -> &'static str {
-    CLUSTER_DOMAIN.get().map_or(DEFAULT_CLUSTER_DOMAIN, String::as_str)
+    CLUSTER_DOMAIN
+        .get()
+        .map_or(DEFAULT_CLUSTER_DOMAIN, String::as_str)
 }
 
 /// Set the cluster domain once, at start, before any configuration is compiled.
@@ -389,13 +391,15 @@ impl Registry {
             // selector picks (Istio does the same).
             let mut endpoints = match slices_of.get(&(ks.namespace.as_str(), ks.name.as_str())) {
                 Some(slices) => slice_endpoints(slices, &pods),
-                None if !spec.selector.is_empty() => {
-                    pods.selected(&ks.namespace, &spec.selector)
-                }
+                None if !spec.selector.is_empty() => pods.selected(&ks.namespace, &spec.selector),
                 None => Vec::new(),
             };
             if !spec.selector.is_empty() {
-                endpoints.extend(selected_workload_entries(set, &ks.namespace, &spec.selector));
+                endpoints.extend(selected_workload_entries(
+                    set,
+                    &ks.namespace,
+                    &spec.selector,
+                ));
             }
             if reg.by_host.contains_key(&host) {
                 continue; // a ServiceEntry with the same host is already there

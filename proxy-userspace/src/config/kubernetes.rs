@@ -3,7 +3,6 @@
 //! so both sources share one model. Unknown fields are ignored: these are API objects with far
 //! more in them than nodeproxy uses.
 
-
 use serde::{Deserialize, Serialize};
 
 /// `Pod.spec` fields nodeproxy uses.

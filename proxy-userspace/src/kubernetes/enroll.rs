@@ -147,9 +147,7 @@ impl NetnsLocator for ProcLocator {
             if Some((meta.dev(), meta.ino())) == own {
                 continue; // host network namespace: never capture the node itself
             }
-            if self.check_ips
-                && !crate::dataplane::netns::holds_any(&netns, ips).unwrap_or(false)
-            {
+            if self.check_ips && !crate::dataplane::netns::holds_any(&netns, ips).unwrap_or(false) {
                 continue;
             }
             return Some(netns);
@@ -268,7 +266,10 @@ mod tests {
         }
         let other = "0::/kubepods/besteffort/pod7e1f0000-0001-4b2c-9d3e-000000000012/ab12\n";
         assert!(!cgroup_names_pod(other, UID));
-        assert!(!cgroup_names_pod("0::/system.slice/containerd.service\n", UID));
+        assert!(!cgroup_names_pod(
+            "0::/system.slice/containerd.service\n",
+            UID
+        ));
         assert!(!cgroup_names_pod(cgroupfs, ""));
     }
 
@@ -285,7 +286,10 @@ mod tests {
         std::fs::create_dir_all(root.join("self/ns")).unwrap();
         std::fs::write(root.join("self/ns/net"), "host").unwrap();
         mk("1", "0::/init.scope\n");
-        mk("4242", "0::/kubepods/burstable/pod7e1f0000-0001-4b2c-9d3e-000000000011/c1\n");
+        mk(
+            "4242",
+            "0::/kubepods/burstable/pod7e1f0000-0001-4b2c-9d3e-000000000011/c1\n",
+        );
         mk("77", "0::/kubepods/burstable/podother/c2\n");
         let loc = ProcLocator {
             proc_root: root.clone(),
