@@ -180,7 +180,9 @@ impl Admin {
     }
 
     fn handle_ready(&self) -> Response<Full<Bytes>> {
-        if self.publisher.status().version > 0 {
+        if self.shared.as_ref().is_some_and(|s| s.draining()) {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        } else if self.publisher.status().version > 0 {
             text(StatusCode::OK, "ready\n")
         } else {
             text(

@@ -69,6 +69,20 @@ pub struct Running {
     stop: tokio::sync::watch::Sender<bool>,
 }
 
+impl Running {
+    /// Drain before stopping: `/ready` fails, HTTP/1 responses close their connections, and
+    /// this returns when no downstream connection is left or after `limit`, whichever is first.
+    /// Returns the connections still open at the end.
+    pub async fn drain(&self, limit: std::time::Duration) -> usize {
+        self.shared.start_draining();
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.shared.active_connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        self.shared.active_connections()
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         self.dataplane.abort();

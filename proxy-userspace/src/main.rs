@@ -200,6 +200,9 @@ enum Command {
         /// bpffs mount point for the pinned maps (mounted when needed).
         #[arg(long, default_value = nodeproxy::dataplane::DEFAULT_BPFFS)]
         bpffs: PathBuf,
+        /// After SIGTERM/SIGINT, how long in-flight connections get to finish (0: stop at once).
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        drain_time: std::time::Duration,
         /// Access log on stderr: `on` (default) or `off`.
         #[arg(long, value_enum, default_value = "on")]
         access_log: AccessLogMode,
@@ -389,6 +392,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
             locality,
             sockmap,
             workers,
+            drain_time,
         } => {
             nodeproxy::compile::registry::set_cluster_domain(&cluster_domain)
                 .map_err(|e| anyhow::anyhow!("--cluster-domain: {e}"))?;
@@ -485,6 +489,14 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}
                     _ = term.recv() => {}
+                }
+                if !drain_time.is_zero() {
+                    eprintln!(
+                        "nodeproxy: draining for up to {}",
+                        humantime::format_duration(drain_time)
+                    );
+                    let left = running.drain(drain_time).await;
+                    eprintln!("nodeproxy: drained ({left} connections still open)");
                 }
                 drop(running);
                 anyhow::Ok(())

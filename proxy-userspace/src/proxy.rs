@@ -145,6 +145,18 @@ pub struct Shared {
     workers: std::sync::OnceLock<Vec<WorkerQueue>>,
     next_worker: std::sync::atomic::AtomicUsize,
     mirrors: Arc<Semaphore>,
+    /// Downstream connections being served.
+    active: Arc<std::sync::atomic::AtomicUsize>,
+    draining: std::sync::atomic::AtomicBool,
+}
+
+/// Counts a downstream connection while it is served.
+pub struct ActiveConn(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ActiveConn {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -166,7 +178,30 @@ impl Shared {
             next_worker: std::sync::atomic::AtomicUsize::new(0),
             metrics: crate::telemetry::Metrics::new(),
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
+            active: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Count a connection until the guard drops.
+    pub fn track_connection(&self) -> ActiveConn {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveConn(self.active.clone())
+    }
+
+    /// Downstream connections being served.
+    pub fn active_connections(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Start draining: `/ready` fails and HTTP/1 responses close their connection.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Is the proxy draining?
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// Install a new snapshot (cluster state carried over).

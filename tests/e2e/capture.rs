@@ -10,8 +10,7 @@ use nodeproxy_tests::node::Node;
 use nodeproxy_tests::proxy::TempDir;
 use tokio::io::AsyncWriteExt;
 
-/// One proxy attaches to the cgroup root at a time.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use super::SERIAL;
 
 const ADMIN: &str = "127.0.0.1:15000";
 

@@ -3,3 +3,7 @@
 //! to the cgroup root at once.
 
 mod capture;
+mod kubernetes;
+
+/// One proxy attaches to the cgroup root at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -83,6 +83,18 @@ impl FakeApiServer {
     /// Serve `objects` (each with `apiVersion` and `kind`); `empty` lists collections that exist
     /// but hold nothing yet, as `(path, list kind)`.
     pub async fn start(objects: &[Value], empty: &[(&str, &str)]) -> FakeApiServer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        FakeApiServer::start_on(listener, objects, empty)
+    }
+
+    /// As [`FakeApiServer::start`] on a bound listener (e.g. one inside a network namespace).
+    pub fn start_on(
+        listener: std::net::TcpListener,
+        objects: &[Value],
+        empty: &[(&str, &str)],
+    ) -> FakeApiServer {
+        listener.set_nonblocking(true).expect("nonblocking");
+        let listener = TcpListener::from_std(listener).expect("tokio listener");
         let mut st = State {
             resource_version: 1000,
             ..Default::default()
@@ -117,7 +129,6 @@ impl FakeApiServer {
             );
         }
         let state = Arc::new(Mutex::new(st));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().unwrap();
         let s = state.clone();
         let task = tokio::spawn(async move {
@@ -140,9 +151,19 @@ impl FakeApiServer {
         FakeApiServer { addr, state, task }
     }
 
-    /// A client configuration for this server.
+    /// The server's URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig file's text pointing at this server (no credentials).
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{}\"}}\n\
+             contexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\n\
+             current-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+            self.url()
+        )
     }
 
     /// Every request so far, as `path?query`.

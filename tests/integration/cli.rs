@@ -194,3 +194,80 @@ fn run_refuses_a_broken_config() {
         "{err}"
     );
 }
+
+/// SIGTERM drains: `/ready` turns 503 at once, a request in flight finishes (with
+/// `Connection: close`, so its keep-alive client leaves), and the process exits when no
+/// connection is left, well before `--drain-time`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits() {
+    use nodeproxy_tests::backend::Backend;
+    use nodeproxy_tests::proxy::Scenario;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let s = Scenario::from_config("canary.yaml");
+    let v1 = Backend::start(&format!("{}:8080", s.ip(11)), "v1").await;
+    let v2 = Backend::start(&format!("{}:8080", s.ip(12)), "v2").await;
+    for b in [&v1, &v2] {
+        b.behaviour
+            .delay_ms
+            .store(1500, std::sync::atomic::Ordering::Relaxed);
+    }
+    let admin = format!("127.0.0.1:{}", free_port());
+    let path = s.path.display().to_string();
+    let mut proxy = spawn_nodeproxy(&[
+        "run",
+        "--capture",
+        "none",
+        "--admin",
+        &admin,
+        "--config",
+        &path,
+        "--drain-time",
+        "20s",
+    ]);
+    eventually("admin /ready", Duration::from_secs(20), || {
+        http_get(&admin, "/ready").filter(|(s, _)| *s == 200)
+    });
+    let vip = s.vip();
+    let conn = eventually("service listener", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(&vip).ok()
+    });
+    conn.set_nonblocking(true).unwrap();
+    let mut conn = tokio::net::TcpStream::from_std(conn).unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
+        .await
+        .unwrap();
+    eventually("request reaches a backend", Duration::from_secs(5), || {
+        (v1.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+            + v2.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+            > 0)
+        .then_some(())
+    });
+    let pid = nix::unistd::Pid::from_raw(proxy.0.id() as i32);
+    let sent = std::time::Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let (status, body) = eventually(
+        "/ready fails while draining",
+        Duration::from_secs(2),
+        || http_get(&admin, "/ready").filter(|(s, _)| *s == 503),
+    );
+    assert_eq!((status, body.as_str()), (503, "draining\n"));
+
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut response))
+        .await
+        .expect("the in-flight response arrives and the connection closes")
+        .unwrap();
+    let response = String::from_utf8_lossy(&response).to_ascii_lowercase();
+    assert!(response.starts_with("http/1.1 200"), "{response}");
+    assert!(response.contains("connection: close"), "{response}");
+
+    let status = eventually("nodeproxy exits", Duration::from_secs(10), || {
+        proxy.0.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status:?}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(10),
+        "exited when the last connection closed, not at --drain-time"
+    );
+}

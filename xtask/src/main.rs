@@ -19,7 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Run the test suites as CI does: unit, integration, and (as root) end-to-end.
+    /// Run the test suites as CI does: unit, integration, (as root) end-to-end, then the
+    /// Kubernetes manifests and image build steps (tests/kind/validate.sh).
     Test,
     /// Build the eBPF objects into target/bpf/ and list their programs and maps.
     BuildEbpf,
@@ -47,7 +48,10 @@ fn cargo() -> Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Task::Test => exec(cargo().args(["test", "--workspace", "--all-targets"])),
+        Task::Test => exec(cargo().args(["test", "--workspace", "--all-targets"])).and_then(|()| {
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            exec(Command::new("bash").arg(root.join("tests/kind/validate.sh")))
+        }),
         Task::Demo => demo::run(),
         Task::BuildEbpf => build_ebpf::run(),
         Task::Bench(o) => bench::run(o),

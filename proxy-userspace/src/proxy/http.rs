@@ -53,8 +53,23 @@ struct Outcome_ {
     request_bytes: u64,
 }
 
-/// Handle one downstream request.
+/// Handle one downstream request. While the proxy drains, HTTP/1 responses carry
+/// `Connection: close` so keep-alive clients move to the next proxy after their request.
 pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Response<BoxBody> {
+    let http1 = req.version() < http::Version::HTTP_2;
+    let mut resp = handle_request(shared.clone(), conn, req).await;
+    if http1 && shared.draining() {
+        resp.headers_mut()
+            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+async fn handle_request(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,

@@ -200,6 +200,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, lref: ListenerR
 
 /// Serve one accepted connection according to its listener's protocol.
 pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, stream: TcpStream) {
+    let _active = shared.track_connection();
     let (protocol, tls_config) = {
         let view = shared.view.load();
         let Some(l) = conn.listener.lookup(&view.snapshot) else {

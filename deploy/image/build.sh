@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Build nodeproxy's image file system into OUT: the steps deploy/Dockerfile runs, as a plain
+# script, so CI runs them on a machine without a container engine.
+#
+#   deploy/image/build.sh [--install-deps] [--profile release|dev] [--out DIR]
+#
+# --install-deps  apt-get the build dependencies (clang-19, llvm-19, libbpf-dev; idempotent)
+# --profile       cargo profile (default release; CI uses dev to reuse the test build)
+# --out           root of the image file system (default target/image/rootfs)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+profile=release
+out=target/image/rootfs
+deps=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --install-deps) deps=1 ;;
+    --profile) profile="$2"; shift ;;
+    --out) out="$2"; shift ;;
+    *) echo "build.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [ "$deps" = 1 ]; then
+  need=()
+  for pkg in clang-19 llvm-19 libbpf-dev; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+  done
+  if [ "${#need[@]}" -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}"
+  fi
+fi
+
+echo "build.sh: cargo build --locked -p nodeproxy --profile $profile"
+cargo build --locked -p nodeproxy --profile "$profile"
+dir=$profile
+[ "$profile" = dev ] && dir=debug
+bin="target/$dir/nodeproxy"
+
+rm -rf "$out"
+install -D -m 0755 "$bin" "$out/usr/local/bin/nodeproxy"
+
+# The runtime stage is debian:bookworm-slim: every shared library the binary links must be one
+# that image has (glibc and libgcc only; the eBPF objects are embedded, TLS is rustls).
+allowed=" libc.so.6 libm.so.6 libgcc_s.so.1 libdl.so.2 libpthread.so.0 librt.so.1 ld-linux-x86-64.so.2 ld-linux-aarch64.so.1 "
+for lib in $(readelf -d "$bin" | sed -n 's/.*Shared library: \[\(.*\)\]/\1/p'); do
+  case "$allowed" in
+    *" $lib "*) ;;
+    *) echo "build.sh: $bin needs $lib, which debian:bookworm-slim does not have" >&2; exit 1 ;;
+  esac
+done
+
+# Smoke test of the staged binary: it runs, and knows the Kubernetes source.
+"$out/usr/local/bin/nodeproxy" run --help | grep -q -- '--source <SOURCE>'
+echo "build.sh: image file system in $out ($(du -sh "$out" | cut -f1))"
