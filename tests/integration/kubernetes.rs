@@ -360,3 +360,34 @@ fn enrollment_follows_pods_and_churn_leaves_nothing() {
     );
     assert_eq!(enrollment.enrolled().len(), 2);
 }
+
+#[test]
+fn service_entry_workload_selector_picks_pods() {
+    let mut objs = cluster();
+    objs.push(serde_json::json!({
+        "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+        "metadata": {"name": "backend-mesh", "namespace": "demo", "uid": "se-1", "resourceVersion": "9"},
+        "spec": {
+            "hosts": ["backend.mesh.internal"], "addresses": ["10.97.0.1"],
+            "location": "MESH_INTERNAL", "resolution": "STATIC",
+            "ports": [{"number": 80, "name": "http", "protocol": "HTTP", "targetPort": 5678}],
+            "workloadSelector": {"labels": {"app": "backend", "version": "v2"}}
+        }
+    }));
+    let store = store_of(&objs);
+    let snap = snapshot(&store);
+    let c = snap
+        .clusters
+        .iter()
+        .find(|c| c.name == "outbound|80||backend.mesh.internal")
+        .expect("cluster");
+    let eps: Vec<String> = c
+        .endpoints
+        .iter()
+        .map(|e| match &e.address {
+            EndpointAddress::Ip(ip) => format!("{ip}:{}", e.port),
+            EndpointAddress::Dns(d) => d.clone(),
+        })
+        .collect();
+    assert_eq!(eps, ["10.244.1.12:5678"]);
+}

@@ -311,6 +311,8 @@ impl Registry {
                 .map(|e| endpoint_from(e, None))
                 .collect();
             if let Some(sel) = &spec.workload_selector {
+                // Istio's workloadSelector picks Pods and WorkloadEntries of the namespace.
+                endpoints.extend(pods.selected(&se.namespace, &sel.labels));
                 endpoints.extend(selected_workload_entries(set, &se.namespace, &sel.labels));
             }
             // DNS without endpoints: each host is resolved itself.
