@@ -132,7 +132,13 @@ pub struct HttpTable {
 }
 
 impl HttpTable {
-    fn add_vhost(&mut self, vh: VirtualHost) -> usize {
+    fn add_vhost(&mut self, mut vh: VirtualHost) -> usize {
+        // Tables live as long as the snapshot and are large at scale: no spare capacity.
+        vh.rules.shrink_to_fit();
+        for r in vh.rules.iter_mut().chain(vh.default_rules.iter_mut()) {
+            r.matches.shrink_to_fit();
+        }
+        vh.domains.shrink_to_fit();
         let idx = self.vhosts.len();
         for d in &vh.domains {
             if d == "*" {

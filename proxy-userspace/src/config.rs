@@ -221,20 +221,66 @@ impl ConfigSet {
     /// Returns what could be loaded and the diagnostics; an unreadable path is an error
     /// diagnostic, never a panic.
     pub fn load(paths: &[PathBuf]) -> (ConfigSet, Vec<Diagnostic>) {
-        let mut set = ConfigSet::default();
         let mut diags = Vec::new();
+        let mut texts: Vec<(PathBuf, String)> = Vec::new();
         for path in paths {
             match collect_files(path) {
                 Ok(files) => {
                     for file in files {
                         match std::fs::read_to_string(&file) {
-                            Ok(text) => set.load_str(&file, &text, &mut diags),
+                            Ok(text) => texts.push((file, text)),
                             Err(e) => diags.push(read_error(&file, &e)),
                         }
                     }
                 }
                 Err(e) => diags.push(read_error(path, &e)),
             }
+        }
+        // Documents are independent: parse them on every core (10k services are 20k documents),
+        // then merge in file and document order so objects and diagnostics keep that order.
+        let docs: Vec<(Source, &str)> = texts
+            .iter()
+            .flat_map(|(file, text)| {
+                split_documents(text)
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(document, (line, doc))| {
+                        let source = Source {
+                            file: file.clone(),
+                            line,
+                            document,
+                        };
+                        (source, doc)
+                    })
+            })
+            .collect();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(docs.len() / 256 + 1);
+        let chunk = docs.len().div_ceil(threads).max(1);
+        let parts: Vec<(ConfigSet, Vec<Diagnostic>)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = docs
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        let mut set = ConfigSet::default();
+                        let mut diags = Vec::new();
+                        for (source, doc) in part {
+                            set.load_document(doc, source.clone(), &mut diags);
+                        }
+                        (set, diags)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("config loader thread"))
+                .collect()
+        });
+        let mut set = ConfigSet::default();
+        for (part, part_diags) in parts {
+            set.extend(part);
+            diags.extend(part_diags);
         }
         set.check_duplicates(&mut diags);
         (set, diags)
@@ -261,7 +307,14 @@ impl ConfigSet {
         diags: &mut Vec<Diagnostic>,
     ) {
         match serde_yaml::to_value(value) {
-            Ok(v) => self.load_value(Doc::Value(&v), v.clone(), source, diags),
+            Ok(v) => self.load_value(
+                Doc {
+                    text: None,
+                    value: &v,
+                },
+                source,
+                diags,
+            ),
             Err(e) => diags.push(
                 Diagnostic::new(
                     codes::PARSE_ERROR,
@@ -299,16 +352,18 @@ impl ConfigSet {
                 return;
             }
         };
-        self.load_value(Doc::Text(doc), value, source, diags);
+        self.load_value(
+            Doc {
+                text: Some(doc),
+                value: &value,
+            },
+            source,
+            diags,
+        );
     }
 
-    fn load_value(
-        &mut self,
-        doc: Doc<'_>,
-        value: serde_yaml::Value,
-        source: Source,
-        diags: &mut Vec<Diagnostic>,
-    ) {
+    fn load_value(&mut self, doc: Doc<'_>, source: Source, diags: &mut Vec<Diagnostic>) {
+        let value = doc.value;
         if value.is_null() {
             return; // empty document (comments only, trailing `---`)
         }
@@ -348,7 +403,11 @@ impl ConfigSet {
         if kind_name == "List" && api_version == "v1" {
             if let Some(items) = value.get("items").and_then(|v| v.as_sequence()) {
                 for item in items {
-                    self.load_value(Doc::Value(item), item.clone(), source.clone(), diags);
+                    let item = Doc {
+                        text: None,
+                        value: item,
+                    };
+                    self.load_value(item, source.clone(), diags);
                 }
             }
             return;
@@ -403,7 +462,7 @@ impl ConfigSet {
             Kind::Pod => push::<Whole<_>, _>(doc, o, s, diags, &mut self.pods),
         };
         if ok && !matches!(kind, Kind::KubeService | Kind::EndpointSlice | Kind::Pod) {
-            report_later_fields(kind, &value, &obj, &source, diags);
+            report_later_fields(kind, value, &obj, &source, diags);
         }
     }
 
@@ -436,11 +495,11 @@ impl ConfigSet {
     }
 }
 
-/// One document: its text (YAML files, for line numbers) or an already parsed value.
+/// One document, parsed; with its text when read from a file (errors then name their line).
 #[derive(Clone, Copy)]
-enum Doc<'a> {
-    Text(&'a str),
-    Value(&'a serde_yaml::Value),
+struct Doc<'a> {
+    text: Option<&'a str>,
+    value: &'a serde_yaml::Value,
 }
 
 /// How an object's payload sits in the document.
@@ -486,11 +545,17 @@ fn push<E: Envelope<T>, T>(
     diags: &mut Vec<Diagnostic>,
     into: &mut Vec<Object<T>>,
 ) -> bool {
-    let parsed = match doc {
-        Doc::Text(text) => {
-            serde_path_to_error::deserialize::<_, E>(serde_yaml::Deserializer::from_str(text))
-        }
-        Doc::Value(v) => serde_path_to_error::deserialize::<_, E>(v.clone()),
+    // The document is already parsed: deserialize from the value (no second YAML scan). Only
+    // when that fails is it deserialized again with path tracking, from the text when there is
+    // one, so the error names the field and its line.
+    let parsed = match E::deserialize(doc.value) {
+        Ok(env) => Ok(env),
+        Err(_) => match doc.text {
+            Some(text) => {
+                serde_path_to_error::deserialize::<_, E>(serde_yaml::Deserializer::from_str(text))
+            }
+            None => serde_path_to_error::deserialize::<_, E>(doc.value),
+        },
     };
     match parsed {
         Ok(env) => {
