@@ -992,7 +992,7 @@ impl<'a> Compiler<'a> {
         let fault = r
             .fault
             .as_ref()
-            .map(compile_fault)
+            .map(|f| compile_fault(f))
             .transpose()
             .map_err(|e| ("fault".to_string(), e))?;
         let retry = match &r.retries {
@@ -1041,7 +1041,7 @@ impl<'a> Compiler<'a> {
         let cors = r
             .cors_policy
             .as_ref()
-            .map(compile_cors)
+            .map(|c| compile_cors(c))
             .transpose()
             .map_err(|e| ("corsPolicy".to_string(), e))?;
         let headers = header_rules(r.headers.as_ref()).map_err(|e| ("headers".to_string(), e))?;
@@ -1070,9 +1070,9 @@ impl<'a> Compiler<'a> {
             timeout: r.timeout.map(|d| d.get()).filter(|d| !d.is_zero()),
             retry,
             mirrors,
-            cors,
+            cors: cors.map(Box::new),
             headers,
-            rewrite,
+            rewrite: rewrite.map(Box::new),
         })
     }
 

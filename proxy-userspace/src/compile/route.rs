@@ -719,12 +719,12 @@ pub struct HttpRule {
     pub mirrors: Vec<Mirror>,
     /// CORS.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub cors: Option<Cors>,
+    pub cors: Option<Box<Cors>>,
     /// Rule-level header mutations.
     pub headers: HeaderRules,
     /// Rewrite.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rewrite: Option<Rewrite>,
+    pub rewrite: Option<Box<Rewrite>>,
 }
 
 /// The result of matching a request against a list of rules.

@@ -45,25 +45,25 @@ pub struct HttpRoute {
     pub route: Vec<HttpRouteDestination>,
     /// Answer with a redirect.
     #[serde(default)]
-    pub redirect: Option<HttpRedirect>,
+    pub redirect: Option<Box<HttpRedirect>>,
     /// Answer locally with a fixed response.
     #[serde(default)]
-    pub direct_response: Option<HttpDirectResponse>,
+    pub direct_response: Option<Box<HttpDirectResponse>>,
     /// Delegate to another VirtualService. [later]
     #[serde(default)]
     pub delegate: Option<serde_yaml::Value>,
     /// Rewrite the path or authority before forwarding.
     #[serde(default)]
-    pub rewrite: Option<HttpRewrite>,
+    pub rewrite: Option<Box<HttpRewrite>>,
     /// Overall request timeout (default: none).
     #[serde(default)]
     pub timeout: Option<Duration>,
     /// Retry policy (default: Istio's two retries).
     #[serde(default)]
-    pub retries: Option<HttpRetry>,
+    pub retries: Option<Box<HttpRetry>>,
     /// Fault injection.
     #[serde(default)]
-    pub fault: Option<HttpFaultInjection>,
+    pub fault: Option<Box<HttpFaultInjection>>,
     /// Single mirror destination.
     #[serde(default)]
     pub mirror: Option<Destination>,
@@ -78,7 +78,7 @@ pub struct HttpRoute {
     pub mirrors: Vec<HttpMirrorPolicy>,
     /// CORS policy.
     #[serde(default)]
-    pub cors_policy: Option<CorsPolicy>,
+    pub cors_policy: Option<Box<CorsPolicy>>,
     /// Header operations at rule level.
     #[serde(default)]
     pub headers: Option<Headers>,
