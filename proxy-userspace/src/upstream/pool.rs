@@ -22,7 +22,8 @@ pub type ReqBody = Full<Bytes>;
 /// Idle connections of one endpoint.
 #[derive(Debug, Default)]
 pub struct EndpointPool {
-    idle: Mutex<Vec<Idle>>,
+    /// Idle HTTP/1 connections, oldest first (returned in time order).
+    idle: Mutex<std::collections::VecDeque<Idle>>,
     /// Shared HTTP/2 connections, at most one per runtime thread (as Envoy's per-worker pools):
     /// streams stay on the thread that drives their connection.
     h2: Mutex<Vec<H2Conn>>,
@@ -317,18 +318,34 @@ impl EndpointPool {
             .map(|c| c.send.clone())
     }
 
+    /// The most recently returned live idle connection, preferring one driven by this thread's
+    /// runtime. Constant work per call, however many connections are idle (an h2c client with
+    /// hundreds of concurrent streams keeps hundreds of HTTP/1 upstream connections): expired
+    /// ones leave from the front, where the oldest are; only candidates are checked.
     fn take_idle(&self, idle_timeout: Duration, max_duration: Option<Duration>) -> Option<Idle> {
+        const LOOK_BACK: usize = 8;
         let me = std::thread::current().id();
+        let now = Instant::now();
         let mut idle = self.idle.lock().expect("pool lock");
-        idle.retain(|c| {
-            c.since.elapsed() < idle_timeout
-                && !c.send.is_closed()
-                && !too_old(c.created, max_duration)
-        });
-        // Prefer a connection driven by this thread's runtime: no cross-thread wake-ups.
-        match idle.iter().rposition(|c| c.owner == me) {
-            Some(i) => Some(idle.swap_remove(i)),
-            None => idle.pop(),
+        while idle
+            .front()
+            .is_some_and(|c| now.saturating_duration_since(c.since) >= idle_timeout)
+        {
+            idle.pop_front();
+        }
+        loop {
+            let n = idle.len();
+            let i = idle
+                .iter()
+                .rev()
+                .take(LOOK_BACK)
+                .position(|c| c.owner == me)
+                .map_or(n.checked_sub(1)?, |back| n - 1 - back);
+            let c = idle.remove(i).expect("index in range");
+            let old = max_duration.is_some_and(|m| now.saturating_duration_since(c.created) >= m);
+            if !c.send.is_closed() && !old {
+                return Some(c);
+            }
         }
     }
 }
@@ -379,13 +396,18 @@ impl Drop for Recycle {
         {
             return;
         }
-        self.ep.pool.idle.lock().expect("pool lock").push(Idle {
-            send,
-            since: Instant::now(),
-            used: self.used,
-            created: self.created,
-            owner: self.owner,
-        });
+        self.ep
+            .pool
+            .idle
+            .lock()
+            .expect("pool lock")
+            .push_back(Idle {
+                send,
+                since: Instant::now(),
+                used: self.used,
+                created: self.created,
+                owner: self.owner,
+            });
         if self.cluster.pending_requests.load(Ordering::Relaxed) > 0 {
             self.cluster.conn_released.notify_waiters();
         }
