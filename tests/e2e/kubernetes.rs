@@ -124,21 +124,7 @@ async fn kubernetes_source_enrolls_ambient_pods_and_routes_their_traffic() {
         std::net::TcpListener::bind("127.0.0.1:0")
     })
     .expect("bind the API server in the node netns");
-    let api = FakeApiServer::start_on(
-        listener,
-        &objs,
-        &[
-            ("/apis/networking.istio.io/v1/gateways", "GatewayList"),
-            (
-                "/apis/networking.istio.io/v1/serviceentries",
-                "ServiceEntryList",
-            ),
-            (
-                "/apis/networking.istio.io/v1/workloadentries",
-                "WorkloadEntryList",
-            ),
-        ],
-    );
+    let api = FakeApiServer::start_on(listener, &objs);
     let dir = TempDir::new();
     let kubeconfig = dir.0.join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();

@@ -80,30 +80,21 @@ fn key(obj: &Value) -> String {
 }
 
 impl FakeApiServer {
-    /// Serve `objects` (each with `apiVersion` and `kind`); `empty` lists collections that exist
-    /// but hold nothing yet, as `(path, list kind)`.
-    pub async fn start(objects: &[Value], empty: &[(&str, &str)]) -> FakeApiServer {
+    /// Serve `objects` (each with `apiVersion` and `kind`). Every Istio networking kind is
+    /// served at the version the objects use (empty when none is given), as with installed CRDs.
+    pub async fn start(objects: &[Value]) -> FakeApiServer {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        FakeApiServer::start_on(listener, objects, empty)
+        FakeApiServer::start_on(listener, objects)
     }
 
     /// As [`FakeApiServer::start`] on a bound listener (e.g. one inside a network namespace).
-    pub fn start_on(
-        listener: std::net::TcpListener,
-        objects: &[Value],
-        empty: &[(&str, &str)],
-    ) -> FakeApiServer {
+    pub fn start_on(listener: std::net::TcpListener, objects: &[Value]) -> FakeApiServer {
         listener.set_nonblocking(true).expect("nonblocking");
         let listener = TcpListener::from_std(listener).expect("tokio listener");
         let mut st = State {
             resource_version: 1000,
             ..Default::default()
         };
-        for (path, kind) in empty {
-            st.collections
-                .entry(path.to_string())
-                .or_insert_with(|| (kind.to_string(), BTreeMap::new()));
-        }
         for o in objects {
             let list_kind = format!("{}List", o["kind"].as_str().unwrap());
             st.collections
@@ -119,6 +110,20 @@ impl FakeApiServer {
             .filter_map(|rest| rest.split('/').next().map(String::from))
             .collect();
         if let Some(v) = versions.first() {
+            for kind in [
+                "VirtualService",
+                "DestinationRule",
+                "Gateway",
+                "ServiceEntry",
+                "WorkloadEntry",
+            ] {
+                let path = collection_of(&json!({
+                    "apiVersion": format!("networking.istio.io/{v}"), "kind": kind,
+                }));
+                st.collections
+                    .entry(path)
+                    .or_insert_with(|| (format!("{kind}List"), BTreeMap::new()));
+            }
             st.groups.insert(
                 "/apis/networking.istio.io".into(),
                 json!({

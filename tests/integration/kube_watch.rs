@@ -29,21 +29,7 @@ fn watches_of(server: &FakeApiServer, path: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_updates_resumes_relists_and_survives_an_outage() {
     let objs = cluster();
-    let server = FakeApiServer::start(
-        &objs,
-        &[
-            ("/apis/networking.istio.io/v1/gateways", "GatewayList"),
-            (
-                "/apis/networking.istio.io/v1/serviceentries",
-                "ServiceEntryList",
-            ),
-            (
-                "/apis/networking.istio.io/v1/workloadentries",
-                "WorkloadEntryList",
-            ),
-        ],
-    )
-    .await;
+    let server = FakeApiServer::start(&objs).await;
     let client =
         kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).expect("client");
     let publisher = Publisher::new();
