@@ -182,7 +182,12 @@ impl Admin {
     fn handle_ready(&self) -> Response<Full<Bytes>> {
         if self.shared.as_ref().is_some_and(|s| s.draining()) {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-        } else if self.publisher.status().version > 0 {
+        } else if match &self.shared {
+            // Ready once the data plane serves a snapshot (listeners bound, kernel maps filled),
+            // not merely once one is published.
+            Some(s) => s.applied_version() > 0,
+            None => self.publisher.status().version > 0,
+        } {
             text(StatusCode::OK, "ready\n")
         } else {
             text(

@@ -136,36 +136,6 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         }
         None => None,
     };
-    let source = match (&opts.kubernetes, watch) {
-        (Some(k), _) => {
-            let enrollment = kernel.as_ref().map(|k| {
-                (
-                    k.clone() as Arc<dyn crate::kubernetes::enroll::Enroller>,
-                    Box::new(crate::kubernetes::enroll::ProcLocator::host())
-                        as Box<dyn crate::kubernetes::enroll::NetnsLocator>,
-                )
-            });
-            let mut versions = publisher.subscribe();
-            let src = crate::kubernetes::KubeSource::start(
-                k.client.clone(),
-                publisher.clone(),
-                k.options.clone(),
-                enrollment,
-            )
-            .await?;
-            tracing::info!("waiting for the first complete list from the Kubernetes API");
-            versions
-                .wait_for(|v| *v > 0)
-                .await
-                .context("Kubernetes source stopped before the first snapshot")?;
-            if let Some(k) = &kernel {
-                k.sync(&publisher.load()).context("fill kernel maps")?;
-            }
-            SourceGuard::Kubernetes(src)
-        }
-        (None, Some(w)) => SourceGuard::Files(w),
-        (None, None) => unreachable!("file source started above"),
-    };
     let shared = Shared::new(
         publisher.load(),
         ProxyOptions {
@@ -183,6 +153,35 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     };
     let admin_addr = spawn_admin(opts.admin, admin)
         .with_context(|| format!("bind admin API on {}", opts.admin))?;
+    let source = match (&opts.kubernetes, watch) {
+        (Some(k), _) => {
+            let enrollment = shared.kernel.as_ref().map(|k| {
+                (
+                    k.clone() as Arc<dyn crate::kubernetes::enroll::Enroller>,
+                    Box::new(crate::kubernetes::enroll::ProcLocator::host())
+                        as Box<dyn crate::kubernetes::enroll::NetnsLocator>,
+                )
+            });
+            let mut versions = publisher.subscribe();
+            let src = crate::kubernetes::KubeSource::start(
+                k.client.clone(),
+                publisher.clone(),
+                k.options.clone(),
+                enrollment,
+            )
+            .await?;
+            // The admin API already answers (`/healthz` 200, `/ready` 503 until this is done), so
+            // a slow API server does not get the pod restarted by its liveness probe.
+            tracing::info!("waiting for the first complete list from the Kubernetes API");
+            versions
+                .wait_for(|v| *v > 0)
+                .await
+                .context("Kubernetes source stopped before the first snapshot")?;
+            SourceGuard::Kubernetes(src)
+        }
+        (None, Some(w)) => SourceGuard::Files(w),
+        (None, None) => unreachable!("file source started above"),
+    };
     let dataplane = tokio::spawn(listener::run(shared.clone(), publisher.clone()));
     let (stop, _) = tokio::sync::watch::channel(false);
     let mut queues = Vec::new();

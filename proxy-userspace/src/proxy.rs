@@ -148,6 +148,8 @@ pub struct Shared {
     /// Downstream connections being served.
     active: Arc<std::sync::atomic::AtomicUsize>,
     draining: std::sync::atomic::AtomicBool,
+    /// Snapshot version the data plane (listeners, kernel maps) has applied.
+    applied: std::sync::atomic::AtomicU64,
 }
 
 /// Counts a downstream connection while it is served.
@@ -180,6 +182,7 @@ impl Shared {
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
             active: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             draining: std::sync::atomic::AtomicBool::new(false),
+            applied: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -197,6 +200,16 @@ impl Shared {
     /// Start draining: `/ready` fails and HTTP/1 responses close their connection.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Record that listeners and kernel maps now follow snapshot `version`.
+    pub fn set_applied(&self, version: u64) {
+        self.applied.store(version, Ordering::Release);
+    }
+
+    /// The snapshot version the data plane has applied (0: none yet).
+    pub fn applied_version(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
     }
 
     /// Is the proxy draining?

@@ -118,6 +118,7 @@ pub async fn run(shared: Arc<Shared>, publisher: Arc<Publisher>) {
             tracing::error!(error = %e, "kernel maps not updated; the previous service table stays");
         }
         listeners.apply(&shared, &snap);
+        shared.set_applied(snap.version);
         if versions.changed().await.is_err() {
             break;
         }
