@@ -224,18 +224,9 @@ pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, stream: 
         (l.protocol, tls_config)
     };
     if let Some(cfg) = tls_config {
-        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-            Ok(Ok(tls_stream)) => {
-                let conn = Arc::new(ConnInfo {
-                    scheme: "https",
-                    ..(*conn).clone()
-                });
-                serve_http(shared, conn, tls_stream).await;
-            }
-            Ok(Err(e)) => tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed"),
-            Err(_) => tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
-        }
+        // Boxed: the TLS states are large, and an unboxed branch would size every plain
+        // connection's task for them.
+        Box::pin(serve_tls(shared, conn, stream, cfg)).await;
         return;
     }
     match protocol {
@@ -258,13 +249,36 @@ pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, stream: 
     }
 }
 
+async fn serve_tls(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    stream: TcpStream,
+    cfg: Arc<rustls::ServerConfig>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+        Ok(Ok(tls_stream)) => {
+            let conn = Arc::new(ConnInfo {
+                scheme: "https",
+                ..(*conn).clone()
+            });
+            serve_http(shared, conn, tls_stream).await;
+        }
+        Ok(Err(e)) => tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
+    }
+}
+
 async fn serve_http<I>(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: I)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // The request future is boxed: hyper keeps a slot the size of the service's future in every
+    // connection, idle or not, and `handle`'s state machine is several KiB. Boxed, an idle
+    // connection holds a pointer and the KiBs exist only while a request is in flight.
     let svc = service_fn(move |req| {
-        let (shared, conn) = (shared.clone(), conn.clone());
-        async move { Ok::<_, std::convert::Infallible>(http::handle(shared, conn, req).await) }
+        let fut = Box::pin(http::handle(shared.clone(), conn.clone(), req));
+        async move { Ok::<_, std::convert::Infallible>(fut.await) }
     });
     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
         .serve_connection_with_upgrades(TokioIo::new(io), svc)
