@@ -22,8 +22,10 @@ pub type ReqBody = Full<Bytes>;
 /// Idle connections of one endpoint.
 #[derive(Debug, Default)]
 pub struct EndpointPool {
-    /// Idle HTTP/1 connections, oldest first (returned in time order).
-    idle: Mutex<std::collections::VecDeque<Idle>>,
+    /// Idle HTTP/1 connections per runtime thread driving them, each list oldest first
+    /// (connections return in time order). As Envoy's per-worker pools: a request takes its own
+    /// runtime's connection, so the connection's task is woken on the same thread.
+    idle: Mutex<Vec<(std::thread::ThreadId, std::collections::VecDeque<Idle>)>>,
     /// Shared HTTP/2 connections, at most one per runtime thread (as Envoy's per-worker pools):
     /// streams stay on the thread that drives their connection.
     h2: Mutex<Vec<H2Conn>>,
@@ -107,27 +109,20 @@ pub async fn acquire(
         } else {
             // Idle connections go back to the pool as soon as their response ends; wait for
             // hyper to confirm readiness here, and skip ones that died meanwhile.
-            while let Some(mut idle) = ep
-                .pool
-                .take_idle(limits.idle_timeout, limits.max_connection_duration)
-            {
-                if idle.send.ready().await.is_ok() {
-                    return Ok(Lease::H1 {
-                        send: idle.send,
-                        used: idle.used,
-                        created: idle.created,
-                        owner: idle.owner,
-                    });
-                }
+            if let Some(lease) = idle_lease(ep, limits, true).await {
+                return Ok(lease);
             }
         }
         if try_reserve_connection(cluster, limits.max_connections) {
             drop(pending);
             return connect(cluster, ep, h2, limits).await;
         }
-        // At maxConnections: HTTP/2 streams share another runtime's connection before queueing.
+        // At maxConnections: share another runtime's connection before queueing.
         if h2 && let Some(send) = ep.pool.h2_conn(limits.max_connection_duration, false) {
             return Ok(Lease::H2(send));
+        }
+        if !h2 && let Some(lease) = idle_lease(ep, limits, false).await {
+            return Ok(lease);
         }
         if pending.is_none() {
             cluster
@@ -154,6 +149,25 @@ pub async fn acquire(
             None => notified.await,
         }
     }
+}
+
+/// An idle HTTP/1 connection that hyper confirms ready (ones that died meanwhile are skipped).
+async fn idle_lease(ep: &EndpointState, limits: &PoolLimits, own_only: bool) -> Option<Lease> {
+    while let Some(mut idle) = ep.pool.take_idle(
+        limits.idle_timeout,
+        limits.max_connection_duration,
+        own_only,
+    ) {
+        if idle.send.ready().await.is_ok() {
+            return Some(Lease::H1 {
+                send: idle.send,
+                used: idle.used,
+                created: idle.created,
+                owner: idle.owner,
+            });
+        }
+    }
+    None
 }
 
 fn try_reserve_connection(cluster: &ClusterState, max: u32) -> bool {
@@ -318,35 +332,50 @@ impl EndpointPool {
             .map(|c| c.send.clone())
     }
 
-    /// The most recently returned live idle connection, preferring one driven by this thread's
-    /// runtime. Constant work per call, however many connections are idle (an h2c client with
-    /// hundreds of concurrent streams keeps hundreds of HTTP/1 upstream connections): expired
-    /// ones leave from the front, where the oldest are; only candidates are checked.
-    fn take_idle(&self, idle_timeout: Duration, max_duration: Option<Duration>) -> Option<Idle> {
-        const LOOK_BACK: usize = 8;
+    /// The most recently returned live idle connection of this thread's runtime, or (`own_only`
+    /// false, at maxConnections) of any runtime. Constant work per call however many are idle
+    /// (h2c with hundreds of streams keeps hundreds of upstream HTTP/1 connections): expired
+    /// connections leave from the fronts, where the oldest are; only candidates are checked.
+    fn take_idle(
+        &self,
+        idle_timeout: Duration,
+        max_duration: Option<Duration>,
+        own_only: bool,
+    ) -> Option<Idle> {
         let me = std::thread::current().id();
         let now = Instant::now();
-        let mut idle = self.idle.lock().expect("pool lock");
-        while idle
-            .front()
-            .is_some_and(|c| now.saturating_duration_since(c.since) >= idle_timeout)
-        {
-            idle.pop_front();
-        }
-        loop {
-            let n = idle.len();
-            let i = idle
-                .iter()
-                .rev()
-                .take(LOOK_BACK)
-                .position(|c| c.owner == me)
-                .map_or(n.checked_sub(1)?, |back| n - 1 - back);
-            let c = idle.remove(i).expect("index in range");
-            let old = max_duration.is_some_and(|m| now.saturating_duration_since(c.created) >= m);
-            if !c.send.is_closed() && !old {
-                return Some(c);
+        let mut lists = self.idle.lock().expect("pool lock");
+        let usable = |c: &Idle| {
+            !c.send.is_closed()
+                && max_duration.is_none_or(|m| now.saturating_duration_since(c.created) < m)
+        };
+        for (owner, list) in lists.iter_mut() {
+            while list
+                .front()
+                .is_some_and(|c| now.saturating_duration_since(c.since) >= idle_timeout)
+            {
+                list.pop_front();
+            }
+            if *owner != me {
+                continue;
+            }
+            while let Some(c) = list.pop_back() {
+                if usable(&c) {
+                    return Some(c);
+                }
             }
         }
+        if own_only {
+            return None;
+        }
+        for (_, list) in lists.iter_mut() {
+            while let Some(c) = list.pop_back() {
+                if usable(&c) {
+                    return Some(c);
+                }
+            }
+        }
+        None
     }
 }
 
@@ -396,18 +425,19 @@ impl Drop for Recycle {
         {
             return;
         }
-        self.ep
-            .pool
-            .idle
-            .lock()
-            .expect("pool lock")
-            .push_back(Idle {
-                send,
-                since: Instant::now(),
-                used: self.used,
-                created: self.created,
-                owner: self.owner,
-            });
+        let idle = Idle {
+            send,
+            since: Instant::now(),
+            used: self.used,
+            created: self.created,
+            owner: self.owner,
+        };
+        let mut lists = self.ep.pool.idle.lock().expect("pool lock");
+        match lists.iter_mut().find(|(o, _)| *o == self.owner) {
+            Some((_, list)) => list.push_back(idle),
+            None => lists.push((self.owner, std::collections::VecDeque::from([idle]))),
+        }
+        drop(lists);
         if self.cluster.pending_requests.load(Ordering::Relaxed) > 0 {
             self.cluster.conn_released.notify_waiters();
         }
