@@ -5,6 +5,7 @@
 //! address, so health, ejections, pool counters and LB cursors survive a snapshot swap for
 //! clusters that still exist. [`Clusters::sync`] builds the per-snapshot view.
 
+pub mod h1;
 pub mod lb;
 pub mod locality;
 pub mod outlier;

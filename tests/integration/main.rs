@@ -8,3 +8,4 @@ mod kubernetes;
 mod l4;
 mod ops;
 mod traffic;
+mod upstream_h1;

@@ -24,6 +24,7 @@ use crate::compile::{
 };
 use crate::telemetry::AccessLog;
 use crate::telemetry::metrics::{HttpLabels, peers};
+use crate::upstream::h1::{RequestHead, Reset, ResponseBody};
 use crate::upstream::outlier::{self, Outcome};
 use crate::upstream::pool::{self, Lease, PoolError};
 use crate::upstream::{ClusterState, EndpointState, View, lb};
@@ -146,11 +147,7 @@ async fn handle_request(
         Out::Upstream(r, guards, deadline) => {
             let (parts, body) = r.into_parts();
             (
-                Response::from_parts(
-                    parts,
-                    body.map_err(|e| Box::new(e) as super::body::BoxError)
-                        .boxed_unsync(),
-                ),
+                Response::from_parts(parts, body.boxed_unsync()),
                 guards,
                 deadline,
                 out.flags,
@@ -189,7 +186,11 @@ async fn handle_request(
         series,
         request_bytes: out.request_bytes,
         log: log.map(|mut l| {
-            l.set(flags, out.route, out.cluster, out.upstream);
+            // The endpoint's address is formatted only when the access log is on.
+            let upstream = out
+                .upstream
+                .or_else(|| out.ep.as_ref().map(|e| e.target.to_string()));
+            l.set(flags, out.route, out.cluster, upstream);
             l.with_status(status)
         }),
     };
@@ -249,7 +250,7 @@ enum Out {
     /// A local reply with response flags.
     Local(LocalReply),
     /// The upstream's response, its guards and the route deadline.
-    Upstream(Response<Incoming>, Vec<Box<dyn Send>>, Option<Instant>),
+    Upstream(Response<ResponseBody>, Vec<Box<dyn Send>>, Option<Instant>),
 }
 
 type Result2 = (Out, Outcome_);
@@ -561,7 +562,6 @@ async fn pipeline(
     )
     .await;
     out.flags = out.flags.with(result.flags);
-    out.upstream = result.upstream.clone();
     out.ep = result.ep.clone();
     match result.response {
         Ok((resp, guards, deadline)) => {
@@ -569,9 +569,10 @@ async fn pipeline(
             strip_hop_by_hop(&mut parts.headers);
             rule.headers.response.apply(&mut parts.headers);
             dest.headers.response.apply(&mut parts.headers);
-            if let Ok(v) = HeaderValue::from_str(&result.upstream_ms.to_string()) {
-                parts.headers.insert("x-envoy-upstream-service-time", v);
-            }
+            parts.headers.insert(
+                "x-envoy-upstream-service-time",
+                HeaderValue::from(result.upstream_ms as u64),
+            );
             if let Some((_, Some(cookie))) = &hash
                 && let Ok(v) = HeaderValue::from_str(cookie)
             {
@@ -960,7 +961,7 @@ impl UpstreamRequest {
 }
 
 /// An upstream response with the guards its body keeps alive and the route deadline.
-type Streaming = (Response<Incoming>, Vec<Box<dyn Send>>, Option<Instant>);
+type Streaming = (Response<ResponseBody>, Vec<Box<dyn Send>>, Option<Instant>);
 
 /// Whether (and where) a request goes to its original destination instead of an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -977,7 +978,6 @@ enum Passthrough {
 struct Forwarded {
     response: Result<Streaming, LocalReply>,
     flags: Flags,
-    upstream: Option<String>,
     ep: Option<Arc<EndpointState>>,
     upstream_ms: u128,
 }
@@ -997,12 +997,14 @@ enum AttemptError {
     NoHealthy,
     Connect(String),
     Reset(String),
+    /// The upstream's response was not valid HTTP (502 UPE).
+    Protocol,
     Timeout,
     Passthrough,
 }
 
 /// Is this response retriable under `on`? (`x-envoy-overloaded` never is.)
-fn response_retriable(on: &RetryOn, resp: &Response<Incoming>) -> bool {
+fn response_retriable(on: &RetryOn, resp: &Response<ResponseBody>) -> bool {
     if resp.headers().contains_key("x-envoy-overloaded") {
         return false;
     }
@@ -1038,7 +1040,7 @@ fn error_retriable(on: &RetryOn, e: &AttemptError) -> bool {
                 || on.reset
                 || on.reset_before_request
         }
-        AttemptError::Reset(_) | AttemptError::Timeout => {
+        AttemptError::Reset(_) | AttemptError::Protocol | AttemptError::Timeout => {
             on.five_xx || on.gateway_error || on.reset
         }
         AttemptError::Overflow | AttemptError::NoHealthy | AttemptError::Passthrough => false,
@@ -1065,7 +1067,6 @@ async fn forward(
     let mut tried: Vec<crate::upstream::Target> = Vec::new();
     let mut flags = Flags::NONE;
     let mut last_err: Option<AttemptError>;
-    let mut upstream = None;
     let mut retry_guard: Option<Box<dyn Send>> = None;
     let mut last_ep: Option<Arc<EndpointState>> = None;
     let mut attempt = 0u32;
@@ -1130,7 +1131,6 @@ async fn forward(
         .await
         {
             Ok((resp, ep, guards)) => {
-                upstream = Some(ep.target.to_string());
                 last_ep = Some(ep.clone());
                 outlier::record(state, &ep, Outcome::Status(resp.status().as_u16()));
                 let retriable = response_retriable(&retry.retry_on, &resp);
@@ -1156,18 +1156,19 @@ async fn forward(
                 return Forwarded {
                     response: Ok((resp, g, deadline)),
                     flags,
-                    upstream,
                     ep: last_ep,
                     upstream_ms: start.elapsed().as_millis(),
                 };
             }
             Err((e, ep)) => {
                 if let Some(ep) = &ep {
-                    upstream = Some(ep.target.to_string());
                     last_ep = Some(ep.clone());
                     if matches!(
                         e,
-                        AttemptError::Connect(_) | AttemptError::Reset(_) | AttemptError::Timeout
+                        AttemptError::Connect(_)
+                            | AttemptError::Reset(_)
+                            | AttemptError::Protocol
+                            | AttemptError::Timeout
                     ) {
                         outlier::record(state, ep, Outcome::LocalFailure);
                     }
@@ -1222,6 +1223,9 @@ async fn forward(
         Some(AttemptError::Reset(reason)) => {
             LocalReply::new(503, reset_body(retried, &reason), Flags::UC)
         }
+        Some(AttemptError::Protocol) => {
+            LocalReply::new(502, reset_body(retried, "protocol error"), Flags::UPE)
+        }
         None => LocalReply::new(503, BODY_NO_HEALTHY, Flags::UH),
     };
     let mut reply = reply;
@@ -1230,7 +1234,6 @@ async fn forward(
     Forwarded {
         response: Err(reply),
         flags,
-        upstream,
         ep: last_ep,
         upstream_ms: start.elapsed().as_millis(),
     }
@@ -1250,7 +1253,11 @@ fn is_consistent_hash(a: &LbAlgorithm) -> bool {
     matches!(a, LbAlgorithm::RingHash { .. } | LbAlgorithm::Maglev { .. })
 }
 
-type AttemptOk = (Response<Incoming>, Arc<EndpointState>, Vec<Box<dyn Send>>);
+type AttemptOk = (
+    Response<ResponseBody>,
+    Arc<EndpointState>,
+    Vec<Box<dyn Send>>,
+);
 
 #[allow(clippy::too_many_arguments)]
 async fn attempt_once(
@@ -1299,40 +1306,35 @@ async fn attempt_once(
                 PoolError::ConnectTimeout => AttemptError::Connect("connection timeout".into()),
                 PoolError::Deadline => AttemptError::Timeout,
             })?;
-        let upstream_req = req.build(h2, attempt);
         match lease {
-            Lease::H1 {
-                mut send,
-                used,
-                created,
-                owner,
-            } => {
-                if send.ready().await.is_err() {
-                    return Err(AttemptError::Reset("connection termination".into()));
-                }
-                let resp = send
-                    .send_request(upstream_req)
+            Lease::H1(conn) => {
+                let head = RequestHead {
+                    method: &req.method,
+                    path: &req.path,
+                    authority: &req.authority,
+                    headers: &req.headers,
+                    attempt,
+                };
+                conn.send(&head, &req.body)
                     .await
-                    .map_err(|e| AttemptError::Reset(reset_reason(&e)))?;
-                Ok((
-                    resp,
-                    Some(pool::Recycle::new(
-                        state.clone(),
-                        ep.clone(),
-                        send,
-                        used + 1,
-                        created,
-                        owner,
-                    )),
-                ))
+                    .map(|r| r.map(ResponseBody::H1))
+                    .map_err(|e| match e {
+                        Reset::Terminated => {
+                            AttemptError::Reset("connection termination".into())
+                        }
+                        Reset::Protocol(detail) => {
+                            tracing::debug!(endpoint = %ep.target, %detail, "upstream protocol error");
+                            AttemptError::Protocol
+                        }
+                    })
             }
             Lease::H2(mut send) => {
                 if send.ready().await.is_err() {
                     return Err(AttemptError::Reset("connection termination".into()));
                 }
-                send.send_request(upstream_req)
+                send.send_request(req.build(true, attempt))
                     .await
-                    .map(|r| (r, None))
+                    .map(|r| r.map(ResponseBody::H2))
                     .map_err(|e| AttemptError::Reset(reset_reason(&e)))
             }
         }
@@ -1345,14 +1347,9 @@ async fn attempt_once(
         None => work.await,
     };
     match r {
-        Ok((resp, recycle)) => {
-            let mut guards: Vec<Box<dyn Send>> = Vec::with_capacity(3);
-            guards.push(Box::new(req_guard));
-            guards.push(Box::new(ep_guard));
-            if let Some(r) = recycle {
-                // Dropped with the body, after the counters: the connection is reusable then.
-                guards.push(Box::new(r));
-            }
+        Ok(resp) => {
+            // The body returns an HTTP/1 connection to its pool itself when it ends.
+            let guards: Vec<Box<dyn Send>> = vec![Box::new(req_guard), Box::new(ep_guard)];
             Ok((resp, ep.clone(), guards))
         }
         Err(e) => Err((e, Some(ep))),

@@ -107,7 +107,7 @@ impl Drop for Listeners {
 pub async fn run(shared: Arc<Shared>, publisher: Arc<Publisher>) {
     let mut versions = publisher.subscribe();
     let mut listeners = Listeners::default();
-    let sweeper = tokio::spawn(sweep_outliers(shared.clone()));
+    let sweeper = tokio::spawn(sweep(shared.clone()));
     loop {
         let snap = publisher.load();
         // The view first: a service the kernel starts redirecting must already be routable.
@@ -285,9 +285,11 @@ where
         .await;
 }
 
-/// Run outlier-detection sweeps for every cluster at its interval.
-async fn sweep_outliers(shared: Arc<Shared>) {
+/// Run outlier-detection sweeps for every cluster at its interval, and once a second close
+/// idle upstream HTTP/1 connections that timed out or that the upstream closed.
+async fn sweep(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut last_idle_sweep = Instant::now();
     loop {
         tick.tick().await;
         let view = shared.view.load_full();
@@ -295,6 +297,15 @@ async fn sweep_outliers(shared: Arc<Shared>) {
         for (c, st) in view.snapshot.clusters.iter().zip(&view.clusters) {
             if c.policy.outlier.is_some() {
                 outlier::maybe_sweep(st, now);
+            }
+        }
+        if now.duration_since(last_idle_sweep) >= Duration::from_secs(1) {
+            last_idle_sweep = now;
+            for st in &view.clusters {
+                let idle_timeout = st.policy.load().pool.idle_timeout;
+                for ep in st.endpoints.load().iter() {
+                    ep.pool.sweep_idle(idle_timeout);
+                }
             }
         }
     }

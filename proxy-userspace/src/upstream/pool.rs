@@ -1,7 +1,7 @@
 //! Upstream HTTP connections with Envoy's circuit breakers: `maxConnections` queues requests
 //! (counted as pending), `http1MaxPendingRequests` bounds that queue, `maxRequestsPerConnection`
-//! retires connections, `idleTimeout` drops idle ones. HTTP/1 connections return to the idle
-//! list when hyper reports them ready again (response fully read); HTTP/2 connections are shared.
+//! retires connections, `idleTimeout` drops idle ones. HTTP/1 connections (`h1.rs`) return to
+//! the idle list when their response body ends; HTTP/2 connections (hyper) are shared.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
+use super::h1::H1Conn;
 use super::{ClusterState, EndpointState, Target};
 use crate::compile::policy::PoolLimits;
 
@@ -40,12 +41,8 @@ struct H2Conn {
 
 #[derive(Debug)]
 struct Idle {
-    send: http1::SendRequest<ReqBody>,
+    conn: H1Conn,
     since: Instant,
-    used: u32,
-    created: Instant,
-    /// The runtime thread whose task drives the connection.
-    owner: std::thread::ThreadId,
 }
 
 /// Why no connection could be had.
@@ -64,16 +61,7 @@ pub enum PoolError {
 /// A connection ready for one request.
 pub enum Lease {
     /// HTTP/1.1: returns to the idle list after the response when reusable.
-    H1 {
-        /// Sender.
-        send: http1::SendRequest<ReqBody>,
-        /// Requests already sent on it.
-        used: u32,
-        /// When the connection was opened (maxConnectionDuration).
-        created: Instant,
-        /// The runtime thread whose task drives the connection.
-        owner: std::thread::ThreadId,
-    },
+    H1(H1Conn),
     /// HTTP/2: shared.
     H2(http2::SendRequest<ReqBody>),
 }
@@ -107,10 +95,11 @@ pub async fn acquire(
                 return Ok(Lease::H2(send));
             }
         } else {
-            // Idle connections go back to the pool as soon as their response ends; wait for
-            // hyper to confirm readiness here, and skip ones that died meanwhile.
-            if let Some(lease) = idle_lease(ep, limits, true).await {
-                return Ok(lease);
+            if let Some(conn) =
+                ep.pool
+                    .take_idle(limits.idle_timeout, limits.max_connection_duration, true)
+            {
+                return Ok(Lease::H1(conn));
             }
         }
         if try_reserve_connection(cluster, limits.max_connections) {
@@ -121,8 +110,12 @@ pub async fn acquire(
         if h2 && let Some(send) = ep.pool.h2_conn(limits.max_connection_duration, false) {
             return Ok(Lease::H2(send));
         }
-        if !h2 && let Some(lease) = idle_lease(ep, limits, false).await {
-            return Ok(lease);
+        if !h2
+            && let Some(conn) =
+                ep.pool
+                    .take_idle(limits.idle_timeout, limits.max_connection_duration, false)
+        {
+            return Ok(Lease::H1(conn));
         }
         if pending.is_none() {
             cluster
@@ -149,25 +142,6 @@ pub async fn acquire(
             None => notified.await,
         }
     }
-}
-
-/// An idle HTTP/1 connection that hyper confirms ready (ones that died meanwhile are skipped).
-async fn idle_lease(ep: &EndpointState, limits: &PoolLimits, own_only: bool) -> Option<Lease> {
-    while let Some(mut idle) = ep.pool.take_idle(
-        limits.idle_timeout,
-        limits.max_connection_duration,
-        own_only,
-    ) {
-        if idle.send.ready().await.is_ok() {
-            return Some(Lease::H1 {
-                send: idle.send,
-                used: idle.used,
-                created: idle.created,
-                owner: idle.owner,
-            });
-        }
-    }
-    None
 }
 
 fn try_reserve_connection(cluster: &ClusterState, max: u32) -> bool {
@@ -265,9 +239,9 @@ async fn connect(
             return Err(e);
         }
     };
-    let io = TokioIo::new(stream);
-    let (c2, e2) = (cluster.clone(), ep.clone());
     if h2 {
+        let io = TokioIo::new(stream);
+        let (c2, e2) = (cluster.clone(), ep.clone());
         let (send, conn) = match http2::Builder::new(TokioExecutor::new())
             .handshake(io)
             .await
@@ -293,24 +267,7 @@ async fn connect(
         drop(conns);
         Ok(Lease::H2(send))
     } else {
-        let (send, conn) = match http1::Builder::new().handshake(io).await {
-            Ok(x) => x,
-            Err(e) => {
-                release_connection(cluster, ep);
-                return Err(PoolError::Connect(e.to_string()));
-            }
-        };
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-            release_connection(&c2, &e2);
-        });
-        Ok(Lease::H1 {
-            send,
-            used: 0,
-            created,
-            // `tokio::spawn` above put the connection's task on this thread's runtime.
-            owner: std::thread::current().id(),
-        })
+        Ok(Lease::H1(H1Conn::new(stream, cluster, ep)))
     }
 }
 
@@ -341,13 +298,13 @@ impl EndpointPool {
         idle_timeout: Duration,
         max_duration: Option<Duration>,
         own_only: bool,
-    ) -> Option<Idle> {
+    ) -> Option<H1Conn> {
         let me = std::thread::current().id();
         let now = Instant::now();
         let mut lists = self.idle.lock().expect("pool lock");
         let usable = |c: &Idle| {
-            !c.send.is_closed()
-                && max_duration.is_none_or(|m| now.saturating_duration_since(c.created) < m)
+            max_duration.is_none_or(|m| now.saturating_duration_since(c.conn.created) < m)
+                && c.conn.usable_idle()
         };
         for (owner, list) in lists.iter_mut() {
             while list
@@ -361,7 +318,7 @@ impl EndpointPool {
             }
             while let Some(c) = list.pop_back() {
                 if usable(&c) {
-                    return Some(c);
+                    return Some(c.conn);
                 }
             }
         }
@@ -371,75 +328,62 @@ impl EndpointPool {
         for (_, list) in lists.iter_mut() {
             while let Some(c) = list.pop_back() {
                 if usable(&c) {
-                    return Some(c);
+                    return Some(c.conn);
                 }
             }
         }
         None
     }
-}
 
-/// Returns an HTTP/1 connection to its endpoint's idle list when dropped, which happens when the
-/// response body ends (it is one of the body's guards): no task per request. A connection that
-/// served `maxRequestsPerConnection` requests, or closed, is dropped instead (closing it).
-pub struct Recycle {
-    cluster: Arc<ClusterState>,
-    ep: Arc<EndpointState>,
-    send: Option<http1::SendRequest<ReqBody>>,
-    used: u32,
-    created: Instant,
-    owner: std::thread::ThreadId,
-}
-
-impl Recycle {
-    /// Recycle `send` (which has now served `used` requests; its task runs on `owner`) when
-    /// this guard drops.
-    pub fn new(
-        cluster: Arc<ClusterState>,
-        ep: Arc<EndpointState>,
-        send: http1::SendRequest<ReqBody>,
-        used: u32,
-        created: Instant,
-        owner: std::thread::ThreadId,
-    ) -> Recycle {
-        Recycle {
-            cluster,
-            ep,
-            send: Some(send),
-            used,
-            created,
-            owner,
+    /// Close idle HTTP/1 connections past `idleTimeout` or closed by the upstream (run
+    /// periodically, so a connection the upstream closed does not linger in CLOSE_WAIT until
+    /// the next request to this endpoint). Returns how many were closed.
+    pub fn sweep_idle(&self, idle_timeout: Duration) -> usize {
+        let now = Instant::now();
+        let mut closed = Vec::new();
+        let mut lists = self.idle.lock().expect("pool lock");
+        for (_, list) in lists.iter_mut() {
+            let mut keep = std::collections::VecDeque::with_capacity(list.len());
+            for c in list.drain(..) {
+                if now.saturating_duration_since(c.since) >= idle_timeout || !c.conn.usable_idle() {
+                    closed.push(c);
+                } else {
+                    keep.push_back(c);
+                }
+            }
+            *list = keep;
         }
+        drop(lists);
+        // Closed outside the lock: dropping a connection notifies the cluster's waiters.
+        closed.len()
     }
 }
 
-impl Drop for Recycle {
-    fn drop(&mut self) {
-        let Some(send) = self.send.take() else { return };
-        let policy = self.cluster.policy.load();
-        let max = policy.pool.max_requests_per_connection;
-        // maxConnectionDuration: an old connection is not reused (dropping it closes it).
-        if (max > 0 && self.used >= max)
-            || send.is_closed()
-            || too_old(self.created, policy.pool.max_connection_duration)
-        {
-            return;
-        }
-        let idle = Idle {
-            send,
-            since: Instant::now(),
-            used: self.used,
-            created: self.created,
-            owner: self.owner,
-        };
-        let mut lists = self.ep.pool.idle.lock().expect("pool lock");
-        match lists.iter_mut().find(|(o, _)| *o == self.owner) {
-            Some((_, list)) => list.push_back(idle),
-            None => lists.push((self.owner, std::collections::VecDeque::from([idle]))),
-        }
-        drop(lists);
-        if self.cluster.pending_requests.load(Ordering::Relaxed) > 0 {
-            self.cluster.conn_released.notify_waiters();
-        }
+/// Put an HTTP/1 connection whose response ended back on its endpoint's idle list (the list of
+/// the runtime whose I/O driver its socket is registered with), unless it served
+/// `maxRequestsPerConnection` requests or is past `maxConnectionDuration` (dropping it closes
+/// it), or its endpoint or cluster is gone.
+pub fn recycle(conn: H1Conn) {
+    let (Some(cluster), Some(ep)) = (conn.cluster(), conn.endpoint()) else {
+        return;
+    };
+    let policy = cluster.policy.load();
+    let max = policy.pool.max_requests_per_connection;
+    if (max > 0 && conn.used >= max) || too_old(conn.created, policy.pool.max_connection_duration) {
+        return;
+    }
+    let owner = conn.owner;
+    let idle = Idle {
+        conn,
+        since: Instant::now(),
+    };
+    let mut lists = ep.pool.idle.lock().expect("pool lock");
+    match lists.iter_mut().find(|(o, _)| *o == owner) {
+        Some((_, list)) => list.push_back(idle),
+        None => lists.push((owner, std::collections::VecDeque::from([idle]))),
+    }
+    drop(lists);
+    if cluster.pending_requests.load(Ordering::Relaxed) > 0 {
+        cluster.conn_released.notify_waiters();
     }
 }
