@@ -347,7 +347,7 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Res
 fn last_token(map: &HeaderMap, name: HeaderName) -> Option<&[u8]> {
     map.get_all(name)
         .iter()
-        .last()
+        .next_back()
         .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
         .map(|t| t.trim_ascii())
 }
