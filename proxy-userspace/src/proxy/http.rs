@@ -115,7 +115,7 @@ async fn handle_request(
             let r = local.into_response(grpc);
             let grpc_status = r
                 .headers()
-                .get("grpc-status")
+                .get(&GRPC_STATUS)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             let body_len = r
@@ -157,7 +157,7 @@ async fn handle_request(
     let status = resp.status();
     let grpc_status = resp
         .headers()
-        .get("grpc-status")
+        .get(&GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     // The per-endpoint series cache spares building and hashing the full label set per request.
@@ -476,8 +476,8 @@ async fn pipeline(
     {
         upstream_authority = a.clone();
     }
-    if !headers.contains_key("x-request-id") {
-        headers.insert("x-request-id", request_id());
+    if !headers.contains_key(&X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID.clone(), request_id());
     }
     headers.insert(
         "x-forwarded-proto",
@@ -1003,9 +1003,16 @@ enum AttemptError {
     Passthrough,
 }
 
+// Header names looked up per request, made once (a `&str` key is parsed on every lookup).
+static GRPC_STATUS: header::HeaderName = header::HeaderName::from_static("grpc-status");
+static X_ENVOY_OVERLOADED: header::HeaderName = header::HeaderName::from_static("x-envoy-overloaded");
+static X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+static X_ENVOY_RATELIMITED: header::HeaderName =
+    header::HeaderName::from_static("x-envoy-ratelimited");
+
 /// Is this response retriable under `on`? (`x-envoy-overloaded` never is.)
 fn response_retriable(on: &RetryOn, resp: &Response<ResponseBody>) -> bool {
-    if resp.headers().contains_key("x-envoy-overloaded") {
+    if resp.headers().contains_key(&X_ENVOY_OVERLOADED) {
         return false;
     }
     let s = resp.status().as_u16();
@@ -1016,13 +1023,13 @@ fn response_retriable(on: &RetryOn, resp: &Response<ResponseBody>) -> bool {
     {
         return true;
     }
-    if on.envoy_ratelimited && resp.headers().contains_key("x-envoy-ratelimited") {
+    if on.envoy_ratelimited && resp.headers().contains_key(&X_ENVOY_RATELIMITED) {
         return true;
     }
     if !on.grpc_codes.is_empty()
         && let Some(code) = resp
             .headers()
-            .get("grpc-status")
+            .get(&GRPC_STATUS)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u32>().ok())
     {

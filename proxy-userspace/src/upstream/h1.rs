@@ -266,10 +266,14 @@ fn protocol(what: impl std::fmt::Display) -> Reset {
 
 /// Parse a response head from the front of `buf` (consumed when complete); `None`: need more.
 fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Reset> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut res = httparse::Response::new(&mut headers);
-    let len = match res.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
+    // Header slots are left uninitialised (initialising 100 of them cost more than parsing).
+    let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut res, buf, &mut slots,
+    ) {
+        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
+        Ok(httparse::Status::Complete(_)) => return Err(protocol("response headers too large")),
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
             return Err(protocol("response headers too large"));
         }
@@ -278,23 +282,29 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Res
     };
     let code = res.code.unwrap_or(0);
     let version = res.version.unwrap_or(1);
+    // Offsets of names and values (the head is below MAX_HEAD, so u16 holds them), kept on
+    // the stack while the buffer is borrowed.
     let base = buf.as_ptr() as usize;
-    let spans: Vec<(usize, usize, usize, usize)> = res
-        .headers
-        .iter()
-        .map(|h| {
-            let n = h.name.as_ptr() as usize - base;
-            let v = h.value.as_ptr() as usize - base;
-            (n, n + h.name.len(), v, v + h.value.len())
-        })
-        .collect();
+    let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
+    let count = res.headers.len();
+    for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
+        let n = h.name.as_ptr() as usize - base;
+        let v = h.value.as_ptr() as usize - base;
+        *span = (
+            n as u16,
+            (n + h.name.len()) as u16,
+            v as u16,
+            (v + h.value.len()) as u16,
+        );
+    }
     let head = buf.split_to(len).freeze();
     if (100..200).contains(&code) && code != 101 {
         return Ok(Some(Parsed::Informational));
     }
     let status = StatusCode::from_u16(code).map_err(protocol)?;
-    let mut map = HeaderMap::with_capacity(spans.len());
-    for (ns, ne, vs, ve) in spans {
+    let mut map = HeaderMap::with_capacity(count);
+    for &(ns, ne, vs, ve) in &spans[..count] {
+        let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
         let name = HeaderName::from_bytes(&head[ns..ne]).map_err(protocol)?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).map_err(protocol)?;
         map.append(name, value);
