@@ -13,6 +13,7 @@ pub mod compile;
 pub mod config;
 pub mod dataplane;
 pub mod diagnostic;
+pub mod http1;
 pub mod inspect;
 pub mod kubernetes;
 pub mod proxy;

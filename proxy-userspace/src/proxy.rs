@@ -8,6 +8,7 @@
 
 pub mod body;
 pub mod error;
+pub mod h1server;
 pub mod http;
 pub mod listener;
 pub mod tcp;

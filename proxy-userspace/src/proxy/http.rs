@@ -11,7 +11,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use rand::Rng;
 
 use super::body::{BoxBody, Guarded, OnEnd};
@@ -24,6 +23,7 @@ use crate::compile::{
 };
 use crate::telemetry::AccessLog;
 use crate::telemetry::metrics::{HttpLabels, peers};
+use super::h1server::{BodyTooLarge, OnUpgrade, RequestBody};
 use crate::upstream::h1::{RequestHead, Reset, ResponseBody};
 use crate::upstream::outlier::{self, Outcome};
 use crate::upstream::pool::{self, Lease, PoolError};
@@ -59,7 +59,7 @@ struct Outcome_ {
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Response<BoxBody> {
     let http1 = req.version() < http::Version::HTTP_2;
     let mut resp = handle_request(shared.clone(), conn, req).await;
@@ -73,7 +73,7 @@ pub async fn handle(
 async fn handle_request(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Response<BoxBody> {
     let start = Instant::now();
     let view = shared.view.load_full();
@@ -259,7 +259,7 @@ async fn pipeline(
     shared: &Arc<Shared>,
     view: &Arc<View>,
     conn: &ConnInfo,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     start: Instant,
 ) -> Result2 {
     let mut out = Outcome_ {
@@ -436,14 +436,15 @@ async fn pipeline(
     let downstream_version = req.version();
     let (mut parts, body) = req.into_parts();
     let upgrade = is_upgrade(&parts.headers, downstream_version)
-        .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
+        .then(|| parts.extensions.remove::<OnUpgrade>())
         .flatten();
     let body = match Limited::new(body, MAX_BUFFERED_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
             let too_big = e
                 .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some();
+                .is_some()
+                || e.downcast_ref::<BodyTooLarge>().is_some();
             return (
                 Out::Local(if too_big {
                     LocalReply::new(413, "request body too large to buffer", out.flags)
@@ -861,7 +862,7 @@ struct UpstreamHost(String);
 async fn forward_upgrade(
     state: &Arc<ClusterState>,
     req: &UpstreamRequest,
-    on_upgrade: hyper::upgrade::OnUpgrade,
+    on_upgrade: OnUpgrade,
 ) -> Result<Response<BoxBody>, LocalReply> {
     let policy = state.policy.load_full();
     let set = state.lb_set();
@@ -901,9 +902,8 @@ async fn forward_upgrade(
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let up = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
-            if let (Ok(up), Ok(down)) = (up.await, on_upgrade.await) {
+            if let (Ok(up), Some(mut down)) = (up.await, on_upgrade.connection().await) {
                 let mut up = hyper_util::rt::TokioIo::new(up);
-                let mut down = hyper_util::rt::TokioIo::new(down);
                 let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
             }
         });

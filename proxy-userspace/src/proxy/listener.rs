@@ -9,12 +9,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use super::{ConnInfo, ListenerRef, Shared, http, tcp, tls};
+use super::{ConnInfo, ListenerRef, Shared, h1server, tcp, tls};
 use crate::compile::{ListenerKind, Protocol, Snapshot};
 use crate::publish::Publisher;
 use crate::upstream::outlier;
@@ -269,20 +267,8 @@ async fn serve_tls(
     }
 }
 
-async fn serve_http<I>(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: I)
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    // The request future is boxed: hyper keeps a slot the size of the service's future in every
-    // connection, idle or not, and `handle`'s state machine is several KiB. Boxed, an idle
-    // connection holds a pointer and the KiBs exist only while a request is in flight.
-    let svc = service_fn(move |req| {
-        let fut = Box::pin(http::handle(shared.clone(), conn.clone(), req));
-        async move { Ok::<_, std::convert::Infallible>(fut.await) }
-    });
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection_with_upgrades(TokioIo::new(io), svc)
-        .await;
+async fn serve_http<I: h1server::Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: I) {
+    h1server::serve(shared, conn, io).await
 }
 
 /// Run outlier-detection sweeps for every cluster at its interval, and once a second close

@@ -23,12 +23,10 @@ use tokio::net::TcpStream;
 use super::{ClusterState, EndpointState};
 use crate::proxy::body::BoxError;
 
-/// Largest response head accepted (Envoy's default `max_request_headers_kb` is 60).
-const MAX_HEAD: usize = 60 * 1024;
-/// Most response headers accepted (Envoy's default `max_headers_count`).
-const MAX_HEADERS: usize = 100;
-/// Read size.
-const READ_CHUNK: usize = 8 * 1024;
+use crate::http1::{
+    Chunk, MAX_HEAD, MAX_HEADERS, READ_CHUNK, Step, chunk_step, content_length, header_map,
+    last_token, record_spans,
+};
 /// Request bodies up to this size are written with the head in one `write`.
 const INLINE_BODY: usize = 16 * 1024;
 
@@ -242,18 +240,6 @@ enum Framing {
     Close,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    /// Expecting a chunk-size line.
-    Size,
-    /// In chunk data, this many bytes left.
-    Data(u64),
-    /// Expecting the CRLF after chunk data.
-    DataEnd,
-    /// After the last chunk: trailer fields until an empty line.
-    Trailers,
-}
-
 enum Parsed {
     /// A 1xx response other than 101: skipped.
     Informational,
@@ -282,44 +268,15 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Res
     };
     let code = res.code.unwrap_or(0);
     let version = res.version.unwrap_or(1);
-    // Offsets of names and values (the head is below MAX_HEAD, so u16 holds them), kept on
-    // the stack while the buffer is borrowed.
-    let base = buf.as_ptr() as usize;
     let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
-    let count = res.headers.len();
-    for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
-        let n = h.name.as_ptr() as usize - base;
-        let v = h.value.as_ptr() as usize - base;
-        *span = (
-            n as u16,
-            (n + h.name.len()) as u16,
-            v as u16,
-            (v + h.value.len()) as u16,
-        );
-    }
+    let count = record_spans(buf, res.headers, &mut spans);
     let head = buf.split_to(len).freeze();
     if (100..200).contains(&code) && code != 101 {
         return Ok(Some(Parsed::Informational));
     }
     let status = StatusCode::from_u16(code).map_err(protocol)?;
-    let mut map = HeaderMap::with_capacity(count);
-    for &(ns, ne, vs, ve) in &spans[..count] {
-        let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
-        let name = HeaderName::from_bytes(&head[ns..ne]).map_err(protocol)?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve)).map_err(protocol)?;
-        map.append(name, value);
-    }
-    let mut keep_alive = version == 1;
-    for v in map.get_all(header::CONNECTION) {
-        for token in v.as_bytes().split(|&b| b == b',') {
-            let token = token.trim_ascii();
-            if token.eq_ignore_ascii_case(b"close") {
-                keep_alive = false;
-            } else if token.eq_ignore_ascii_case(b"keep-alive") && version == 0 {
-                keep_alive = true;
-            }
-        }
-    }
+    let map = header_map(&head, &spans[..count]).map_err(protocol)?;
+    let mut keep_alive = crate::http1::keep_alive(&map, version);
     let framing = if head_only
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -337,7 +294,7 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Res
             Framing::Close
         }
     } else if map.contains_key(header::CONTENT_LENGTH) {
-        Framing::Length(content_length(&map)?)
+        Framing::Length(content_length(&map).map_err(protocol)?)
     } else {
         keep_alive = false;
         Framing::Close
@@ -351,35 +308,6 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Res
     };
     parts.headers = map;
     Ok(Some(Parsed::Head(parts, framing, keep_alive)))
-}
-
-/// The last comma-separated token of the last `name` field.
-fn last_token(map: &HeaderMap, name: HeaderName) -> Option<&[u8]> {
-    map.get_all(name)
-        .iter()
-        .next_back()
-        .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
-        .map(|t| t.trim_ascii())
-}
-
-/// Content-Length: every value (and comma-separated element) must be the same number.
-fn content_length(map: &HeaderMap) -> Result<u64, Reset> {
-    let mut len = None;
-    for v in map.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            let n = std::str::from_utf8(part)
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| protocol("invalid content-length"))?;
-            if len.is_some_and(|l| l != n) {
-                return Err(protocol("conflicting content-length"));
-            }
-            len = Some(n);
-        }
-    }
-    len.ok_or_else(|| protocol("invalid content-length"))
 }
 
 /// An upstream response body read straight from its connection.
@@ -420,11 +348,6 @@ impl H1Body {
         Poll::Ready(Some(Err(Box::new(BodyError(what)))))
     }
 
-    /// Up to `max` buffered bytes as a frame.
-    fn take(conn: &mut H1Conn, max: u64) -> Bytes {
-        let n = (conn.buf.len() as u64).min(max) as usize;
-        conn.buf.split_to(n).freeze()
-    }
 }
 
 impl Body for H1Body {
@@ -450,7 +373,7 @@ impl Body for H1Body {
                     return Poll::Ready(None);
                 }
                 Framing::Length(rem) if !conn.buf.is_empty() => {
-                    let data = H1Body::take(conn, rem);
+                    let data = crate::http1::take(&mut conn.buf, rem);
                     let rem = rem - data.len() as u64;
                     this.framing = Framing::Length(rem);
                     if rem == 0 {
@@ -459,10 +382,10 @@ impl Body for H1Body {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Framing::Close if !conn.buf.is_empty() => {
-                    let data = H1Body::take(conn, u64::MAX);
+                    let data = crate::http1::take(&mut conn.buf, u64::MAX);
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Framing::Chunked(state) if !conn.buf.is_empty() => match chunk_step(conn, state) {
+                Framing::Chunked(state) if !conn.buf.is_empty() => match chunk_step(&mut conn.buf, state) {
                     Ok(Step::Data(data, next)) => {
                         this.framing = Framing::Chunked(next);
                         return Poll::Ready(Some(Ok(Frame::data(data))));
@@ -507,105 +430,6 @@ impl Body for H1Body {
             Framing::Length(n) if !self.done => SizeHint::with_exact(n),
             _ if self.done => SizeHint::with_exact(0),
             _ => SizeHint::default(),
-        }
-    }
-}
-
-enum Step {
-    /// Chunk data, then this state.
-    Data(Bytes, Chunk),
-    /// Moved to this state without data.
-    Next(Chunk),
-    /// Last chunk and trailers read.
-    End(Option<HeaderMap>),
-    /// Need more bytes.
-    More,
-}
-
-/// Longest chunk-size or trailer line accepted.
-const MAX_LINE: usize = 8 * 1024;
-
-/// One step of chunked decoding over the buffered bytes.
-fn chunk_step(conn: &mut H1Conn, state: Chunk) -> Result<Step, &'static str> {
-    let buf = &mut conn.buf;
-    match state {
-        Chunk::Size => {
-            let Some(eol) = buf.iter().position(|&b| b == b'\n') else {
-                return if buf.len() > MAX_LINE {
-                    Err("chunk size line too long")
-                } else {
-                    Ok(Step::More)
-                };
-            };
-            let line = buf.split_to(eol + 1);
-            let digits = line[..]
-                .split(|&b| b == b';' || b == b'\r' || b == b'\n')
-                .next()
-                .unwrap_or_default()
-                .trim_ascii();
-            let size = std::str::from_utf8(digits)
-                .ok()
-                .filter(|s| !s.is_empty() && s.len() <= 16)
-                .and_then(|s| u64::from_str_radix(s, 16).ok())
-                .ok_or("invalid chunk size")?;
-            Ok(Step::Next(if size == 0 {
-                Chunk::Trailers
-            } else {
-                Chunk::Data(size)
-            }))
-        }
-        Chunk::Data(rem) => {
-            let data = H1Body::take(conn, rem);
-            let rem = rem - data.len() as u64;
-            Ok(Step::Data(
-                data,
-                if rem == 0 {
-                    Chunk::DataEnd
-                } else {
-                    Chunk::Data(rem)
-                },
-            ))
-        }
-        Chunk::DataEnd => {
-            if buf.len() < 2 && buf.first() != Some(&b'\n') {
-                return Ok(Step::More);
-            }
-            if buf.starts_with(b"\r\n") {
-                let _ = buf.split_to(2);
-            } else if buf.starts_with(b"\n") {
-                let _ = buf.split_to(1);
-            } else {
-                return Err("missing CRLF after chunk data");
-            }
-            Ok(Step::Next(Chunk::Size))
-        }
-        Chunk::Trailers => {
-            // Trailer section: header lines up to an empty line.
-            let mut map = HeaderMap::new();
-            let mut at = 0;
-            loop {
-                let Some(eol) = buf[at..].iter().position(|&b| b == b'\n') else {
-                    return if buf.len() > MAX_HEAD {
-                        Err("trailers too large")
-                    } else {
-                        Ok(Step::More)
-                    };
-                };
-                let line = buf[at..at + eol].trim_ascii_end();
-                at += eol + 1;
-                if line.is_empty() {
-                    break;
-                }
-                let Some(colon) = line.iter().position(|&b| b == b':') else {
-                    return Err("invalid trailer");
-                };
-                let name = HeaderName::from_bytes(&line[..colon]).map_err(|_| "invalid trailer")?;
-                let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii())
-                    .map_err(|_| "invalid trailer")?;
-                map.append(name, value);
-            }
-            let _ = buf.split_to(at);
-            Ok(Step::End((!map.is_empty()).then_some(map)))
         }
     }
 }

@@ -1,0 +1,218 @@
+//! HTTP/1.1 wire pieces shared by the proxy's client (`upstream/h1.rs`) and server
+//! (`proxy/h1server.rs`): header fields from a parsed head without copying their bytes,
+//! message framing fields, `Connection` tokens and chunked transfer decoding (RFC 9112).
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Largest message head accepted (Envoy's default `max_request_headers_kb` is 60).
+pub const MAX_HEAD: usize = 60 * 1024;
+/// Most header fields accepted (Envoy's default `max_headers_count`).
+pub const MAX_HEADERS: usize = 100;
+/// Read size.
+pub const READ_CHUNK: usize = 8 * 1024;
+
+/// Offsets of header names and values in a head (below [`MAX_HEAD`], so `u16` holds them).
+pub type Spans = [(u16, u16, u16, u16); MAX_HEADERS];
+
+/// Record where each parsed header's name and value lie in `buf` (which `headers` borrow).
+pub fn record_spans(buf: &[u8], headers: &[httparse::Header<'_>], spans: &mut Spans) -> usize {
+    let base = buf.as_ptr() as usize;
+    for (span, h) in spans.iter_mut().zip(headers) {
+        let n = h.name.as_ptr() as usize - base;
+        let v = h.value.as_ptr() as usize - base;
+        *span = (
+            n as u16,
+            (n + h.name.len()) as u16,
+            v as u16,
+            (v + h.value.len()) as u16,
+        );
+    }
+    headers.len()
+}
+
+/// The header map of a head whose bytes are `head`; values share `head`'s memory.
+pub fn header_map(head: &Bytes, spans: &[(u16, u16, u16, u16)]) -> Result<HeaderMap, &'static str> {
+    let mut map = HeaderMap::with_capacity(spans.len());
+    for &(ns, ne, vs, ve) in spans {
+        let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
+        let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| "invalid header name")?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(vs..ve)).map_err(|_| "invalid header value")?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// Whether a message of HTTP/1.`minor` with these headers leaves the connection open
+/// (1.1: unless `Connection: close`; 1.0: only with `Connection: keep-alive`).
+pub fn keep_alive(map: &HeaderMap, minor: u8) -> bool {
+    let mut keep = minor == 1;
+    for v in map.get_all(header::CONNECTION) {
+        for token in v.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if token.eq_ignore_ascii_case(b"close") {
+                keep = false;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") && minor == 0 {
+                keep = true;
+            }
+        }
+    }
+    keep
+}
+
+/// Whether a `name` field lists `token` (case-insensitive).
+pub fn has_token(map: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    map.get_all(name).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+/// The last comma-separated token of the last `name` field.
+pub fn last_token(map: &HeaderMap, name: HeaderName) -> Option<&[u8]> {
+    map.get_all(name)
+        .iter()
+        .next_back()
+        .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
+        .map(|t| t.trim_ascii())
+}
+
+/// Content-Length: every value (and comma-separated element) must be the same number.
+pub fn content_length(map: &HeaderMap) -> Result<u64, &'static str> {
+    let mut len = None;
+    for v in map.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            let n = std::str::from_utf8(part)
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or("invalid content-length")?;
+            if len.is_some_and(|l| l != n) {
+                return Err("conflicting content-length");
+            }
+            len = Some(n);
+        }
+    }
+    len.ok_or("invalid content-length")
+}
+
+/// Up to `max` buffered bytes, as shared bytes.
+pub fn take(buf: &mut BytesMut, max: u64) -> Bytes {
+    let n = (buf.len() as u64).min(max) as usize;
+    buf.split_to(n).freeze()
+}
+
+/// Where chunked decoding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// In chunk data, this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after chunk data.
+    DataEnd,
+    /// After the last chunk: trailer fields until an empty line.
+    Trailers,
+}
+
+/// What one decoding step produced.
+pub enum Step {
+    /// Chunk data, then this state.
+    Data(Bytes, Chunk),
+    /// Moved to this state without data.
+    Next(Chunk),
+    /// Last chunk and trailers read.
+    End(Option<HeaderMap>),
+    /// Need more bytes.
+    More,
+}
+
+/// Longest chunk-size or trailer line accepted.
+pub const MAX_LINE: usize = 8 * 1024;
+
+/// One step of chunked decoding over the buffered bytes.
+pub fn chunk_step(buf: &mut BytesMut, state: Chunk) -> Result<Step, &'static str> {
+    match state {
+        Chunk::Size => {
+            let Some(eol) = buf.iter().position(|&b| b == b'\n') else {
+                return if buf.len() > MAX_LINE {
+                    Err("chunk size line too long")
+                } else {
+                    Ok(Step::More)
+                };
+            };
+            let line = buf.split_to(eol + 1);
+            let digits = line[..]
+                .split(|&b| b == b';' || b == b'\r' || b == b'\n')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii();
+            let size = std::str::from_utf8(digits)
+                .ok()
+                .filter(|s| !s.is_empty() && s.len() <= 16)
+                .and_then(|s| u64::from_str_radix(s, 16).ok())
+                .ok_or("invalid chunk size")?;
+            Ok(Step::Next(if size == 0 {
+                Chunk::Trailers
+            } else {
+                Chunk::Data(size)
+            }))
+        }
+        Chunk::Data(rem) => {
+            let data = take(buf, rem);
+            let rem = rem - data.len() as u64;
+            Ok(Step::Data(
+                data,
+                if rem == 0 {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(rem)
+                },
+            ))
+        }
+        Chunk::DataEnd => {
+            if buf.len() < 2 && buf.first() != Some(&b'\n') {
+                return Ok(Step::More);
+            }
+            if buf.starts_with(b"\r\n") {
+                let _ = buf.split_to(2);
+            } else if buf.starts_with(b"\n") {
+                let _ = buf.split_to(1);
+            } else {
+                return Err("missing CRLF after chunk data");
+            }
+            Ok(Step::Next(Chunk::Size))
+        }
+        Chunk::Trailers => {
+            // Trailer section: header lines up to an empty line.
+            let mut map = HeaderMap::new();
+            let mut at = 0;
+            loop {
+                let Some(eol) = buf[at..].iter().position(|&b| b == b'\n') else {
+                    return if buf.len() > MAX_HEAD {
+                        Err("trailers too large")
+                    } else {
+                        Ok(Step::More)
+                    };
+                };
+                let line = buf[at..at + eol].trim_ascii_end();
+                at += eol + 1;
+                if line.is_empty() {
+                    break;
+                }
+                let Some(colon) = line.iter().position(|&b| b == b':') else {
+                    return Err("invalid trailer");
+                };
+                let name = HeaderName::from_bytes(&line[..colon]).map_err(|_| "invalid trailer")?;
+                let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii())
+                    .map_err(|_| "invalid trailer")?;
+                map.append(name, value);
+            }
+            let _ = buf.split_to(at);
+            Ok(Step::End((!map.is_empty()).then_some(map)))
+        }
+    }
+}

@@ -1,0 +1,706 @@
+//! The downstream HTTP/1.1 server: one loop per connection reads a request head, reads the
+//! body whole (the pipeline buffers request bodies anyway, for retries and mirrors), runs the
+//! request pipeline, and writes the response, the head and a ready first body chunk in one
+//! write. h2c (prior knowledge) connections are handed to hyper's HTTP/2 server. An idle plain
+//! TCP connection holds no read buffer: it waits for readability first.
+//!
+//! Envoy's limits and replies: a head over 60 KiB or over 100 fields gets 431, a malformed
+//! request 400, both with `Connection: close`. Request bodies: `Content-Length`, or chunked;
+//! both at once, or another transfer coding, is a 400 (request smuggling). `Expect:
+//! 100-continue` is answered here before the body is read. Upgrades (WebSocket) hand the
+//! connection to the pipeline after a 101.
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use super::body::{BoxBody, BoxError};
+use super::http as pipeline;
+use super::{ConnInfo, Shared};
+use crate::http1::{
+    Chunk, MAX_HEAD, MAX_HEADERS, READ_CHUNK, Step, chunk_step, content_length, has_token,
+    header_map, last_token, record_spans,
+};
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Body bytes up to this size are copied next to the head (or chunk header) and sent in
+/// one write.
+const COALESCE: usize = 16 * 1024;
+
+/// A downstream transport. Plain TCP can wait for bytes without a buffer.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Ready when the connection has bytes (or an error) to read.
+    fn poll_idle(&self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Transport for tokio::net::TcpStream {
+    fn poll_idle(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
+impl Transport for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
+
+/// Any byte stream, boxed.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// A connection taken over after a `101 Switching Protocols`: bytes the client sent after
+/// its request come first.
+pub struct Upgraded {
+    prefix: Bytes,
+    io: Box<dyn Io>,
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(out.remaining());
+            out.put_slice(&self.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, out)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// In a request's extensions when it asks for an upgrade: resolves to the connection once
+/// the response was a 101 and has been written.
+/// (Shared so it can live in `http::Extensions`, which must be `Clone`.)
+#[derive(Clone)]
+pub struct OnUpgrade(Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<Upgraded>>>>);
+
+impl OnUpgrade {
+    /// The upgraded connection, or `None` when the response was not a 101 after all.
+    pub async fn connection(self) -> Option<Upgraded> {
+        let rx = self.0.lock().expect("upgrade lock").take()?;
+        rx.await.ok()
+    }
+}
+
+/// The body of a downstream request.
+pub enum RequestBody {
+    /// Read whole by this server (`None` once yielded).
+    Buffered(Option<Bytes>),
+    /// Over the buffering limit: yields [`BodyTooLarge`].
+    TooLarge,
+    /// From hyper's HTTP/2 server.
+    Hyper(hyper::body::Incoming),
+}
+
+/// The request body exceeded what the proxy buffers.
+#[derive(Debug)]
+pub struct BodyTooLarge;
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("request body too large to buffer")
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Buffered(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RequestBody::TooLarge => Poll::Ready(Some(Err(Box::new(BodyTooLarge)))),
+            RequestBody::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Buffered(b) => b.is_none(),
+            RequestBody::TooLarge => false,
+            RequestBody::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Buffered(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            RequestBody::Buffered(None) => SizeHint::with_exact(0),
+            RequestBody::TooLarge => SizeHint::default(),
+            RequestBody::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
+/// A parsed request head.
+struct Head {
+    parts: http::request::Parts,
+    body: Framing,
+    keep_alive: bool,
+    expect_continue: bool,
+    upgrade: bool,
+    /// The client accepts trailers (`TE: trailers`).
+    trailers: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+}
+
+/// Serve one HTTP connection (HTTP/1.1, or h2c with prior knowledge).
+pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut io: I) {
+    let mut buf = BytesMut::new();
+    let mut first = true;
+    loop {
+        let head = loop {
+            if first && buf.starts_with(H2_PREFACE) {
+                return serve_h2(shared, conn, Upgraded {
+                    prefix: buf.freeze(),
+                    io: Box::new(io),
+                })
+                .await;
+            }
+            let maybe_h2 = first && H2_PREFACE.starts_with(&buf);
+            if !buf.is_empty() && !maybe_h2 {
+                match parse_request(&mut buf) {
+                    Ok(Some(h)) => break h,
+                    Ok(None) => {}
+                    Err(status) => {
+                        let _ = write_error(&mut io, status).await;
+                        return;
+                    }
+                }
+            }
+            if buf.is_empty() {
+                // Idle: no buffer is held until the client sends something.
+                buf = BytesMut::new();
+                if poll_fn(|cx| io.poll_idle(cx)).await.is_err() {
+                    return;
+                }
+            }
+            match read_more(&mut io, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        };
+        first = false;
+        let method = head.parts.method.clone();
+        let version = head.parts.version;
+        let body = match read_body(&mut io, &mut buf, &head).await {
+            Ok(b) => b,
+            Err(()) => return,
+        };
+        let too_large = matches!(body, RequestBody::TooLarge);
+        let mut req = Request::from_parts(head.parts, body);
+        let mut upgrade_tx = None;
+        if head.upgrade {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            req.extensions_mut()
+                .insert(OnUpgrade(Arc::new(std::sync::Mutex::new(Some(rx)))));
+            upgrade_tx = Some(tx);
+        }
+        // Boxed: the pipeline's state is several KiB and exists only while a request is in
+        // flight.
+        let resp = Box::pin(pipeline::handle(shared.clone(), conn.clone(), req)).await;
+        let keep_alive = head.keep_alive && !too_large;
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let ends = WriteEnds {
+            head_only: method == Method::HEAD,
+            http10: version == Version::HTTP_10,
+            keep_alive,
+            trailers: head.trailers,
+        };
+        let written = write_response(&mut io, resp, ends).await;
+        if switching {
+            // The pipeline takes the connection over (or, without an upgrade request, it ends).
+            if let (Ok(_), Some(tx)) = (written, upgrade_tx) {
+                let _ = tx.send(Upgraded {
+                    prefix: buf.freeze(),
+                    io: Box::new(io),
+                });
+            }
+            return;
+        }
+        if !matches!(written, Ok(true)) {
+            let _ = io.shutdown().await;
+            return;
+        }
+    }
+}
+
+async fn serve_h2(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: Upgraded) {
+    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let fut = Box::pin(pipeline::handle(
+            shared.clone(),
+            conn.clone(),
+            req.map(RequestBody::Hyper),
+        ));
+        async move { Ok::<_, std::convert::Infallible>(fut.await) }
+    });
+    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(io), svc)
+        .await;
+}
+
+/// Read more bytes into `buf`; 0 at end of stream.
+async fn read_more<I: Transport>(io: &mut I, buf: &mut BytesMut) -> std::io::Result<usize> {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(READ_CHUNK);
+    }
+    poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf)).await
+}
+
+/// Parse a request head from the front of `buf` (consumed when complete); `None`: need more.
+fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, StatusCode> {
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
+        Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Ok(None),
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => {
+            return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        }
+        Err(_) => return Err(StatusCode::BAD_REQUEST),
+    };
+    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
+        .map_err(|_| StatusCode::BAD_REQUEST)?;
+    let minor = req.version.unwrap_or(1);
+    let path = req.path.unwrap_or("/");
+    let path_span = {
+        let start = path.as_ptr() as usize - buf.as_ptr() as usize;
+        start..start + path.len()
+    };
+    let mut spans = [(0u16, 0u16, 0u16, 0u16); MAX_HEADERS];
+    let count = record_spans(buf, req.headers, &mut spans);
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(path_span)).map_err(|_| StatusCode::BAD_REQUEST)?;
+    let headers = header_map(&head, &spans[..count]).map_err(|_| StatusCode::BAD_REQUEST)?;
+    let body = match last_token(&headers, header::TRANSFER_ENCODING) {
+        Some(te) if te.eq_ignore_ascii_case(b"chunked") => {
+            if headers.contains_key(header::CONTENT_LENGTH) {
+                return Err(StatusCode::BAD_REQUEST);
+            }
+            Framing::Chunked
+        }
+        Some(_) => return Err(StatusCode::BAD_REQUEST),
+        None if headers.contains_key(header::CONTENT_LENGTH) => {
+            Framing::Length(content_length(&headers).map_err(|_| StatusCode::BAD_REQUEST)?)
+        }
+        None => Framing::Length(0),
+    };
+    let keep_alive = crate::http1::keep_alive(&headers, minor);
+    let expect_continue = minor == 1
+        && headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let upgrade = minor == 1
+        && headers.contains_key(header::UPGRADE)
+        && has_token(&headers, header::CONNECTION, "upgrade");
+    let trailers = has_token(&headers, header::TE, "trailers");
+    let mut parts = Request::new(()).into_parts().0;
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = if minor == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    parts.headers = headers;
+    Ok(Some(Head {
+        parts,
+        body,
+        keep_alive,
+        expect_continue,
+        upgrade,
+        trailers,
+    }))
+}
+
+/// Read the request body whole, up to the pipeline's buffering limit. `Err`: the connection
+/// failed or the body was malformed (answered 400 here).
+async fn read_body<I: Transport>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    head: &Head,
+) -> Result<RequestBody, ()> {
+    const LIMIT: u64 = pipeline::MAX_BUFFERED_BODY as u64;
+    let continue_first = async |io: &mut I| {
+        if head.expect_continue {
+            io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .await
+                .map_err(|_| ())?;
+        }
+        Ok::<(), ()>(())
+    };
+    match head.body {
+        Framing::Length(0) => Ok(RequestBody::Buffered(None)),
+        Framing::Length(n) if n > LIMIT => Ok(RequestBody::TooLarge),
+        Framing::Length(n) => {
+            continue_first(io).await?;
+            let n = n as usize;
+            if buf.len() < n {
+                buf.reserve(n - buf.len());
+            }
+            while buf.len() < n {
+                match read_more(io, buf).await {
+                    Ok(0) | Err(_) => return Err(()),
+                    Ok(_) => {}
+                }
+            }
+            Ok(RequestBody::Buffered(Some(buf.split_to(n).freeze())))
+        }
+        Framing::Chunked => {
+            continue_first(io).await?;
+            let mut body = BytesMut::new();
+            let mut state = Chunk::Size;
+            loop {
+                if !buf.is_empty() {
+                    match chunk_step(buf, state) {
+                        Ok(Step::Data(data, next)) => {
+                            if (body.len() + data.len()) as u64 > LIMIT {
+                                return Ok(RequestBody::TooLarge);
+                            }
+                            body.extend_from_slice(&data);
+                            state = next;
+                            continue;
+                        }
+                        Ok(Step::Next(next)) => {
+                            state = next;
+                            continue;
+                        }
+                        // Request trailers are not forwarded.
+                        Ok(Step::End(_)) => return Ok(RequestBody::Buffered(Some(body.freeze()))),
+                        Ok(Step::More) => {}
+                        Err(_) => {
+                            let _ = write_error(io, StatusCode::BAD_REQUEST).await;
+                            return Err(());
+                        }
+                    }
+                }
+                match read_more(io, buf).await {
+                    Ok(0) | Err(_) => return Err(()),
+                    Ok(_) => {}
+                }
+            }
+        }
+    }
+}
+
+/// A local error reply that closes the connection.
+async fn write_error<I: Transport>(io: &mut I, status: StatusCode) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(128);
+    status_line(&mut out, status);
+    out.extend_from_slice(b"content-length: 0\r\nconnection: close\r\n");
+    date_header(&mut out);
+    out.extend_from_slice(b"\r\n");
+    io.write_all(&out).await?;
+    io.flush().await?;
+    io.shutdown().await
+}
+
+fn status_line(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `date: <IMF-fixdate>`, formatted once a second per thread.
+fn date_header(out: &mut Vec<u8>) {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != secs || text.is_empty() {
+            *at = secs;
+            *text = httpdate::fmt_http_date(now);
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    });
+}
+
+/// How a response ends on this connection.
+struct WriteEnds {
+    head_only: bool,
+    http10: bool,
+    keep_alive: bool,
+    trailers: bool,
+}
+
+enum Out {
+    Length(u64),
+    Chunked,
+    Close,
+    None,
+}
+
+/// Write a response. `Ok(true)`: the connection can carry another request.
+async fn write_response<I: Transport>(
+    io: &mut I,
+    resp: Response<BoxBody>,
+    ends: WriteEnds,
+) -> std::io::Result<bool> {
+    let (mut parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    let mut keep_alive = ends.keep_alive && crate::http1::keep_alive(&parts.headers, 1);
+    parts.headers.remove(header::CONNECTION);
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    let no_body = ends.head_only
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let declared = if parts.headers.contains_key(header::CONTENT_LENGTH) {
+        content_length(&parts.headers).ok()
+    } else {
+        None
+    };
+    let framing = if status == StatusCode::SWITCHING_PROTOCOLS || no_body {
+        Out::None
+    } else if let Some(n) = declared {
+        Out::Length(n)
+    } else if let Some(n) = body.size_hint().exact() {
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        Out::Length(n)
+    } else if !ends.http10 {
+        Out::Chunked
+    } else {
+        keep_alive = false;
+        Out::Close
+    };
+    if declared.is_none()
+        && parts.headers.contains_key(header::CONTENT_LENGTH)
+        && !matches!(framing, Out::None)
+    {
+        // An unparsable Content-Length from upstream: send the body close-delimited.
+        parts.headers.remove(header::CONTENT_LENGTH);
+        keep_alive = false;
+    }
+    let mut out = Vec::with_capacity(256 + parts.headers.len() * 40);
+    status_line(&mut out, status);
+    encode_headers(&mut out, &parts.headers);
+    if !parts.headers.contains_key(header::DATE) {
+        date_header(&mut out);
+    }
+    if matches!(framing, Out::Chunked) {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    } else if !keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if ends.http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    let mut remaining = match framing {
+        Out::Length(n) => n,
+        Out::None => {
+            io.write_all(&out).await?;
+            io.flush().await?;
+            return Ok(keep_alive);
+        }
+        _ => u64::MAX,
+    };
+    let chunked = matches!(framing, Out::Chunked);
+    loop {
+        // A frame ready now goes out with what is pending; otherwise send what is pending
+        // before waiting (a streaming response's head must not wait for its body).
+        let next = match body.frame().now_or_never() {
+            Some(f) => f,
+            None => {
+                if !out.is_empty() {
+                    io.write_all(&out).await?;
+                    io.flush().await?;
+                    out.clear();
+                }
+                body.frame().await
+            }
+        };
+        match next {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(mut data) => {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    if !chunked {
+                        if data.len() as u64 > remaining {
+                            // More than the declared length: send what was declared, then close.
+                            data.truncate(remaining as usize);
+                            keep_alive = false;
+                        }
+                        remaining -= data.len() as u64;
+                    } else {
+                        use std::io::Write as _;
+                        let _ = write!(out, "{:x}\r\n", data.len());
+                    }
+                    if data.len() <= COALESCE {
+                        out.extend_from_slice(&data);
+                    } else {
+                        io.write_all(&out).await?;
+                        out.clear();
+                        io.write_all(&data).await?;
+                    }
+                    if chunked {
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    if !chunked && remaining == 0 {
+                        break;
+                    }
+                }
+                Err(frame) => {
+                    if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
+                        out.extend_from_slice(b"0\r\n");
+                        if ends.trailers {
+                            encode_headers(&mut out, &trailers);
+                        }
+                        out.extend_from_slice(b"\r\n");
+                        io.write_all(&out).await?;
+                        io.flush().await?;
+                        return Ok(keep_alive);
+                    }
+                }
+            },
+            Some(Err(_)) => {
+                // The body failed (upstream reset, route timeout): HTTP/1 can only close.
+                if !out.is_empty() {
+                    io.write_all(&out).await?;
+                }
+                io.flush().await?;
+                return Ok(false);
+            }
+            None => {
+                if chunked {
+                    out.extend_from_slice(b"0\r\n\r\n");
+                } else if remaining != u64::MAX && remaining > 0 {
+                    // Shorter than declared: the client must see the connection end.
+                    keep_alive = false;
+                }
+                break;
+            }
+        }
+    }
+    if !out.is_empty() {
+        io.write_all(&out).await?;
+    }
+    io.flush().await?;
+    Ok(keep_alive && !matches!(framing, Out::Close))
+}
+
+fn encode_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &str) -> Result<Option<Head>, StatusCode> {
+        parse_request(&mut BytesMut::from(raw))
+    }
+
+    #[test]
+    fn request_heads() {
+        let h = parse("GET /a?b HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.parts.uri.path_and_query().unwrap().as_str(), "/a?b");
+        assert_eq!(h.parts.headers["host"], "x");
+        assert!(h.keep_alive && h.trailers && !h.upgrade && !h.expect_continue);
+        assert_eq!(h.body, Framing::Length(0));
+        let h = parse("POST / HTTP/1.0\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!h.keep_alive && !h.expect_continue);
+        assert_eq!(h.body, Framing::Length(3));
+        let h = parse("GET /ws HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(h.upgrade);
+        let h = parse("PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-Continue\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.body, Framing::Chunked);
+        assert!(h.expect_continue);
+        assert!(parse("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_requests() {
+        for raw in [
+            "GET / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "GET / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+            "GET / HTTP/9.9\r\n\r\n",
+            "G(T / HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse(raw).err(),
+                Some(StatusCode::BAD_REQUEST),
+                "{raw:?}"
+            );
+        }
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
+        assert_eq!(
+            parse(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err(),
+            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+        let big = format!("GET / HTTP/1.1\r\nx: {}", "a".repeat(MAX_HEAD));
+        assert_eq!(
+            parse(&big).err(),
+            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+    }
+}
