@@ -37,8 +37,8 @@ pub fn header_map(head: &Bytes, spans: &[(u16, u16, u16, u16)]) -> Result<Header
     for &(ns, ne, vs, ve) in spans {
         let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
         let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| "invalid header name")?;
-        let value =
-            HeaderValue::from_maybe_shared(head.slice(vs..ve)).map_err(|_| "invalid header value")?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+            .map_err(|_| "invalid header value")?;
         map.append(name, value);
     }
     Ok(map)

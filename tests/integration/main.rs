@@ -3,9 +3,9 @@
 
 mod behaviour;
 mod cli;
+mod http1_wire;
 mod kube_watch;
 mod kubernetes;
 mod l4;
 mod ops;
 mod traffic;
-mod upstream_h1;

@@ -192,10 +192,14 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
     loop {
         let head = loop {
             if first && buf.starts_with(H2_PREFACE) {
-                return serve_h2(shared, conn, Upgraded {
-                    prefix: buf.freeze(),
-                    io: Box::new(io),
-                })
+                return serve_h2(
+                    shared,
+                    conn,
+                    Upgraded {
+                        prefix: buf.freeze(),
+                        io: Box::new(io),
+                    },
+                )
                 .await;
             }
             let maybe_h2 = first && H2_PREFACE.starts_with(&buf);
@@ -506,7 +510,9 @@ async fn write_response<I: Transport>(
     } else if let Some(n) = declared {
         Out::Length(n)
     } else if let Some(n) = body.size_hint().exact() {
-        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
         Out::Length(n)
     } else if !ends.http10 {
         Out::Chunked
@@ -664,13 +670,16 @@ mod tests {
             .unwrap();
         assert!(!h.keep_alive && !h.expect_continue);
         assert_eq!(h.body, Framing::Length(3));
-        let h = parse("GET /ws HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let h = parse(
+            "GET /ws HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
         assert!(h.upgrade);
-        let h = parse("PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-Continue\r\n\r\n")
-            .unwrap()
-            .unwrap();
+        let h =
+            parse("PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-Continue\r\n\r\n")
+                .unwrap()
+                .unwrap();
         assert_eq!(h.body, Framing::Chunked);
         assert!(h.expect_continue);
         assert!(parse("GET / HTTP/1.1\r\nHost: x\r\n").unwrap().is_none());
@@ -686,11 +695,7 @@ mod tests {
             "GET / HTTP/9.9\r\n\r\n",
             "G(T / HTTP/1.1\r\n\r\n",
         ] {
-            assert_eq!(
-                parse(raw).err(),
-                Some(StatusCode::BAD_REQUEST),
-                "{raw:?}"
-            );
+            assert_eq!(parse(raw).err(), Some(StatusCode::BAD_REQUEST), "{raw:?}");
         }
         let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
         assert_eq!(

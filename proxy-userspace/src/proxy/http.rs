@@ -15,6 +15,7 @@ use rand::Rng;
 
 use super::body::{BoxBody, Guarded, OnEnd};
 use super::error::{BODY_FAULT, BODY_NO_HEALTHY, BODY_OVERFLOW, BODY_TIMEOUT, Flags, LocalReply};
+use super::h1server::{BodyTooLarge, OnUpgrade, RequestBody};
 use super::{ConnInfo, Shared};
 use crate::compile::policy::{HashKey, LbAlgorithm};
 use crate::compile::{
@@ -23,7 +24,6 @@ use crate::compile::{
 };
 use crate::telemetry::AccessLog;
 use crate::telemetry::metrics::{HttpLabels, peers};
-use super::h1server::{BodyTooLarge, OnUpgrade, RequestBody};
 use crate::upstream::h1::{RequestHead, Reset, ResponseBody};
 use crate::upstream::outlier::{self, Outcome};
 use crate::upstream::pool::{self, Lease, PoolError};
@@ -1005,7 +1005,8 @@ enum AttemptError {
 
 // Header names looked up per request, made once (a `&str` key is parsed on every lookup).
 static GRPC_STATUS: header::HeaderName = header::HeaderName::from_static("grpc-status");
-static X_ENVOY_OVERLOADED: header::HeaderName = header::HeaderName::from_static("x-envoy-overloaded");
+static X_ENVOY_OVERLOADED: header::HeaderName =
+    header::HeaderName::from_static("x-envoy-overloaded");
 static X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 static X_ENVOY_RATELIMITED: header::HeaderName =
     header::HeaderName::from_static("x-envoy-ratelimited");

@@ -253,11 +253,12 @@ fn protocol(what: impl std::fmt::Display) -> Reset {
 /// Parse a response head from the front of `buf` (consumed when complete); `None`: need more.
 fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Reset> {
     // Header slots are left uninitialised (initialising 100 of them cost more than parsing).
-    let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut []);
-    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-        &mut res, buf, &mut slots,
-    ) {
+    let len = match httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut res, buf, &mut slots)
+    {
         Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
         Ok(httparse::Status::Complete(_)) => return Err(protocol("response headers too large")),
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
@@ -347,7 +348,6 @@ impl H1Body {
         self.conn = None;
         Poll::Ready(Some(Err(Box::new(BodyError(what)))))
     }
-
 }
 
 impl Body for H1Body {
@@ -385,25 +385,27 @@ impl Body for H1Body {
                     let data = crate::http1::take(&mut conn.buf, u64::MAX);
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Framing::Chunked(state) if !conn.buf.is_empty() => match chunk_step(&mut conn.buf, state) {
-                    Ok(Step::Data(data, next)) => {
-                        this.framing = Framing::Chunked(next);
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                Framing::Chunked(state) if !conn.buf.is_empty() => {
+                    match chunk_step(&mut conn.buf, state) {
+                        Ok(Step::Data(data, next)) => {
+                            this.framing = Framing::Chunked(next);
+                            return Poll::Ready(Some(Ok(Frame::data(data))));
+                        }
+                        Ok(Step::Next(next)) => {
+                            this.framing = Framing::Chunked(next);
+                            continue;
+                        }
+                        Ok(Step::End(trailers)) => {
+                            this.finish();
+                            return match trailers {
+                                Some(t) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                                None => Poll::Ready(None),
+                            };
+                        }
+                        Ok(Step::More) => {}
+                        Err(what) => return this.fail(what),
                     }
-                    Ok(Step::Next(next)) => {
-                        this.framing = Framing::Chunked(next);
-                        continue;
-                    }
-                    Ok(Step::End(trailers)) => {
-                        this.finish();
-                        return match trailers {
-                            Some(t) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
-                            None => Poll::Ready(None),
-                        };
-                    }
-                    Ok(Step::More) => {}
-                    Err(what) => return this.fail(what),
-                },
+                }
                 _ => {}
             }
             let n = match ready!(conn.poll_fill(cx)) {

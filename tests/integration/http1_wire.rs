@@ -1,6 +1,7 @@
-//! The proxy's own HTTP/1.1 client against a scripted upstream that answers with exact bytes:
+//! The proxy's own HTTP/1.1 client and server against scripted peers that speak exact bytes:
 //! response framing (content-length, chunked, until close, HEAD, 1xx), keep-alive reuse,
-//! upstream-closed idle connections, large request bodies and invalid responses.
+//! upstream-closed idle connections, invalid responses; and downstream pipelining, chunked
+//! uploads, `Expect: 100-continue`, HTTP/1.0 clients and malformed or oversized requests.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -256,4 +257,114 @@ async fn invalid_responses_are_502_upe_and_resets_503_uc() {
     // The proxy still serves after those.
     let r = get(&c, &vip, "/cl", &[]).await;
     assert_eq!((r.status, r.body.as_str()), (200, "hello"));
+}
+
+/// Write `raw` to the proxy, then read until the proxy closes the connection.
+async fn exchange(vip: &str, raw: &[u8]) -> String {
+    let mut sock = TcpStream::connect(vip).await.expect("connect to the proxy");
+    sock.write_all(raw).await.expect("write");
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut got))
+        .await
+        .expect("the proxy closes in time")
+        .expect("read");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn downstream_pipelining_uploads_and_http10() {
+    let s = scenario();
+    let _up = RawUpstream::start(&format!("{}:{}", s.ip(11), proxy::SERVICE_PORT)).await;
+    let _p = proxy::start(&s, None).await;
+    let vip = s.vip();
+    // Three pipelined requests in one write, the last closing: three answers, in order.
+    let text = exchange(
+        &vip,
+        b"GET /cl HTTP/1.1\r\nHost: raw.example\r\n\r\n\
+          POST /echo-len HTTP/1.1\r\nHost: raw.example\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n3;ext=x\r\nabc\r\n0\r\ntrailer: dropped\r\n\r\n\
+          GET /cl HTTP/1.1\r\nHost: raw.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let answers: Vec<&str> = text.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(answers.len(), 3, "{text}");
+    assert!(
+        answers[0].starts_with("200 OK") && answers[0].ends_with("\r\n\r\nhello"),
+        "{text}"
+    );
+    // The chunked upload arrived whole: 8 bytes.
+    assert!(
+        answers[1].starts_with("200 OK") && answers[1].ends_with("\r\n\r\n8"),
+        "{text}"
+    );
+    assert!(answers[2].contains("connection: close\r\n"), "{text}");
+
+    // HTTP/1.0 without keep-alive: one answer, then the proxy closes; a chunked upstream
+    // body reaches a 1.0 client delimited by the close, not chunk-encoded.
+    let text = exchange(&vip, b"GET /chunked HTTP/1.0\r\nHost: raw.example\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(!text.contains("transfer-encoding"), "{text}");
+    assert!(text.ends_with("\r\n\r\nhello world"), "{text}");
+}
+
+#[tokio::test]
+async fn downstream_expect_continue_and_bad_requests() {
+    let s = scenario();
+    let _up = RawUpstream::start(&format!("{}:{}", s.ip(11), proxy::SERVICE_PORT)).await;
+    let _p = proxy::start(&s, None).await;
+    let vip = s.vip();
+    // Expect: 100-continue: the interim answer comes before the body is sent.
+    let mut sock = TcpStream::connect(&vip).await.unwrap();
+    sock.write_all(
+        b"POST /echo-len HTTP/1.1\r\nHost: raw.example\r\nContent-Length: 5\r\n\
+          Expect: 100-continue\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut interim = [0u8; 25];
+    tokio::time::timeout(Duration::from_secs(5), sock.read_exact(&mut interim))
+        .await
+        .expect("100 Continue in time")
+        .unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    sock.write_all(b"hello").await.unwrap();
+    let mut rest = Vec::new();
+    sock.read_to_end(&mut rest).await.unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.starts_with("HTTP/1.1 200 OK") && rest.ends_with("\r\n\r\n5"),
+        "{rest}"
+    );
+
+    // Both framings at once (request smuggling): 400, and the connection closes.
+    let text = exchange(
+        &vip,
+        b"POST /cl HTTP/1.1\r\nHost: raw.example\r\nContent-Length: 3\r\n\
+          Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+    assert!(text.contains("connection: close\r\n"), "{text}");
+    // Not HTTP at all.
+    let text = exchange(&vip, b"\x01\x02 nonsense\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+    // Over the 8 MiB buffering limit: 413 without reading the body, then close.
+    let text = exchange(
+        &vip,
+        b"POST /echo-len HTTP/1.1\r\nHost: raw.example\r\nContent-Length: 9437184\r\n\r\n",
+    )
+    .await;
+    assert!(
+        text.starts_with("HTTP/1.1 413 Payload Too Large\r\n"),
+        "{text}"
+    );
+    assert!(text.ends_with("request body too large to buffer"), "{text}");
+    // Too many header fields: 431.
+    let many: String = (0..120).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let text = exchange(
+        &vip,
+        format!("GET /cl HTTP/1.1\r\nHost: raw.example\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
 }
