@@ -89,6 +89,9 @@ pub struct ConnInfo {
     /// The client's identity, looked up once per connection (a workload's labels for an IP do
     /// not change while a connection lives).
     pub source: std::sync::OnceLock<crate::telemetry::metrics::Side>,
+    /// The client's labels and namespace for `sourceLabels`/`sourceNamespace` matching,
+    /// looked up once per connection for the same reason.
+    pub source_info: std::sync::OnceLock<crate::compile::route::SourceInfo>,
 }
 
 impl ConnInfo {
@@ -106,6 +109,7 @@ impl ConnInfo {
             listener,
             scheme: "http",
             source: std::sync::OnceLock::new(),
+            source_info: std::sync::OnceLock::new(),
         }
     }
 
@@ -114,6 +118,12 @@ impl ConnInfo {
         self.source
             .get_or_init(|| crate::telemetry::metrics::Side::source(snap, self.peer.ip()))
             .clone()
+    }
+
+    /// The client as route matching sees it.
+    pub fn source_info(&self, snap: &Snapshot) -> &crate::compile::route::SourceInfo {
+        self.source_info
+            .get_or_init(|| snap.source_info(self.peer.ip()))
     }
 
     /// The listener port.

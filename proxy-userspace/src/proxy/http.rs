@@ -42,11 +42,12 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 ];
 
 /// What the request pipeline decided, for the access log.
-struct Outcome_ {
+struct Outcome_<'v> {
     flags: Flags,
-    cluster: Option<String>,
+    /// Borrowed from the snapshot in force: formatted only for the access log.
+    cluster: Option<&'v str>,
     upstream: Option<String>,
-    route: Option<String>,
+    route: Option<&'v str>,
     /// The routed cluster, when it exists.
     cid: Option<usize>,
     /// The endpoint that served (or last failed).
@@ -83,17 +84,9 @@ async fn handle_request(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|c| c.starts_with("application/grpc"));
     let mut log = AccessLog::start(&req, &conn);
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or("");
-    let authority = crate::compile::strip_port(authority).to_string();
+    // Cheap handles (shared bytes) kept for the metric labels after the request is consumed.
+    let (uri_authority, host) = authority_parts(&req);
+    let authority = crate::compile::strip_port(authority_str(&uri_authority, &host));
     let (out_kind, out) = pipeline(&shared, &view, &conn, req, start).await;
     let snap = &view.snapshot;
     let protocol = if grpc { "grpc" } else { "http" };
@@ -102,7 +95,7 @@ async fn handle_request(
             &conn.source_side(snap),
             out.ep.as_ref().map(|e| &e.side),
             out.cid.map(|c| snap.service(snap.clusters[c].service)),
-            &authority,
+            authority,
             protocol,
         ),
         response_code: code_label(status),
@@ -131,7 +124,7 @@ async fn handle_request(
                 body_len,
             );
             if let Some(log) = &mut log {
-                log.finish_local(&r, flags, out.route.as_deref(), out.cluster.as_deref());
+                log.finish_local(&r, flags, out.route, out.cluster);
             }
             return r;
         }
@@ -190,7 +183,12 @@ async fn handle_request(
             let upstream = out
                 .upstream
                 .or_else(|| out.ep.as_ref().map(|e| e.target.to_string()));
-            l.set(flags, out.route, out.cluster, upstream);
+            l.set(
+                flags,
+                out.route.map(str::to_string),
+                out.cluster.map(str::to_string),
+                upstream,
+            );
             l.with_status(status)
         }),
     };
@@ -202,6 +200,25 @@ async fn handle_request(
         Some(Box::new(end) as Box<dyn OnEnd>),
     );
     Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// The request's `:authority` (absolute-form URI) and `Host`, as shared handles.
+fn authority_parts<B>(req: &Request<B>) -> (Option<http::uri::Authority>, Option<HeaderValue>) {
+    (
+        req.uri().authority().cloned(),
+        req.headers().get(header::HOST).cloned(),
+    )
+}
+
+/// The authority a request names: the URI's, else `Host`, else "".
+fn authority_str<'a>(
+    uri: &'a Option<http::uri::Authority>,
+    host: &'a Option<HeaderValue>,
+) -> &'a str {
+    uri.as_ref()
+        .map(|a| a.as_str())
+        .or_else(|| host.as_ref().and_then(|h| h.to_str().ok()))
+        .unwrap_or("")
 }
 
 /// Records metrics and the access log when a response body ends.
@@ -253,15 +270,15 @@ enum Out {
     Upstream(Response<ResponseBody>, Vec<Box<dyn Send>>, Option<Instant>),
 }
 
-type Result2 = (Out, Outcome_);
+type Result2<'v> = (Out, Outcome_<'v>);
 
-async fn pipeline(
+async fn pipeline<'v>(
     shared: &Arc<Shared>,
-    view: &Arc<View>,
+    view: &'v Arc<View>,
     conn: &ConnInfo,
     req: Request<RequestBody>,
     start: Instant,
-) -> Result2 {
+) -> Result2<'v> {
     let mut out = Outcome_ {
         flags: Flags::NONE,
         cluster: None,
@@ -276,32 +293,20 @@ async fn pipeline(
         Some(l) => l,
         None => return (Out::Local(LocalReply::new(404, "", Flags::NR)), out),
     };
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
+    let (uri_authority, host) = authority_parts(&req);
+    let authority = authority_str(&uri_authority, &host);
     let table = match listener.http {
         Some(t) => &snap.http_tables[t],
         None => return (Out::Local(LocalReply::new(404, "", Flags::NR)), out),
     };
-    let Some(vi) = table.vhost(&authority).or(listener.fallback_vhost) else {
+    let Some(vi) = table.vhost(authority).or(listener.fallback_vhost) else {
         return (Out::Local(LocalReply::new(404, "", Flags::NR)), out);
     };
     let vhost = &table.vhosts[vi];
-    let path_and_query = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+    let pq = req.uri().path_and_query().cloned();
+    let path_and_query = pq.as_ref().map_or("/", |p| p.as_str());
     if vhost.https_redirect {
-        let host = crate::compile::strip_port(&authority);
+        let host = crate::compile::strip_port(authority);
         let r = Response::builder()
             .status(StatusCode::MOVED_PERMANENTLY)
             .header(header::LOCATION, format!("https://{host}{path_and_query}"))
@@ -310,15 +315,15 @@ async fn pipeline(
             .expect("redirect");
         return (Out::Ready(r), out);
     }
-    let source = snap.source_info(conn.peer.ip());
+    let source = conn.source_info(snap);
     let scheme = conn.scheme;
     let view_req = RequestView {
         method: req.method().as_str(),
         scheme,
-        authority: &authority,
-        path_and_query: &path_and_query,
+        authority,
+        path_and_query,
         headers: req.headers(),
-        source: &source,
+        source,
     };
     let (rules, m) = match match_http(&vhost.rules, &view_req) {
         RuleMatch::NoneApply => (
@@ -331,7 +336,7 @@ async fn pipeline(
         return (Out::Local(LocalReply::new(404, "", Flags::NR)), out);
     };
     let rule = &rules[rule];
-    out.route = Some(rule.name.clone().unwrap_or_else(|| rule.origin.clone()));
+    out.route = Some(rule.name.as_deref().unwrap_or(&rule.origin));
     // CORS preflight.
     let origin = req
         .headers()
@@ -401,8 +406,8 @@ async fn pipeline(
             let loc = redirect_location(
                 rd,
                 scheme,
-                &authority,
-                &path_and_query,
+                authority,
+                path_and_query,
                 matched_prefix,
                 conn.port(),
             );
@@ -421,7 +426,7 @@ async fn pipeline(
     } else {
         wc.pick(rand::rng().random_range(0..wc.total))
     };
-    out.cluster = Some(dest.name.clone());
+    out.cluster = Some(&dest.name);
     let ClusterRef::Cluster(cid) = dest.cluster else {
         return (
             Out::Local(LocalReply::new(503, "", out.flags.with(Flags::NC))),
@@ -459,8 +464,8 @@ async fn pipeline(
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
-    let mut upstream_authority = authority.clone();
-    let mut path = path_and_query.clone();
+    let mut upstream_authority = authority.to_string();
+    let mut path = path_and_query.to_string();
     if let Some(rw) = &rule.rewrite {
         path = rewrite_path(rw, rule, block, &path);
         if let Some(a) = &rw.authority {
@@ -481,7 +486,7 @@ async fn pipeline(
         headers.insert(X_REQUEST_ID.clone(), request_id());
     }
     headers.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO.clone(),
         HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
     );
     let method = parts.method;
@@ -571,7 +576,7 @@ async fn pipeline(
             rule.headers.response.apply(&mut parts.headers);
             dest.headers.response.apply(&mut parts.headers);
             parts.headers.insert(
-                "x-envoy-upstream-service-time",
+                X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
                 HeaderValue::from(result.upstream_ms as u64),
             );
             if let Some((_, Some(cookie))) = &hash
@@ -1007,6 +1012,9 @@ enum AttemptError {
 static GRPC_STATUS: header::HeaderName = header::HeaderName::from_static("grpc-status");
 static X_ENVOY_OVERLOADED: header::HeaderName =
     header::HeaderName::from_static("x-envoy-overloaded");
+static X_FORWARDED_PROTO: header::HeaderName = header::HeaderName::from_static("x-forwarded-proto");
+static X_ENVOY_UPSTREAM_SERVICE_TIME: header::HeaderName =
+    header::HeaderName::from_static("x-envoy-upstream-service-time");
 static X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 static X_ENVOY_RATELIMITED: header::HeaderName =
     header::HeaderName::from_static("x-envoy-ratelimited");

@@ -47,10 +47,10 @@ pub async fn proxy(
     } else {
         None
     };
-    let source = snap.source_info(conn.peer.ip());
+    let source = conn.source_info(snap);
     let dst_ip = Some(conn.original_dst.ip());
     let chosen = if sni_routed && !listener.tls.is_empty() {
-        match match_l4(&listener.tls, dst_ip, &source, sni.as_deref()) {
+        match match_l4(&listener.tls, dst_ip, source, sni.as_deref()) {
             Some(r) => Some(&r.route),
             None => {
                 refused(sni.as_deref(), None, Flags::NR);
@@ -58,7 +58,7 @@ pub async fn proxy(
             }
         }
     } else {
-        match_l4(&listener.tcp, dst_ip, &source, None).map(|r| &r.route)
+        match_l4(&listener.tcp, dst_ip, source, None).map(|r| &r.route)
     };
     let (cluster_ref, name) = match chosen {
         Some(wc) => {
