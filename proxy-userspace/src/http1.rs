@@ -31,72 +31,93 @@ pub fn record_spans(buf: &[u8], headers: &[httparse::Header<'_>], spans: &mut Sp
     headers.len()
 }
 
-/// The header map of a head whose bytes are `head`; values share `head`'s memory.
-pub fn header_map(head: &Bytes, spans: &[(u16, u16, u16, u16)]) -> Result<HeaderMap, &'static str> {
+/// What framing and connection management need from a head's fields, gathered while the
+/// header map is built (one pass instead of a lookup per field).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fields {
+    /// `Connection: close`.
+    pub close: bool,
+    /// `Connection: keep-alive`.
+    pub keep_alive: bool,
+    /// `Connection: upgrade`.
+    pub upgrade_token: bool,
+    /// An `Upgrade` field.
+    pub upgrade: bool,
+    /// `Transfer-Encoding` present: whether its last coding is `chunked`.
+    pub chunked: Option<bool>,
+    /// `Content-Length`: absent, one consistent value, or invalid/conflicting.
+    pub content_length: Option<Result<u64, &'static str>>,
+    /// `Expect: 100-continue`.
+    pub expect_continue: bool,
+    /// `TE: trailers`.
+    pub te_trailers: bool,
+    /// A `Date` field.
+    pub date: bool,
+}
+
+impl Fields {
+    /// Whether a message of HTTP/1.`minor` leaves the connection open (1.1: unless
+    /// `Connection: close`; 1.0: only with `Connection: keep-alive`).
+    pub fn persistent(&self, minor: u8) -> bool {
+        !self.close && (minor == 1 || self.keep_alive)
+    }
+
+    /// Note one field.
+    pub fn see(&mut self, name: &HeaderName, value: &[u8]) {
+        let tokens = || value.split(|&b| b == b',').map(|t| t.trim_ascii());
+        if *name == header::CONNECTION {
+            for t in tokens() {
+                self.close |= t.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+                self.upgrade_token |= t.eq_ignore_ascii_case(b"upgrade");
+            }
+        } else if *name == header::CONTENT_LENGTH {
+            // Every value, and every comma-separated element, must be the same number.
+            for t in tokens() {
+                let n = std::str::from_utf8(t)
+                    .ok()
+                    .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or("invalid content-length");
+                self.content_length = Some(match (self.content_length, n) {
+                    (Some(Err(e)), _) | (_, Err(e)) => Err(e),
+                    (Some(Ok(l)), Ok(n)) if l != n => Err("conflicting content-length"),
+                    (_, Ok(n)) => Ok(n),
+                });
+            }
+        } else if *name == header::TRANSFER_ENCODING {
+            self.chunked = tokens()
+                .next_back()
+                .map(|t| t.eq_ignore_ascii_case(b"chunked"));
+        } else if *name == header::EXPECT {
+            self.expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
+        } else if *name == header::UPGRADE {
+            self.upgrade = true;
+        } else if *name == header::TE {
+            self.te_trailers |= tokens().any(|t| t.eq_ignore_ascii_case(b"trailers"));
+        } else if *name == header::DATE {
+            self.date = true;
+        }
+    }
+}
+
+/// The header map of a head whose bytes are `head` (values share its memory), and its
+/// framing fields.
+pub fn header_map(
+    head: &Bytes,
+    spans: &[(u16, u16, u16, u16)],
+) -> Result<(HeaderMap, Fields), &'static str> {
     let mut map = HeaderMap::with_capacity(spans.len());
+    let mut fields = Fields::default();
     for &(ns, ne, vs, ve) in spans {
         let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
         let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| "invalid header name")?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
             .map_err(|_| "invalid header value")?;
+        fields.see(&name, value.as_bytes());
         map.append(name, value);
     }
-    Ok(map)
-}
-
-/// Whether a message of HTTP/1.`minor` with these headers leaves the connection open
-/// (1.1: unless `Connection: close`; 1.0: only with `Connection: keep-alive`).
-pub fn keep_alive(map: &HeaderMap, minor: u8) -> bool {
-    let mut keep = minor == 1;
-    for v in map.get_all(header::CONNECTION) {
-        for token in v.as_bytes().split(|&b| b == b',') {
-            let token = token.trim_ascii();
-            if token.eq_ignore_ascii_case(b"close") {
-                keep = false;
-            } else if token.eq_ignore_ascii_case(b"keep-alive") && minor == 0 {
-                keep = true;
-            }
-        }
-    }
-    keep
-}
-
-/// Whether a `name` field lists `token` (case-insensitive).
-pub fn has_token(map: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    map.get_all(name).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-    })
-}
-
-/// The last comma-separated token of the last `name` field.
-pub fn last_token(map: &HeaderMap, name: HeaderName) -> Option<&[u8]> {
-    map.get_all(name)
-        .iter()
-        .next_back()
-        .and_then(|v| v.as_bytes().rsplit(|&b| b == b',').next())
-        .map(|t| t.trim_ascii())
-}
-
-/// Content-Length: every value (and comma-separated element) must be the same number.
-pub fn content_length(map: &HeaderMap) -> Result<u64, &'static str> {
-    let mut len = None;
-    for v in map.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            let n = std::str::from_utf8(part)
-                .ok()
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or("invalid content-length")?;
-            if len.is_some_and(|l| l != n) {
-                return Err("conflicting content-length");
-            }
-            len = Some(n);
-        }
-    }
-    len.ok_or("invalid content-length")
+    Ok((map, fields))
 }
 
 /// Up to `max` buffered bytes, as shared bytes.

@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -28,8 +28,7 @@ use super::body::{BoxBody, BoxError};
 use super::http as pipeline;
 use super::{ConnInfo, Shared};
 use crate::http1::{
-    Chunk, MAX_HEAD, MAX_HEADERS, READ_CHUNK, Step, chunk_step, content_length, has_token,
-    header_map, last_token, record_spans,
+    Chunk, MAX_HEAD, MAX_HEADERS, READ_CHUNK, Step, chunk_step, header_map, record_spans,
 };
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -317,29 +316,19 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, StatusCode> {
     let count = record_spans(buf, req.headers, &mut spans);
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(path_span)).map_err(|_| StatusCode::BAD_REQUEST)?;
-    let headers = header_map(&head, &spans[..count]).map_err(|_| StatusCode::BAD_REQUEST)?;
-    let body = match last_token(&headers, header::TRANSFER_ENCODING) {
-        Some(te) if te.eq_ignore_ascii_case(b"chunked") => {
-            if headers.contains_key(header::CONTENT_LENGTH) {
-                return Err(StatusCode::BAD_REQUEST);
-            }
-            Framing::Chunked
-        }
-        Some(_) => return Err(StatusCode::BAD_REQUEST),
-        None if headers.contains_key(header::CONTENT_LENGTH) => {
-            Framing::Length(content_length(&headers).map_err(|_| StatusCode::BAD_REQUEST)?)
-        }
-        None => Framing::Length(0),
+    let (headers, fields) =
+        header_map(&head, &spans[..count]).map_err(|_| StatusCode::BAD_REQUEST)?;
+    let body = match (fields.chunked, fields.content_length) {
+        // Both framings (request smuggling), or a coding other than chunked last: 400.
+        (Some(true), None) => Framing::Chunked,
+        (Some(_), _) => return Err(StatusCode::BAD_REQUEST),
+        (None, Some(len)) => Framing::Length(len.map_err(|_| StatusCode::BAD_REQUEST)?),
+        (None, None) => Framing::Length(0),
     };
-    let keep_alive = crate::http1::keep_alive(&headers, minor);
-    let expect_continue = minor == 1
-        && headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    let upgrade = minor == 1
-        && headers.contains_key(header::UPGRADE)
-        && has_token(&headers, header::CONNECTION, "upgrade");
-    let trailers = has_token(&headers, header::TE, "trailers");
+    let keep_alive = fields.persistent(minor);
+    let expect_continue = minor == 1 && fields.expect_continue;
+    let upgrade = minor == 1 && fields.upgrade && fields.upgrade_token;
+    let trailers = fields.te_trailers;
     let mut parts = Request::new(()).into_parts().0;
     parts.method = method;
     parts.uri = uri;
@@ -491,51 +480,60 @@ async fn write_response<I: Transport>(
     resp: Response<BoxBody>,
     ends: WriteEnds,
 ) -> std::io::Result<bool> {
-    let (mut parts, mut body) = resp.into_parts();
+    let (parts, mut body) = resp.into_parts();
     let status = parts.status;
-    let mut keep_alive = ends.keep_alive && crate::http1::keep_alive(&parts.headers, 1);
-    parts.headers.remove(header::CONNECTION);
-    parts.headers.remove(header::TRANSFER_ENCODING);
+    // One pass over the fields: encode them (hop-by-hop framing fields are this hop's to
+    // write) and note what framing needs.
+    let mut out = Vec::with_capacity(256 + parts.headers.len() * 40);
+    status_line(&mut out, status);
+    let mut fields = crate::http1::Fields::default();
+    for (name, value) in &parts.headers {
+        fields.see(name, value.as_bytes());
+        if name == header::CONNECTION
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONTENT_LENGTH
+        {
+            continue;
+        }
+        encode_header(&mut out, name.as_str(), value.as_bytes());
+    }
+    let mut keep_alive = ends.keep_alive && fields.persistent(1);
     let no_body = ends.head_only
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let declared = if parts.headers.contains_key(header::CONTENT_LENGTH) {
-        content_length(&parts.headers).ok()
-    } else {
-        None
-    };
-    let framing = if status == StatusCode::SWITCHING_PROTOCOLS || no_body {
+    let declared = fields.content_length.and_then(Result::ok);
+    let framing = if status == StatusCode::SWITCHING_PROTOCOLS {
         Out::None
-    } else if let Some(n) = declared {
-        Out::Length(n)
-    } else if let Some(n) = body.size_hint().exact() {
-        parts
-            .headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    } else if no_body {
+        // A HEAD (or 304) answer keeps the length the body would have had; 1xx and 204
+        // must not carry one.
+        if let Some(n) = declared.filter(|_| ends.head_only || status == StatusCode::NOT_MODIFIED) {
+            encode_header(
+                &mut out,
+                "content-length",
+                itoa::Buffer::new().format(n).as_bytes(),
+            );
+        }
+        Out::None
+    } else if let Some(n) = declared.or_else(|| body.size_hint().exact()) {
+        encode_header(
+            &mut out,
+            "content-length",
+            itoa::Buffer::new().format(n).as_bytes(),
+        );
         Out::Length(n)
     } else if !ends.http10 {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
         Out::Chunked
     } else {
+        // Unknown length to an HTTP/1.0 client (or an unparsable upstream Content-Length,
+        // which is dropped): delimited by the close.
         keep_alive = false;
         Out::Close
     };
-    if declared.is_none()
-        && parts.headers.contains_key(header::CONTENT_LENGTH)
-        && !matches!(framing, Out::None)
-    {
-        // An unparsable Content-Length from upstream: send the body close-delimited.
-        parts.headers.remove(header::CONTENT_LENGTH);
-        keep_alive = false;
-    }
-    let mut out = Vec::with_capacity(256 + parts.headers.len() * 40);
-    status_line(&mut out, status);
-    encode_headers(&mut out, &parts.headers);
-    if !parts.headers.contains_key(header::DATE) {
+    if !fields.date {
         date_header(&mut out);
-    }
-    if matches!(framing, Out::Chunked) {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     if status == StatusCode::SWITCHING_PROTOCOLS {
         out.extend_from_slice(b"connection: upgrade\r\n");
@@ -641,11 +639,15 @@ async fn write_response<I: Transport>(
 
 fn encode_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
     for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        encode_header(out, name.as_str(), value.as_bytes());
     }
+}
+
+fn encode_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 #[cfg(test)]

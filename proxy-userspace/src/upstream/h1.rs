@@ -24,8 +24,7 @@ use super::{ClusterState, EndpointState};
 use crate::proxy::body::BoxError;
 
 use crate::http1::{
-    Chunk, MAX_HEAD, MAX_HEADERS, READ_CHUNK, Step, chunk_step, content_length, header_map,
-    last_token, record_spans,
+    Chunk, MAX_HEAD, MAX_HEADERS, READ_CHUNK, Step, chunk_step, header_map, record_spans,
 };
 /// Request bodies up to this size are written with the head in one `write`.
 const INLINE_BODY: usize = 16 * 1024;
@@ -136,7 +135,12 @@ impl H1Conn {
         }
         let head_only = head.method == Method::HEAD;
         loop {
-            match parse_head(&mut self.buf, head_only)? {
+            let parsed = if self.buf.is_empty() {
+                None
+            } else {
+                parse_head(&mut self.buf, head_only)?
+            };
+            match parsed {
                 Some(Parsed::Informational) => continue,
                 Some(Parsed::Head(parts, framing, keep_alive)) => {
                     let mut body = H1Body {
@@ -276,8 +280,8 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Res
         return Ok(Some(Parsed::Informational));
     }
     let status = StatusCode::from_u16(code).map_err(protocol)?;
-    let map = header_map(&head, &spans[..count]).map_err(protocol)?;
-    let mut keep_alive = crate::http1::keep_alive(&map, version);
+    let (map, fields) = header_map(&head, &spans[..count]).map_err(protocol)?;
+    let mut keep_alive = fields.persistent(version);
     let framing = if head_only
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -287,15 +291,15 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Res
             keep_alive = false;
         }
         Framing::Length(0)
-    } else if let Some(te) = last_token(&map, header::TRANSFER_ENCODING) {
-        if te.eq_ignore_ascii_case(b"chunked") {
+    } else if let Some(chunked) = fields.chunked {
+        if chunked {
             Framing::Chunked(Chunk::Size)
         } else {
             keep_alive = false;
             Framing::Close
         }
-    } else if map.contains_key(header::CONTENT_LENGTH) {
-        Framing::Length(content_length(&map).map_err(protocol)?)
+    } else if let Some(len) = fields.content_length {
+        Framing::Length(len.map_err(protocol)?)
     } else {
         keep_alive = false;
         Framing::Close
