@@ -287,7 +287,12 @@ async fn sweep(shared: Arc<Shared>) {
         }
         if now.duration_since(last_idle_sweep) >= Duration::from_secs(1) {
             last_idle_sweep = now;
-            for st in &view.clusters {
+            // Clusters without open connections have nothing to sweep (most, with 10k services).
+            for st in view
+                .clusters
+                .iter()
+                .filter(|st| st.connections.load(std::sync::atomic::Ordering::Relaxed) > 0)
+            {
                 let idle_timeout = st.policy.load().pool.idle_timeout;
                 for ep in st.endpoints.load().iter() {
                     ep.pool.sweep_idle(idle_timeout);
