@@ -42,11 +42,21 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn poll_idle(&self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
     }
+
+    /// End the connection gracefully before it is dropped (TLS: close_notify).
+    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(self).poll_shutdown(cx)
+    }
 }
 
 impl Transport for tokio::net::TcpStream {
     fn poll_idle(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.poll_read_ready(cx)
+    }
+
+    /// Closing the socket sends the FIN; a separate shutdown would be one more system call.
+    fn poll_finish(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -263,7 +273,7 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
             return;
         }
         if !matches!(written, Ok(true)) {
-            let _ = io.shutdown().await;
+            let _ = poll_fn(|cx| io.poll_finish(cx)).await;
             return;
         }
     }
