@@ -59,16 +59,27 @@ impl<B> Drop for Guarded<B> {
     }
 }
 
+/// Why a body stopped early, in words.
 #[derive(Debug)]
-struct DeadlineExceeded;
+pub struct BodyError(pub &'static str);
 
-impl std::fmt::Display for DeadlineExceeded {
+impl std::fmt::Display for BodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("upstream request timeout while streaming the response")
+        f.write_str(self.0)
     }
 }
 
-impl std::error::Error for DeadlineExceeded {}
+impl std::error::Error for BodyError {}
+
+/// A frame of a body hyper received (HTTP/2), with the proxy's error type.
+pub fn poll_incoming(
+    body: &mut hyper::body::Incoming,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    Pin::new(body)
+        .poll_frame(cx)
+        .map_err(|e| Box::new(e) as BoxError)
+}
 
 impl<B> Body for Guarded<B>
 where
@@ -87,7 +98,9 @@ where
             && d.as_mut().poll(cx).is_ready()
         {
             this.finish(false);
-            return Poll::Ready(Some(Err(Box::new(DeadlineExceeded))));
+            return Poll::Ready(Some(Err(Box::new(BodyError(
+                "upstream request timeout while streaming the response",
+            )))));
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {

@@ -153,9 +153,7 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Buffered(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RequestBody::TooLarge => Poll::Ready(Some(Err(Box::new(BodyTooLarge)))),
-            RequestBody::Hyper(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map_err(|e| Box::new(e) as BoxError),
+            RequestBody::Hyper(b) => super::body::poll_incoming(b, cx),
         }
     }
 

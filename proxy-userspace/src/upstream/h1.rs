@@ -21,7 +21,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::{ClusterState, EndpointState};
-use crate::proxy::body::BoxError;
+use crate::proxy::body::{BodyError, BoxError, poll_incoming};
 
 use crate::http1::{
     Chunk, MAX_HEAD, MAX_HEADERS, READ_CHUNK, Step, chunk_step, header_map, record_spans,
@@ -324,17 +324,6 @@ pub struct H1Body {
     done: bool,
 }
 
-#[derive(Debug)]
-struct BodyError(&'static str);
-
-impl std::fmt::Display for BodyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.0)
-    }
-}
-
-impl std::error::Error for BodyError {}
-
 impl H1Body {
     /// The body ended: return the connection to its pool when it can carry another request.
     fn finish(&mut self) {
@@ -458,9 +447,7 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ResponseBody::H1(b) => Pin::new(b).poll_frame(cx),
-            ResponseBody::H2(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map_err(|e| Box::new(e) as BoxError),
+            ResponseBody::H2(b) => poll_incoming(b, cx),
         }
     }
 
