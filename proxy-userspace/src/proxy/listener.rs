@@ -1,8 +1,8 @@
 //! Listeners follow the snapshot: each new version binds the addresses that appeared and stops
 //! accepting on those that went away (connections already accepted run to completion). Each
-//! connection's protocol comes from its listener: HTTP ports are served by hyper (HTTP/1.1 and
-//! h2c prior knowledge), TCP ports are copied byte for byte, TLS ports are routed by SNI, and
-//! undeclared ports are sniffed.
+//! connection's protocol comes from its listener: HTTP ports are served by `h1server` (HTTP/1.1;
+//! h2c prior knowledge goes on to hyper's HTTP/2 server), TCP ports are copied byte for byte,
+//! TLS ports are routed by SNI, and undeclared ports are sniffed.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
