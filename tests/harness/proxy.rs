@@ -173,6 +173,18 @@ pub async fn start_custom(
     running
 }
 
+/// Wait until the data plane has applied snapshot `version`. Publication alone is not enough:
+/// the primary runtime installs a published snapshot a moment later.
+pub async fn applied(p: &nodeproxy::app::Running, version: u64) {
+    for _ in 0..1000 {
+        if p.shared.applied_version() >= version {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("snapshot {version} not applied within 10 s");
+}
+
 /// An HTTP client (keep-alive pool).
 pub fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()

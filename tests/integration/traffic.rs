@@ -92,6 +92,7 @@ async fn progressive_weights_change_under_load_without_failures() {
         .await
         .expect("reloaded")
         .unwrap();
+    proxy::applied(&p, 2).await;
     let v2 = count_v2(1000).await;
     assert!(within_binomial(v2, 1000, 0.5), "50/50 gave v2 {v2}/1000");
     // Step 3: 100% v2 (the v1 destination removed).
@@ -104,6 +105,7 @@ async fn progressive_weights_change_under_load_without_failures() {
         .await
         .expect("reloaded")
         .unwrap();
+    proxy::applied(&p, 3).await;
     assert_eq!(count_v2(300).await, 300);
     stop.store(true, Ordering::SeqCst);
     for l in loopers {
@@ -463,6 +465,7 @@ async fn outlier_detection_ejects_and_returns() {
         .await
         .unwrap()
         .unwrap();
+    proxy::applied(&p, 2).await;
     for _ in 0..10 {
         assert_eq!(get(&c, &s.vip(), "/", &[]).await.body, "good");
     }
