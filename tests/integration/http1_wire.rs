@@ -311,7 +311,7 @@ async fn downstream_pipelining_uploads_and_http10() {
 async fn downstream_expect_continue_and_bad_requests() {
     let s = scenario();
     let _up = RawUpstream::start(&format!("{}:{}", s.ip(11), proxy::SERVICE_PORT)).await;
-    let _p = proxy::start(&s, None).await;
+    let p = proxy::start(&s, None).await;
     let vip = s.vip();
     // Expect: 100-continue: the interim answer comes before the body is sent.
     let mut sock = TcpStream::connect(&vip).await.unwrap();
@@ -367,4 +367,18 @@ async fn downstream_expect_continue_and_bad_requests() {
     )
     .await;
     assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
+    // The refused ones are counted as Envoy counts codec errors: their code and flag DPE.
+    let sc = crate::ops::scrape(&p.admin_addr.to_string());
+    let refused = |code: &str| -> f64 {
+        sc.samples
+            .iter()
+            .filter(|x| {
+                x.metric == "istio_requests_total"
+                    && x.labels.get("response_code") == Some(code)
+                    && x.labels.get("response_flags") == Some("DPE")
+            })
+            .map(|x| crate::ops::counter(&x.value))
+            .sum()
+    };
+    assert_eq!((refused("400"), refused("431")), (2.0, 1.0));
 }

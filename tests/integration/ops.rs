@@ -9,14 +9,14 @@ use nodeproxy_tests::backend::Backend;
 use nodeproxy_tests::proxy::{self, Scenario, client, get};
 use nodeproxy_tests::{http_get, nodeproxy};
 
-fn scrape(admin: &str) -> prometheus_parse::Scrape {
+pub(crate) fn scrape(admin: &str) -> prometheus_parse::Scrape {
     let (status, body) = http_get(admin, "/metrics").expect("scrape");
     assert_eq!(status, 200);
     let lines = body.lines().map(|l| Ok(l.to_string()));
     prometheus_parse::Scrape::parse(lines).expect("the metrics page parses as Prometheus text")
 }
 
-fn counter(v: &prometheus_parse::Value) -> f64 {
+pub(crate) fn counter(v: &prometheus_parse::Value) -> f64 {
     match v {
         prometheus_parse::Value::Counter(c)
         | prometheus_parse::Value::Gauge(c)

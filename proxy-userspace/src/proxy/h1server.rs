@@ -215,6 +215,7 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
                     Ok(Some(h)) => break h,
                     Ok(None) => {}
                     Err(status) => {
+                        pipeline::record_refused(&shared, &conn, status);
                         let _ = write_error(&mut io, status).await;
                         return;
                     }
@@ -237,7 +238,12 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
         let version = head.parts.version;
         let body = match read_body(&mut io, &mut buf, &head).await {
             Ok(b) => b,
-            Err(()) => return,
+            Err(Some(status)) => {
+                pipeline::record_refused(&shared, &conn, status);
+                let _ = write_error(&mut io, status).await;
+                return;
+            }
+            Err(None) => return,
         };
         let too_large = matches!(body, RequestBody::TooLarge);
         let mut req = Request::from_parts(head.parts, body);
@@ -356,21 +362,21 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, StatusCode> {
     }))
 }
 
-/// Read the request body whole, up to the pipeline's buffering limit. `Err`: the connection
-/// failed or the body was malformed (answered 400 here).
+/// Read the request body whole, up to the pipeline's buffering limit. `Err(Some(status))`: the
+/// body was malformed (to be answered with `status`); `Err(None)`: the connection failed.
 async fn read_body<I: Transport>(
     io: &mut I,
     buf: &mut BytesMut,
     head: &Head,
-) -> Result<RequestBody, ()> {
+) -> Result<RequestBody, Option<StatusCode>> {
     const LIMIT: u64 = pipeline::MAX_BUFFERED_BODY as u64;
     let continue_first = async |io: &mut I| {
         if head.expect_continue {
             io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                 .await
-                .map_err(|_| ())?;
+                .map_err(|_| None)?;
         }
-        Ok::<(), ()>(())
+        Ok::<(), Option<StatusCode>>(())
     };
     match head.body {
         Framing::Length(0) => Ok(RequestBody::Buffered(None)),
@@ -383,7 +389,7 @@ async fn read_body<I: Transport>(
             }
             while buf.len() < n {
                 match read_more(io, buf).await {
-                    Ok(0) | Err(_) => return Err(()),
+                    Ok(0) | Err(_) => return Err(None),
                     Ok(_) => {}
                 }
             }
@@ -411,14 +417,11 @@ async fn read_body<I: Transport>(
                         // Request trailers are not forwarded.
                         Ok(Step::End(_)) => return Ok(RequestBody::Buffered(Some(body.freeze()))),
                         Ok(Step::More) => {}
-                        Err(_) => {
-                            let _ = write_error(io, StatusCode::BAD_REQUEST).await;
-                            return Err(());
-                        }
+                        Err(_) => return Err(Some(StatusCode::BAD_REQUEST)),
                     }
                 }
                 match read_more(io, buf).await {
-                    Ok(0) | Err(_) => return Err(()),
+                    Ok(0) | Err(_) => return Err(None),
                     Ok(_) => {}
                 }
             }

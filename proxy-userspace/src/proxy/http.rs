@@ -221,6 +221,23 @@ fn authority_str<'a>(
         .unwrap_or("")
 }
 
+/// Account for a request the HTTP/1.1 server refused before it could be parsed (400, 431):
+/// `istio_requests_total` and the access log with flag DPE, as for Envoy's codec errors.
+pub fn record_refused(shared: &Shared, conn: &ConnInfo, status: StatusCode) {
+    let view = shared.view.load();
+    let snap = &view.snapshot;
+    let labels = HttpLabels {
+        peers: peers(&conn.source_side(snap), None, None, "", "http"),
+        response_code: code_label(status.as_u16()),
+        grpc_response_status: Arc::from(""),
+        response_flags: flags_label(Flags::DPE),
+    };
+    shared.metrics.record_http(&labels, 0.0, 0, 0);
+    if let Some(log) = AccessLog::unparsed(conn) {
+        log.finish_status(status, Flags::DPE);
+    }
+}
+
 /// Records metrics and the access log when a response body ends.
 struct RequestEnd {
     start: Instant,

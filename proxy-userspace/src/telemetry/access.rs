@@ -85,6 +85,36 @@ impl AccessLog {
         })
     }
 
+    /// An entry for a request refused before it could be parsed (method and path unknown).
+    pub fn unparsed(conn: &ConnInfo) -> Option<Self> {
+        if !tracing::enabled!(target: "nodeproxy::access", tracing::Level::INFO) {
+            return None;
+        }
+        Some(AccessLog {
+            at: SystemTime::now(),
+            start: Instant::now(),
+            method: "-".into(),
+            path: "-".into(),
+            protocol: "HTTP/1.1",
+            authority: "-".into(),
+            user_agent: "-".into(),
+            request_id: "-".into(),
+            peer: conn.peer,
+            flags: Flags::NONE,
+            route: None,
+            cluster: None,
+            upstream: None,
+            status: 0,
+        })
+    }
+
+    /// Log a reply sent without a response object (a refused request).
+    pub fn finish_status(mut self, status: StatusCode, flags: Flags) {
+        self.status = status.as_u16();
+        self.flags = flags;
+        self.emit(0, true);
+    }
+
     /// Record routing results.
     pub fn set(
         &mut self,
