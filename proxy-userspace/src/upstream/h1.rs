@@ -281,6 +281,10 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Res
     }
     let status = StatusCode::from_u16(code).map_err(protocol)?;
     let (map, fields) = header_map(&head, &spans[..count]).map_err(protocol)?;
+    // Both framings at once is a smuggling shape; Envoy's codec refuses it too.
+    if fields.chunked.is_some() && fields.content_length.is_some() {
+        return Err(protocol("both content-length and transfer-encoding"));
+    }
     let mut keep_alive = fields.persistent(version);
     let framing = if head_only
         || status == StatusCode::NO_CONTENT
@@ -523,6 +527,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
             "HTTP/1.1 200 OK\r\ncontent-length: 1,2\r\n\r\n",
             "HTTTP/1.1 200 OK\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
         ] {
             let e = parse(raw, false).err().expect(raw);
             assert!(matches!(e, Reset::Protocol(_)), "{raw}: {e:?}");
