@@ -240,35 +240,25 @@ impl Shared {
     }
 
     /// Serve an accepted connection: round robin over this runtime and the workers.
-    pub fn dispatch(self: &Arc<Self>, stream: tokio::net::TcpStream, conn: Arc<ConnInfo>) {
+    pub fn dispatch(self: &Arc<Self>, stream: std::net::TcpStream, conn: Arc<ConnInfo>) {
         let workers = self.workers.get().map(Vec::as_slice).unwrap_or(&[]);
         let i = self.next_worker.fetch_add(1, Ordering::Relaxed) % (workers.len() + 1);
         let (stream, conn) = if i == 0 {
             (stream, conn)
         } else {
-            // `into_std` leaves the socket non-blocking, as the worker's `from_std` needs.
-            let std_stream = match stream.into_std() {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "hand-off to worker runtime");
-                    return;
-                }
-            };
-            match workers[i - 1].send((std_stream, conn)) {
+            match workers[i - 1].send((stream, conn)) {
                 Ok(()) => return,
                 // The worker is gone (shutdown): serve here rather than drop the connection.
-                Err(tokio::sync::mpsc::error::SendError((s, conn))) => {
-                    match tokio::net::TcpStream::from_std(s) {
-                        Ok(s) => (s, conn),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "re-register handed-off connection");
-                            return;
-                        }
-                    }
-                }
+                Err(tokio::sync::mpsc::error::SendError(back)) => back,
             }
         };
-        tokio::spawn(listener::serve_connection(self.clone(), conn, stream));
+        // The accepted socket is non-blocking and not yet registered: register it here.
+        match tokio::net::TcpStream::from_std(stream) {
+            Ok(s) => {
+                tokio::spawn(listener::serve_connection(self.clone(), conn, s));
+            }
+            Err(e) => tracing::warn!(error = %e, "register accepted connection"),
+        }
     }
 
     /// Dispatch a mirror copy, fire and forget; dropped (and counted) when too many are in flight.
