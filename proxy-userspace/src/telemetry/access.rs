@@ -87,24 +87,12 @@ impl AccessLog {
 
     /// An entry for a request refused before it could be parsed (method and path unknown).
     pub fn unparsed(conn: &ConnInfo) -> Option<Self> {
-        if !tracing::enabled!(target: "nodeproxy::access", tracing::Level::INFO) {
-            return None;
-        }
-        Some(AccessLog {
-            at: SystemTime::now(),
-            start: Instant::now(),
-            method: "-".into(),
-            path: "-".into(),
-            protocol: "HTTP/1.1",
-            authority: "-".into(),
-            user_agent: "-".into(),
-            request_id: "-".into(),
-            peer: conn.peer,
-            flags: Flags::NONE,
-            route: None,
-            cluster: None,
-            upstream: None,
-            status: 0,
+        let mut req = Request::new(());
+        *req.version_mut() = http::Version::HTTP_11;
+        Self::start(&req, conn).map(|mut log| {
+            log.method = "-".into();
+            log.path = "-".into();
+            log
         })
     }
 
