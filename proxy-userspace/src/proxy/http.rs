@@ -86,8 +86,9 @@ async fn handle_request(
     let mut log = AccessLog::start(&req, &conn);
     // Cheap handles (shared bytes) kept for the metric labels after the request is consumed.
     let (uri_authority, host) = authority_parts(&req);
-    let authority = crate::compile::strip_port(authority_str(&uri_authority, &host));
-    let (out_kind, out) = pipeline(&shared, &view, &conn, req, start).await;
+    let raw_authority = authority_str(&uri_authority, &host);
+    let authority = crate::compile::strip_port(raw_authority);
+    let (out_kind, out) = pipeline(&shared, &view, &conn, req, raw_authority, start).await;
     let snap = &view.snapshot;
     let protocol = if grpc { "grpc" } else { "http" };
     let labels = |status: u16, flags: Flags, grpc_status: &str| HttpLabels {
@@ -294,6 +295,7 @@ async fn pipeline<'v>(
     view: &'v Arc<View>,
     conn: &ConnInfo,
     req: Request<RequestBody>,
+    authority: &str,
     start: Instant,
 ) -> Result2<'v> {
     let mut out = Outcome_ {
@@ -310,8 +312,6 @@ async fn pipeline<'v>(
         Some(l) => l,
         None => return (Out::Local(LocalReply::new(404, "", Flags::NR)), out),
     };
-    let (uri_authority, host) = authority_parts(&req);
-    let authority = authority_str(&uri_authority, &host);
     let table = match listener.http {
         Some(t) => &snap.http_tables[t],
         None => return (Out::Local(LocalReply::new(404, "", Flags::NR)), out),
@@ -457,9 +457,8 @@ async fn pipeline<'v>(
     // Build the upstream request: buffered body, rewritten path, header mutations.
     let downstream_version = req.version();
     let (mut parts, body) = req.into_parts();
-    let upgrade = is_upgrade(&parts.headers, downstream_version)
-        .then(|| parts.extensions.remove::<OnUpgrade>())
-        .flatten();
+    // The HTTP/1.1 server attaches `OnUpgrade` exactly to upgrade requests.
+    let upgrade = parts.extensions.remove::<OnUpgrade>();
     let body = match Limited::new(body, MAX_BUFFERED_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
@@ -861,20 +860,6 @@ fn hash_key(
             }
         }
     }
-}
-
-/// Is this an HTTP/1.1 upgrade request (`Connection: upgrade` + `Upgrade`)?
-fn is_upgrade(headers: &HeaderMap, version: Version) -> bool {
-    version == Version::HTTP_11
-        && headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
 }
 
 /// The upstream host of an upgraded connection (for the access log).

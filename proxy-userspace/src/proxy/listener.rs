@@ -270,7 +270,9 @@ pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, stream: 
         return;
     }
     match protocol {
-        Protocol::Http | Protocol::Http2 | Protocol::Grpc => serve_http(shared, conn, stream).await,
+        Protocol::Http | Protocol::Http2 | Protocol::Grpc => {
+            h1server::serve(shared, conn, stream).await
+        }
         Protocol::Tcp => tcp::proxy(shared, conn, stream, false).await,
         Protocol::Https | Protocol::Tls => tcp::proxy(shared, conn, stream, true).await,
         Protocol::Unknown => {
@@ -281,7 +283,7 @@ pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, stream: 
                 .and_then(|r| r.ok())
                 .unwrap_or(0);
             if n > 0 && tcp::looks_like_http(&buf[..n]) {
-                serve_http(shared, conn, stream).await
+                h1server::serve(shared, conn, stream).await
             } else {
                 tcp::proxy(shared, conn, stream, false).await
             }
@@ -302,15 +304,11 @@ async fn serve_tls(
                 scheme: "https",
                 ..(*conn).clone()
             });
-            serve_http(shared, conn, tls_stream).await;
+            h1server::serve(shared, conn, tls_stream).await;
         }
         Ok(Err(e)) => tracing::debug!(peer = %conn.peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(peer = %conn.peer, "TLS handshake timed out"),
     }
-}
-
-async fn serve_http<I: h1server::Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: I) {
-    h1server::serve(shared, conn, io).await
 }
 
 /// Run outlier-detection sweeps for every cluster at its interval, and once a second close

@@ -8,7 +8,6 @@
 //! when both sides allow keep-alive and nothing unread is left.
 
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Instant;
@@ -48,13 +47,7 @@ pub struct H1Conn {
 
 impl Drop for H1Conn {
     fn drop(&mut self) {
-        if let Some(ep) = self.ep.upgrade() {
-            ep.active_connections.fetch_sub(1, Ordering::Relaxed);
-        }
-        if let Some(c) = self.cluster.upgrade() {
-            c.connections.fetch_sub(1, Ordering::AcqRel);
-            c.conn_released.notify_waiters();
-        }
+        super::pool::release_connection(self.cluster().as_deref(), self.endpoint().as_deref());
     }
 }
 

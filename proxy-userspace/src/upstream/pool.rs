@@ -153,11 +153,16 @@ fn try_reserve_connection(cluster: &ClusterState, max: u32) -> bool {
         .is_ok()
 }
 
-/// Release a connection slot reserved by [`try_reserve_connection`].
-fn release_connection(cluster: &ClusterState, ep: &EndpointState) {
-    cluster.connections.fetch_sub(1, Ordering::AcqRel);
-    ep.active_connections.fetch_sub(1, Ordering::Relaxed);
-    cluster.conn_released.notify_waiters();
+/// Release a connection slot reserved by [`try_reserve_connection`] (either side may be gone
+/// already when an HTTP/1 connection outlives its endpoint or cluster).
+pub(super) fn release_connection(cluster: Option<&ClusterState>, ep: Option<&EndpointState>) {
+    if let Some(ep) = ep {
+        ep.active_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+    if let Some(cluster) = cluster {
+        cluster.connections.fetch_sub(1, Ordering::AcqRel);
+        cluster.conn_released.notify_waiters();
+    }
 }
 
 fn too_old(created: Instant, max: Option<Duration>) -> bool {
@@ -235,7 +240,7 @@ async fn connect(
     let stream = match connect_tcp(&ep.target, limits).await {
         Ok(s) => s,
         Err(e) => {
-            release_connection(cluster, ep);
+            release_connection(Some(cluster), Some(ep));
             return Err(e);
         }
     };
@@ -248,13 +253,13 @@ async fn connect(
         {
             Ok(x) => x,
             Err(e) => {
-                release_connection(cluster, ep);
+                release_connection(Some(cluster), Some(ep));
                 return Err(PoolError::Connect(e.to_string()));
             }
         };
         tokio::spawn(async move {
             let _ = conn.await;
-            release_connection(&c2, &e2);
+            release_connection(Some(&c2), Some(&e2));
         });
         let owner = std::thread::current().id();
         let mut conns = ep.pool.h2.lock().expect("pool lock");
@@ -337,25 +342,21 @@ impl EndpointPool {
 
     /// Close idle HTTP/1 connections past `idleTimeout` or closed by the upstream (run
     /// periodically, so a connection the upstream closed does not linger in CLOSE_WAIT until
-    /// the next request to this endpoint). Returns how many were closed.
-    pub fn sweep_idle(&self, idle_timeout: Duration) -> usize {
+    /// the next request to this endpoint).
+    pub fn sweep_idle(&self, idle_timeout: Duration) {
         let now = Instant::now();
-        let mut closed = Vec::new();
+        let mut closed: Vec<Idle> = Vec::new();
         let mut lists = self.idle.lock().expect("pool lock");
         for (_, list) in lists.iter_mut() {
-            let mut keep = std::collections::VecDeque::with_capacity(list.len());
-            for c in list.drain(..) {
-                if now.saturating_duration_since(c.since) >= idle_timeout || !c.conn.usable_idle() {
-                    closed.push(c);
-                } else {
-                    keep.push_back(c);
-                }
-            }
+            let (gone, keep): (std::collections::VecDeque<Idle>, _) =
+                list.drain(..).partition(|c| {
+                    now.saturating_duration_since(c.since) >= idle_timeout || !c.conn.usable_idle()
+                });
+            closed.extend(gone);
             *list = keep;
         }
         drop(lists);
-        // Closed outside the lock: dropping a connection notifies the cluster's waiters.
-        closed.len()
+        // `closed` drops here, outside the lock: dropping a connection notifies the waiters.
     }
 }
 
