@@ -203,9 +203,13 @@ enum Command {
         /// After SIGTERM/SIGINT, how long in-flight connections get to finish (0: stop at once).
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         drain_time: std::time::Duration,
-        /// Access log on stderr: `on` (default) or `off`.
+        /// Access log: `on` (default) or `off`.
         #[arg(long, value_enum, default_value = "on")]
         access_log: AccessLogMode,
+        /// Where the access log goes: `/dev/stderr` (default), `/dev/stdout` (Istio's
+        /// `accessLogFile`), or a file path (appended to).
+        #[arg(long, default_value = "/dev/stderr")]
+        access_log_file: nodeproxy::telemetry::access::Destination,
         /// Access log format.
         #[arg(long, value_enum, default_value = "text")]
         access_log_format: AccessLogFormat,
@@ -389,6 +393,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
             credentials_dir,
             admin_public,
             access_log: _,
+            access_log_file,
             access_log_format,
             capture_listen,
             enroll_netns,
@@ -413,9 +418,16 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                 }
                 _ => {}
             }
-            if access_log_format == AccessLogFormat::Json {
-                nodeproxy::telemetry::access::set_json(true);
-            }
+            // Installed even when off: `POST /logging` can switch it on later. Dropped last
+            // (declared first), so lines of draining requests are written.
+            let _access_log = nodeproxy::telemetry::access::install(
+                &access_log_file,
+                match access_log_format {
+                    AccessLogFormat::Text => nodeproxy::telemetry::access::Format::Text,
+                    AccessLogFormat::Json => nodeproxy::telemetry::access::Format::Json,
+                },
+            )
+            .context("--access-log-file")?;
             let root = nix::unistd::geteuid().is_root();
             let capture = match capture.unwrap_or(if root { Capture::Ebpf } else { Capture::None })
             {

@@ -271,3 +271,113 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
         "exited when the last connection closed, not at --drain-time"
     );
 }
+
+/// The access log goes to `--access-log-file` in batches: a routed request's line (status,
+/// route, cluster, upstream host) appears within a second while the proxy runs, a failed
+/// request's line carries its response flag, and lines still buffered at SIGTERM are written
+/// before the process exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_file_gets_each_request_and_is_flushed_at_exit() {
+    use nodeproxy_tests::backend::Backend;
+    use nodeproxy_tests::proxy::{Scenario, TempDir};
+    use std::io::{Read, Write};
+
+    let s = Scenario::from_config("canary.yaml");
+    let v1 = Backend::start(&format!("{}:8080", s.ip(11)), "v1").await;
+    let v2 = Backend::start(&format!("{}:8080", s.ip(12)), "v2").await;
+    let dir = TempDir::new();
+    let log = dir.0.join("access.log");
+    let admin = format!("127.0.0.1:{}", free_port());
+    let (path, log_arg) = (s.path.display().to_string(), log.display().to_string());
+    let mut proxy = spawn_nodeproxy(&[
+        "run",
+        "--capture",
+        "none",
+        "--admin",
+        &admin,
+        "--config",
+        &path,
+        "--access-log-file",
+        &log_arg,
+    ]);
+    eventually("admin /ready", Duration::from_secs(20), || {
+        http_get(&admin, "/ready").filter(|(s, _)| *s == 200)
+    });
+    let vip = s.vip();
+    let request = |host: &str| {
+        let mut c = std::net::TcpStream::connect(&vip).expect("connect to the service");
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            c,
+            "GET /ping?x=1 HTTP/1.1\r\nHost: {host}\r\nUser-Agent: alog-test\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    };
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(request("reviews").starts_with("HTTP/1.1 200"));
+    let line = eventually("the routed request's line", Duration::from_secs(5), || {
+        read_log()
+            .lines()
+            .find(|l| l.contains("/ping"))
+            .map(str::to_string)
+    });
+    assert!(line.contains("\"GET /ping?x=1 HTTP/1.1\" 200 - "), "{line}");
+    for needle in [
+        "\"alog-test\"",
+        "\"reviews\"",
+        "reviews.canary.svc.cluster.local",
+        "VirtualService/canary/reviews",
+    ] {
+        assert!(line.contains(needle), "{needle} missing in: {line}");
+    }
+    assert!(
+        line.contains(&format!("\"{}:8080\"", s.ip(11)))
+            || line.contains(&format!("\"{}:8080\"", s.ip(12))),
+        "upstream host missing in: {line}"
+    );
+    // With the backends gone: 503 with flag UF (connection refused), then SIGTERM at once.
+    drop((v1, v2));
+    let r = request("gone");
+    assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+    let pid = nix::unistd::Pid::from_raw(proxy.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = eventually("nodeproxy exits", Duration::from_secs(10), || {
+        proxy.0.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status:?}");
+    let text = read_log();
+    let uf = text
+        .lines()
+        .find(|l| l.contains("\"gone\""))
+        .unwrap_or_else(|| panic!("no line for the refused request in:\n{text}"));
+    assert!(uf.contains("\" 503 UF"), "{uf}");
+    assert_eq!(
+        text.lines().filter(|l| l.contains("/ping")).count(),
+        2,
+        "{text}"
+    );
+}
+
+#[test]
+fn access_log_file_that_cannot_be_opened_is_refused_by_name() {
+    let out = nodeproxy(&[
+        "run",
+        "--capture",
+        "none",
+        "--admin",
+        "127.0.0.1:0",
+        "--config",
+        "config/canary.yaml",
+        "--access-log-file",
+        "/nonexistent-dir/access.log",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--access-log-file") && err.contains("/nonexistent-dir/access.log"),
+        "{err}"
+    );
+}
