@@ -11,6 +11,10 @@ pub mod registry;
 pub mod route;
 
 use std::collections::{BTreeMap, HashMap};
+
+/// A map looked up per request, keyed by data from the configuration: foldhash (seeded per
+/// process) instead of SipHash, a third of the cost per lookup.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderName, HeaderValue};
@@ -124,9 +128,9 @@ pub struct HttpTable {
     /// Virtual hosts.
     pub vhosts: Vec<VirtualHost>,
     #[serde(skip)]
-    exact: HashMap<String, usize>,
+    exact: FastMap<String, usize>,
     #[serde(skip)]
-    wildcard: HashMap<String, usize>,
+    wildcard: FastMap<String, usize>,
     #[serde(skip)]
     catch_all: Option<usize>,
 }
@@ -275,13 +279,13 @@ pub struct Snapshot {
     /// HTTP route tables.
     pub http_tables: Vec<HttpTable>,
     #[serde(skip)]
-    cluster_index: HashMap<ClusterKey, ClusterId>,
+    cluster_index: FastMap<ClusterKey, ClusterId>,
     #[serde(skip)]
-    listener_index: HashMap<SocketAddr, usize>,
+    listener_index: FastMap<SocketAddr, usize>,
     #[serde(skip)]
-    port_index: HashMap<u16, usize>,
+    port_index: FastMap<u16, usize>,
     #[serde(skip)]
-    gateway_index: HashMap<u16, usize>,
+    gateway_index: FastMap<u16, usize>,
 }
 
 impl Snapshot {

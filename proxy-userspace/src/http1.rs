@@ -102,18 +102,25 @@ impl Fields {
 }
 
 /// The header map of a head whose bytes are `head` (values share its memory), and its
-/// framing fields.
+/// framing fields. `spans` are httparse's fields (from [`record_spans`]): their values passed
+/// httparse's check, the same byte set `HeaderValue` accepts (unit-tested below), so they are
+/// not checked again.
+#[allow(unsafe_code)]
 pub fn header_map(
     head: &Bytes,
     spans: &[(u16, u16, u16, u16)],
 ) -> Result<(HeaderMap, Fields), &'static str> {
-    let mut map = HeaderMap::with_capacity(spans.len());
+    // Room for the fields the pipeline adds (x-forwarded-proto, x-request-id,
+    // x-envoy-upstream-service-time, ...) without growing and rehashing the map.
+    let mut map = HeaderMap::with_capacity(spans.len() + 6);
     let mut fields = Fields::default();
     for &(ns, ne, vs, ve) in spans {
         let (ns, ne, vs, ve) = (ns as usize, ne as usize, vs as usize, ve as usize);
         let name = HeaderName::from_bytes(&head[ns..ne]).map_err(|_| "invalid header name")?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
-            .map_err(|_| "invalid header value")?;
+        // SAFETY: httparse accepted these bytes as a field value: HTAB, 0x20-0x7E and
+        // 0x80-0xFF, exactly `HeaderValue`'s valid bytes
+        // (`httparse_values_are_valid_header_values`). Debug builds check again.
+        let value = unsafe { HeaderValue::from_maybe_shared_unchecked(head.slice(vs..ve)) };
         fields.see(&name, value.as_bytes());
         map.append(name, value);
     }
@@ -235,5 +242,51 @@ pub fn chunk_step(buf: &mut BytesMut, state: Chunk) -> Result<Step, &'static str
             let _ = buf.split_to(at);
             Ok(Step::End((!map.is_empty()).then_some(map)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `header_map` skips `HeaderValue`'s byte check because httparse already made it: the two
+    /// must accept exactly the same bytes in a field value.
+    #[test]
+    fn httparse_values_are_valid_header_values() {
+        for b in 0..=255u8 {
+            let mut raw = b"HTTP/1.1 200 OK\r\nx-a: a".to_vec();
+            raw.push(b);
+            raw.extend_from_slice(b"z\r\n\r\n");
+            let mut headers = [httparse::EMPTY_HEADER; 4];
+            let mut res = httparse::Response::new(&mut headers);
+            let parsed = matches!(res.parse(&raw), Ok(httparse::Status::Complete(_)));
+            let value = [b'a', b, b'z'];
+            let valid = HeaderValue::from_bytes(&value).is_ok();
+            // CR and LF end the line in httparse, so they never reach a value.
+            if b == b'\r' || b == b'\n' {
+                assert!(!parsed || res.headers[0].value != value, "byte {b:#x}");
+                continue;
+            }
+            assert_eq!(
+                parsed, valid,
+                "byte {b:#x}: httparse {parsed}, HeaderValue {valid}"
+            );
+        }
+    }
+
+    #[test]
+    fn header_map_shares_values_and_sees_framing_fields() {
+        let raw = Bytes::from_static(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\nX-Obs: caf\xc3\xa9\r\n\r\n",
+        );
+        let mut headers = [httparse::EMPTY_HEADER; 8];
+        let mut res = httparse::Response::new(&mut headers);
+        assert!(matches!(res.parse(&raw), Ok(httparse::Status::Complete(_))));
+        let mut spans: Spans = [(0, 0, 0, 0); MAX_HEADERS];
+        let n = record_spans(&raw, res.headers, &mut spans);
+        let (map, fields) = header_map(&raw, &spans[..n]).unwrap();
+        assert_eq!(map["content-length"], "2");
+        assert_eq!(map["x-obs"].as_bytes(), "café".as_bytes());
+        assert!(fields.close);
     }
 }

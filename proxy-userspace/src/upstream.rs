@@ -66,7 +66,8 @@ pub struct EndpointState {
     /// `region/zone/subzone`, when known.
     pub locality: Option<String>,
     /// Metric series by (client, code, flags) for requests served by this endpoint.
-    series: std::sync::RwLock<HashMap<SeriesKey, crate::telemetry::metrics::Series>>,
+    series:
+        std::sync::RwLock<crate::compile::FastMap<SeriesKey, crate::telemetry::metrics::Series>>,
 }
 
 /// Key of an endpoint's metric series cache: everything in the label set that is not the
@@ -102,7 +103,7 @@ impl EndpointState {
             pool: pool::EndpointPool::default(),
             side: crate::telemetry::metrics::Side::unknown(),
             locality: None,
-            series: std::sync::RwLock::new(HashMap::new()),
+            series: std::sync::RwLock::new(Default::default()),
         }
     }
 
