@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod alloc;
 pub mod analyze;
 pub mod app;
 pub mod compile;

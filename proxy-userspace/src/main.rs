@@ -10,10 +10,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use nodeproxy::diagnostic::has_errors;
 use nodeproxy::inspect;
 
-/// mimalloc: glibc malloc's per-request free/consolidate showed up as ~8% of the proxy's CPU
-/// under load (perf); mimalloc's thread-local free lists avoid it.
+/// mimalloc (see `nodeproxy::alloc`).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: nodeproxy::alloc::MiMalloc = nodeproxy::alloc::MiMalloc;
 use nodeproxy::publish::build;
 
 #[derive(Parser)]
