@@ -26,7 +26,7 @@ pub struct Guarded<B> {
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     bytes: u64,
     on_end: Option<Box<dyn OnEnd>>,
-    _guards: Vec<Box<dyn Send>>,
+    _guards: super::http::Guards,
 }
 
 impl<B> Guarded<B> {
@@ -34,7 +34,7 @@ impl<B> Guarded<B> {
     pub fn new(
         inner: B,
         deadline: Option<Instant>,
-        guards: Vec<Box<dyn Send>>,
+        guards: super::http::Guards,
         on_end: Option<Box<dyn OnEnd>>,
     ) -> Self {
         Guarded {

@@ -133,7 +133,7 @@ async fn handle_request(
             let (parts, body) = r.into_parts();
             (
                 Response::from_parts(parts, body),
-                Vec::new(),
+                Guards::default(),
                 None,
                 out.flags,
             )
@@ -285,7 +285,7 @@ enum Out {
     /// A local reply with response flags.
     Local(LocalReply),
     /// The upstream's response, its guards and the route deadline.
-    Upstream(Response<ResponseBody>, Vec<Box<dyn Send>>, Option<Instant>),
+    Upstream(Response<ResponseBody>, Guards, Option<Instant>),
 }
 
 type Result2<'v> = (Out, Outcome_<'v>);
@@ -968,7 +968,7 @@ impl UpstreamRequest {
 }
 
 /// An upstream response with the guards its body keeps alive and the route deadline.
-type Streaming = (Response<ResponseBody>, Vec<Box<dyn Send>>, Option<Instant>);
+type Streaming = (Response<ResponseBody>, Guards, Option<Instant>);
 
 /// Whether (and where) a request goes to its original destination instead of an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -991,6 +991,16 @@ struct Forwarded {
 
 /// Decrements one of `T`'s counters on drop.
 struct CounterGuard<T: Send + Sync + 'static>(Arc<T>, fn(&T) -> &std::sync::atomic::AtomicU32);
+
+/// The circuit-breaker and load-balancer counters an upstream response holds until its body
+/// ends: the cluster's and the endpoint's active requests, and the maxRetries slot of a retried
+/// request. One value, no allocation (it was a `Vec` of three boxes per request).
+#[derive(Default)]
+pub struct Guards {
+    _request: Option<CounterGuard<ClusterState>>,
+    _endpoint: Option<CounterGuard<EndpointState>>,
+    retry: Option<CounterGuard<ClusterState>>,
+}
 
 impl<T: Send + Sync + 'static> Drop for CounterGuard<T> {
     fn drop(&mut self) {
@@ -1085,11 +1095,11 @@ async fn forward(
     let mut tried: Vec<crate::upstream::Target> = Vec::new();
     let mut flags = Flags::NONE;
     let mut last_err: Option<AttemptError>;
-    let mut retry_guard: Option<Box<dyn Send>> = None;
+    let mut retry_guard: Option<CounterGuard<ClusterState>> = None;
     let mut last_ep: Option<Arc<EndpointState>> = None;
     let mut attempt = 0u32;
     // Take a slot of the maxRetries breaker for the next retry; false: the retry is skipped.
-    let take_retry = |guard: &mut Option<Box<dyn Send>>| -> bool {
+    let take_retry = |guard: &mut Option<CounterGuard<ClusterState>>| -> bool {
         let n = state.active_retries.fetch_add(1, Ordering::Relaxed);
         if n >= policy.pool.max_retries {
             state.active_retries.fetch_sub(1, Ordering::Relaxed);
@@ -1099,9 +1109,9 @@ async fn forward(
                 .fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        *guard = Some(Box::new(CounterGuard(state.clone(), |c: &ClusterState| {
+        *guard = Some(CounterGuard(state.clone(), |c: &ClusterState| {
             &c.active_retries
-        })));
+        }));
         state
             .stats
             .upstream_rq_retry
@@ -1168,9 +1178,7 @@ async fn forward(
                     flags = flags.with(Flags::URX);
                 }
                 let mut g = guards;
-                if let Some(rg) = retry_guard.take() {
-                    g.push(rg);
-                }
+                g.retry = retry_guard.take();
                 return Forwarded {
                     response: Ok((resp, g, deadline)),
                     flags,
@@ -1271,11 +1279,7 @@ fn is_consistent_hash(a: &LbAlgorithm) -> bool {
     matches!(a, LbAlgorithm::RingHash { .. } | LbAlgorithm::Maglev { .. })
 }
 
-type AttemptOk = (
-    Response<ResponseBody>,
-    Arc<EndpointState>,
-    Vec<Box<dyn Send>>,
-);
+type AttemptOk = (Response<ResponseBody>, Arc<EndpointState>, Guards);
 
 #[allow(clippy::too_many_arguments)]
 async fn attempt_once(
@@ -1346,28 +1350,41 @@ async fn attempt_once(
                         }
                     })
             }
+            // Boxed: hyper's HTTP/2 futures would otherwise size every request's state.
             Lease::H2(mut send) => {
-                if send.ready().await.is_err() {
-                    return Err(AttemptError::Reset("connection termination".into()));
-                }
-                send.send_request(req.build(true, attempt))
-                    .await
-                    .map(|r| r.map(ResponseBody::H2))
-                    .map_err(|e| AttemptError::Reset(reset_reason(&e)))
+                Box::pin(async move {
+                    if send.ready().await.is_err() {
+                        return Err(AttemptError::Reset("connection termination".into()));
+                    }
+                    send.send_request(req.build(true, attempt))
+                        .await
+                        .map(|r| r.map(ResponseBody::H2))
+                        .map_err(|e| AttemptError::Reset(reset_reason(&e)))
+                })
+                .await
             }
         }
     };
-    let r = match deadline {
-        Some(d) => match tokio::time::timeout_at(d.into(), work).await {
-            Ok(r) => r,
-            Err(_) => Err(AttemptError::Timeout),
-        },
-        None => work.await,
+    // One pinned `work` for both arms: awaited by value in each, the state machine would hold
+    // two copies of it.
+    let r = {
+        tokio::pin!(work);
+        match deadline {
+            Some(d) => match tokio::time::timeout_at(d.into(), &mut work).await {
+                Ok(r) => r,
+                Err(_) => Err(AttemptError::Timeout),
+            },
+            None => work.await,
+        }
     };
     match r {
         Ok(resp) => {
             // The body returns an HTTP/1 connection to its pool itself when it ends.
-            let guards: Vec<Box<dyn Send>> = vec![Box::new(req_guard), Box::new(ep_guard)];
+            let guards = Guards {
+                _request: Some(req_guard),
+                _endpoint: Some(ep_guard),
+                retry: None,
+            };
             Ok((resp, ep.clone(), guards))
         }
         Err(e) => Err((e, Some(ep))),

@@ -104,7 +104,9 @@ pub async fn acquire(
         }
         if try_reserve_connection(cluster, limits.max_connections) {
             drop(pending);
-            return connect(cluster, ep, h2, limits).await;
+            // Boxed: connecting (DNS, TCP, the HTTP/2 handshake) is rare next to reuse and
+            // would otherwise size every request's state.
+            return Box::pin(connect(cluster, ep, h2, limits)).await;
         }
         // At maxConnections: share another runtime's connection before queueing.
         if h2 && let Some(send) = ep.pool.h2_conn(limits.max_connection_duration, false) {
