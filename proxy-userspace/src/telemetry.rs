@@ -4,5 +4,5 @@
 pub mod access;
 pub mod metrics;
 
-pub use access::{AccessLog, tcp_access};
+pub use access::{AccessLog, TcpAccess};
 pub use metrics::Metrics;

@@ -13,8 +13,8 @@ use tokio::net::TcpStream;
 use super::error::Flags;
 use super::{ConnInfo, Shared};
 use crate::compile::{ClusterRef, match_l4};
+use crate::telemetry::TcpAccess;
 use crate::telemetry::metrics::{Side, peers};
-use crate::telemetry::tcp_access;
 use crate::upstream::outlier::{self, Outcome};
 use crate::upstream::{lb, pool};
 
@@ -34,9 +34,18 @@ pub async fn proxy(
     let mut flags = Flags::NONE;
     // A connection closed before any upstream byte: log it with its flag.
     let refused = |sni: Option<&str>, cluster: Option<&str>, flags: Flags| {
-        tcp_access(
-            conn.peer, conn.local, sni, cluster, None, flags, 0, 0, start,
-        )
+        TcpAccess {
+            peer: conn.peer,
+            dst: conn.local,
+            sni,
+            cluster,
+            upstream: None,
+            flags,
+            sent: 0,
+            received: 0,
+            start,
+        }
+        .log()
     };
     let Some(listener) = conn.listener.lookup(snap) else {
         refused(None, None, Flags::NR);
@@ -143,17 +152,18 @@ pub async fn proxy(
         Err(_) => {
             outlier::record(&state, &ep, Outcome::LocalFailure);
             flags = flags.with(Flags::UF);
-            tcp_access(
-                conn.peer,
-                conn.local,
-                sni.as_deref(),
-                Some(&name),
-                Some(&upstream),
+            TcpAccess {
+                peer: conn.peer,
+                dst: conn.local,
+                sni: sni.as_deref(),
+                cluster: Some(&name),
+                upstream: Some(&upstream),
                 flags,
-                0,
-                0,
+                sent: 0,
+                received: 0,
                 start,
-            );
+            }
+            .log();
             let _ = down.shutdown().await;
             return;
         }
@@ -184,17 +194,18 @@ pub async fn proxy(
     m.tcp_closed.get_or_create(&labels).inc();
     m.tcp_sent.get_or_create(&labels).inc_by(sent);
     m.tcp_received.get_or_create(&labels).inc_by(received);
-    tcp_access(
-        conn.peer,
-        conn.local,
-        sni.as_deref(),
-        Some(&name),
-        Some(&upstream),
+    TcpAccess {
+        peer: conn.peer,
+        dst: conn.local,
+        sni: sni.as_deref(),
+        cluster: Some(&name),
+        upstream: Some(&upstream),
         flags,
         sent,
         received,
         start,
-    );
+    }
+    .log();
 }
 
 /// Why a bounded copy ended.

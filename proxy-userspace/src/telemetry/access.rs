@@ -435,88 +435,99 @@ impl OnEnd for AccessLog {
     }
 }
 
-/// Log one TCP connection: `[start] TCP peer -> destination sni=NAME flags bytes_received
-/// bytes_sent duration_ms "upstream_host" upstream_cluster` (text), or the same fields as JSON.
-#[allow(clippy::too_many_arguments)]
-pub fn tcp_access(
-    peer: SocketAddr,
-    dst: SocketAddr,
-    sni: Option<&str>,
-    cluster: Option<&str>,
-    upstream: Option<&str>,
-    flags: Flags,
-    sent: u64,
-    received: u64,
-    start: Instant,
-) {
-    if let Some(sink) = enabled() {
-        tcp_entry(
-            sink, peer, dst, sni, cluster, upstream, flags, sent, received, start,
-        );
-    }
+/// One TCP connection's access-log entry: `[start] TCP peer -> destination sni=NAME flags
+/// bytes_received bytes_sent duration_ms "upstream_host" upstream_cluster` (text), or the same
+/// fields as JSON.
+pub struct TcpAccess<'a> {
+    /// The downstream peer.
+    pub peer: SocketAddr,
+    /// The address the client connected to.
+    pub dst: SocketAddr,
+    /// TLS server name, when routed by SNI.
+    pub sni: Option<&'a str>,
+    /// Upstream cluster.
+    pub cluster: Option<&'a str>,
+    /// Upstream host.
+    pub upstream: Option<&'a str>,
+    /// Response flags.
+    pub flags: Flags,
+    /// Bytes sent downstream.
+    pub sent: u64,
+    /// Bytes received from downstream.
+    pub received: u64,
+    /// When the connection was accepted.
+    pub start: Instant,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn tcp_entry(
-    sink: &Sink,
-    peer: SocketAddr,
-    dst: SocketAddr,
-    sni: Option<&str>,
-    cluster: Option<&str>,
-    upstream: Option<&str>,
-    flags: Flags,
-    sent: u64,
-    received: u64,
-    start: Instant,
-) {
-    let at = humantime::format_rfc3339_millis(
-        SystemTime::now()
-            .checked_sub(start.elapsed())
-            .unwrap_or_else(SystemTime::now),
-    );
-    let duration = start.elapsed().as_millis() as u64;
-    match sink.format {
-        Format::Text => append(sink, |out| {
-            let _ = write!(
-                out,
-                "[{at}] TCP {peer} -> {dst} sni={} {flags} {received} {sent} {duration} \"{}\" {}",
-                sni.unwrap_or("-"),
-                upstream.unwrap_or("-"),
-                cluster.unwrap_or("-"),
-            );
-        }),
-        Format::Json => append(sink, |out| {
-            #[derive(serde::Serialize)]
-            struct Line<'a> {
-                start_time: Shown<humantime::Rfc3339Timestamp>,
-                protocol: &'static str,
-                downstream_remote_address: Shown<SocketAddr>,
-                downstream_local_address: Shown<SocketAddr>,
-                requested_server_name: Option<&'a str>,
-                response_flags: Shown<Flags>,
-                bytes_received: u64,
-                bytes_sent: u64,
-                duration: u64,
-                upstream_host: Option<&'a str>,
-                upstream_cluster: Option<&'a str>,
-            }
-            let _ = serde_json::to_writer(
-                out,
-                &Line {
-                    start_time: Shown(at),
-                    protocol: "TCP",
-                    downstream_remote_address: Shown(peer),
-                    downstream_local_address: Shown(dst),
-                    requested_server_name: sni,
-                    response_flags: Shown(flags),
-                    bytes_received: received,
-                    bytes_sent: sent,
-                    duration,
-                    upstream_host: upstream,
-                    upstream_cluster: cluster,
-                },
-            );
-        }),
+impl TcpAccess<'_> {
+    /// Record the entry (when the access log is on).
+    pub fn log(&self) {
+        if let Some(sink) = enabled() {
+            self.write(sink);
+        }
+    }
+
+    fn write(&self, sink: &Sink) {
+        let TcpAccess {
+            peer,
+            dst,
+            sni,
+            cluster,
+            upstream,
+            flags,
+            sent,
+            received,
+            start,
+        } = *self;
+        let at = humantime::format_rfc3339_millis(
+            SystemTime::now()
+                .checked_sub(start.elapsed())
+                .unwrap_or_else(SystemTime::now),
+        );
+        let duration = start.elapsed().as_millis() as u64;
+        match sink.format {
+            Format::Text => append(sink, |out| {
+                let _ = write!(
+                    out,
+                    "[{at}] TCP {peer} -> {dst} sni={} {flags} {received} {sent} {duration} \"{}\" {}",
+                    sni.unwrap_or("-"),
+                    upstream.unwrap_or("-"),
+                    cluster.unwrap_or("-"),
+                );
+            }),
+            Format::Json => append(sink, |out| {
+                #[derive(serde::Serialize)]
+                struct Line<'a> {
+                    start_time: Shown<humantime::Rfc3339Timestamp>,
+                    protocol: &'static str,
+                    downstream_remote_address: Shown<SocketAddr>,
+                    downstream_local_address: Shown<SocketAddr>,
+                    requested_server_name: Option<&'a str>,
+                    response_flags: Shown<Flags>,
+                    bytes_received: u64,
+                    bytes_sent: u64,
+                    duration: u64,
+                    upstream_host: Option<&'a str>,
+                    upstream_cluster: Option<&'a str>,
+                }
+                let _ = serde_json::to_writer(
+                    out,
+                    &Line {
+                        start_time: Shown(at),
+                        protocol: "TCP",
+                        downstream_remote_address: Shown(peer),
+                        downstream_local_address: Shown(dst),
+                        requested_server_name: sni,
+                        response_flags: Shown(flags),
+                        bytes_received: received,
+                        bytes_sent: sent,
+                        duration,
+                        upstream_host: upstream,
+                        upstream_cluster: cluster,
+                    },
+                );
+            }),
+        }
     }
 }
 
@@ -613,18 +624,18 @@ mod tests {
     }
 
     fn tcp_access_to(sink: &'static Sink) {
-        tcp_entry(
-            sink,
-            "10.0.0.7:40001".parse().unwrap(),
-            "10.96.0.10:443".parse().unwrap(),
-            Some("api.example.com"),
-            Some("outbound|443||api.example.com"),
-            None,
-            Flags::NONE,
-            7,
-            5,
-            Instant::now(),
-        );
+        TcpAccess {
+            peer: "10.0.0.7:40001".parse().unwrap(),
+            dst: "10.96.0.10:443".parse().unwrap(),
+            sni: Some("api.example.com"),
+            cluster: Some("outbound|443||api.example.com"),
+            upstream: None,
+            flags: Flags::NONE,
+            sent: 7,
+            received: 5,
+            start: Instant::now(),
+        }
+        .write(sink);
     }
 
     #[test]
