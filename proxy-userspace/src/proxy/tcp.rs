@@ -147,23 +147,25 @@ pub async fn proxy(
     }
     let _slot = Slot(state.clone());
     let upstream = ep.target.to_string();
+    let log = |flags, sent, received| {
+        TcpAccess {
+            peer: conn.peer,
+            dst: conn.local,
+            sni: sni.as_deref(),
+            cluster: Some(&name),
+            upstream: Some(&upstream),
+            flags,
+            sent,
+            received,
+            start,
+        }
+        .log()
+    };
     let mut up = match pool::connect_tcp(&ep.target, &policy.pool).await {
         Ok(s) => s,
         Err(_) => {
             outlier::record(&state, &ep, Outcome::LocalFailure);
-            flags = flags.with(Flags::UF);
-            TcpAccess {
-                peer: conn.peer,
-                dst: conn.local,
-                sni: sni.as_deref(),
-                cluster: Some(&name),
-                upstream: Some(&upstream),
-                flags,
-                sent: 0,
-                received: 0,
-                start,
-            }
-            .log();
+            log(flags.with(Flags::UF), 0, 0);
             let _ = down.shutdown().await;
             return;
         }
@@ -194,18 +196,7 @@ pub async fn proxy(
     m.tcp_closed.get_or_create(&labels).inc();
     m.tcp_sent.get_or_create(&labels).inc_by(sent);
     m.tcp_received.get_or_create(&labels).inc_by(received);
-    TcpAccess {
-        peer: conn.peer,
-        dst: conn.local,
-        sni: sni.as_deref(),
-        cluster: Some(&name),
-        upstream: Some(&upstream),
-        flags,
-        sent,
-        received,
-        start,
-    }
-    .log();
+    log(flags, sent, received);
 }
 
 /// Why a bounded copy ended.
