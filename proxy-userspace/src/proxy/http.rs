@@ -518,7 +518,8 @@ async fn pipeline<'v>(
         // both ways once the upstream answers 101.
         ureq.headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        let r = forward_upgrade(&state, &ureq, on_upgrade).await;
+        // Boxed: rare, and its state would otherwise size every request's.
+        let r = Box::pin(forward_upgrade(&state, &ureq, on_upgrade)).await;
         return match r {
             Ok(resp) => {
                 out.upstream = resp.extensions().get::<UpstreamHost>().map(|u| u.0.clone());
