@@ -360,6 +360,13 @@ async fn access_log_file_gets_each_request_and_is_flushed_at_exit() {
         .unwrap_or_else(|| panic!("not a 503: {uf}"));
     let flags = after.split(' ').next().unwrap();
     assert!(flags.split(',').any(|f| f == "UF" || f == "UC"), "{uf}");
+    // The upstream host is the last one tried, as Envoy's %UPSTREAM_HOST%.
+    assert!(
+        [s.ip(11), s.ip(12)]
+            .iter()
+            .any(|ip| uf.contains(&format!("\"{ip}:8080\""))),
+        "upstream host missing in: {uf}"
+    );
     assert_eq!(
         text.lines().filter(|l| l.contains("/ping")).count(),
         2,

@@ -125,7 +125,10 @@ async fn handle_request(
                 body_len,
             );
             if let Some(log) = &mut log {
-                log.finish_local(&r, flags, out.route, out.cluster);
+                // After failed attempts (503 UF, 504 UT, ...) the upstream host is the last one
+                // tried, as Envoy's %UPSTREAM_HOST%.
+                let upstream = out.ep.as_ref().map(|e| e.target.to_string());
+                log.finish_local(&r, flags, out.route, out.cluster, upstream);
             }
             return r;
         }

@@ -329,17 +329,19 @@ impl AccessLog {
         self
     }
 
-    /// Log a local reply now.
+    /// Log a local reply now (`upstream`: the last host tried, if any).
     pub fn finish_local<B>(
         &mut self,
         resp: &Response<B>,
         flags: Flags,
         route: Option<&str>,
         cluster: Option<&str>,
+        upstream: Option<String>,
     ) {
         self.flags = flags;
         self.route = route.map(str::to_string);
         self.cluster = cluster.map(str::to_string);
+        self.upstream = upstream;
         self.status = resp.status().as_u16();
         let len = resp
             .headers()
