@@ -148,23 +148,30 @@ fn simulate_bad_header_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("-H `no-colon`: expected `name: value`"));
 }
 
-#[test]
-fn run_serves_ready_and_config_dump() {
-    let port = free_port();
-    let admin = format!("127.0.0.1:{port}");
-    let _proxy = spawn_nodeproxy(&[
+/// `nodeproxy run --capture none --admin ADMIN --config CONFIG EXTRA...`, once `/ready` is 200.
+fn run_ready(admin: &str, config: &str, extra: &[&str]) -> nodeproxy_tests::ChildGuard {
+    let mut args = vec![
         "run",
         "--capture",
         "none",
         "--admin",
-        &admin,
+        admin,
         "--config",
-        "config/canary.yaml",
-    ]);
-    let (status, _) = eventually("admin /ready", Duration::from_secs(20), || {
-        http_get(&admin, "/ready").filter(|(s, _)| *s == 200)
+        config,
+    ];
+    args.extend_from_slice(extra);
+    let proxy = spawn_nodeproxy(&args);
+    eventually("admin /ready", Duration::from_secs(20), || {
+        http_get(admin, "/ready").filter(|(s, _)| *s == 200)
     });
-    assert_eq!(status, 200);
+    proxy
+}
+
+#[test]
+fn run_serves_ready_and_config_dump() {
+    let port = free_port();
+    let admin = format!("127.0.0.1:{port}");
+    let _proxy = run_ready(&admin, "config/canary.yaml", &[]);
     let (status, body) = http_get(&admin, "/config_dump").expect("config_dump");
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_str(&body).expect("json dump");
@@ -213,20 +220,7 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     }
     let admin = format!("127.0.0.1:{}", free_port());
     let path = s.path.display().to_string();
-    let mut proxy = spawn_nodeproxy(&[
-        "run",
-        "--capture",
-        "none",
-        "--admin",
-        &admin,
-        "--config",
-        &path,
-        "--drain-time",
-        "20s",
-    ]);
-    eventually("admin /ready", Duration::from_secs(20), || {
-        http_get(&admin, "/ready").filter(|(s, _)| *s == 200)
-    });
+    let mut proxy = run_ready(&admin, &path, &["--drain-time", "20s"]);
     let vip = s.vip();
     let conn = eventually("service listener", Duration::from_secs(10), || {
         std::net::TcpStream::connect(&vip).ok()
@@ -288,20 +282,7 @@ async fn access_log_file_gets_each_request_and_is_flushed_at_exit() {
     let log = dir.0.join("access.log");
     let admin = format!("127.0.0.1:{}", free_port());
     let (path, log_arg) = (s.path.display().to_string(), log.display().to_string());
-    let mut proxy = spawn_nodeproxy(&[
-        "run",
-        "--capture",
-        "none",
-        "--admin",
-        &admin,
-        "--config",
-        &path,
-        "--access-log-file",
-        &log_arg,
-    ]);
-    eventually("admin /ready", Duration::from_secs(20), || {
-        http_get(&admin, "/ready").filter(|(s, _)| *s == 200)
-    });
+    let mut proxy = run_ready(&admin, &path, &["--access-log-file", &log_arg]);
     let vip = s.vip();
     let request = |host: &str| {
         let mut c = std::net::TcpStream::connect(&vip).expect("connect to the service");
