@@ -11,10 +11,6 @@ pub mod registry;
 pub mod route;
 
 use std::collections::{BTreeMap, HashMap};
-
-/// A map looked up per request, keyed by data from the configuration: foldhash (seeded per
-/// process) instead of SipHash, a third of the cost per lookup.
-pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderName, HeaderValue};
@@ -31,6 +27,10 @@ use crate::config::{
 };
 use crate::diagnostic::{Diagnostic, Severity, codes};
 use registry::{expand_host, host_matches, hosts_intersect, kube_aliases};
+
+/// A map looked up per request, keyed by data from the configuration: foldhash (seeded per
+/// process) instead of SipHash, a third of the cost per lookup.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The gateway name of mesh (sidecar/node proxy) traffic.
 pub const MESH_GATEWAY: &str = "mesh";

@@ -104,9 +104,9 @@ impl Fields {
 /// The header map of a head whose bytes are `head` (values share its memory), and its
 /// framing fields. `spans` are httparse's fields (from [`record_spans`]): their values passed
 /// httparse's check, the same byte set `HeaderValue` accepts (unit-tested below), so they are
-/// not checked again.
+/// not checked again; the function is crate-private so that only such spans reach it.
 #[allow(unsafe_code)]
-pub fn header_map(
+pub(crate) fn header_map(
     head: &Bytes,
     spans: &[(u16, u16, u16, u16)],
 ) -> Result<(HeaderMap, Fields), &'static str> {

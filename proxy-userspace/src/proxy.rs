@@ -252,13 +252,7 @@ impl Shared {
                 Err(tokio::sync::mpsc::error::SendError(back)) => back,
             }
         };
-        // The accepted socket is non-blocking and not yet registered: register it here.
-        match tokio::net::TcpStream::from_std(stream) {
-            Ok(s) => {
-                tokio::spawn(listener::serve_connection(self.clone(), conn, s));
-            }
-            Err(e) => tracing::warn!(error = %e, "register accepted connection"),
-        }
+        listener::spawn_served(self, conn, stream);
     }
 
     /// Dispatch a mirror copy, fire and forget; dropped (and counted) when too many are in flight.

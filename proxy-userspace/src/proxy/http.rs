@@ -55,6 +55,16 @@ struct Outcome_<'v> {
     request_bytes: u64,
 }
 
+impl Outcome_<'_> {
+    /// The upstream host for the access log: the one recorded, else the endpoint that served
+    /// or was tried last (Envoy's %UPSTREAM_HOST%). Formatted only when the log is on.
+    fn take_upstream_host(&mut self) -> Option<String> {
+        self.upstream
+            .take()
+            .or_else(|| self.ep.as_ref().map(|e| e.target.to_string()))
+    }
+}
+
 /// Handle one downstream request. While the proxy drains, HTTP/1 responses carry
 /// `Connection: close` so keep-alive clients move to the next proxy after their request.
 pub async fn handle(
@@ -88,7 +98,7 @@ async fn handle_request(
     let (uri_authority, host) = authority_parts(&req);
     let raw_authority = authority_str(&uri_authority, &host);
     let authority = crate::compile::strip_port(raw_authority);
-    let (out_kind, out) = pipeline(&shared, &view, &conn, req, raw_authority, start).await;
+    let (out_kind, mut out) = pipeline(&shared, &view, &conn, req, raw_authority, start).await;
     let snap = &view.snapshot;
     let protocol = if grpc { "grpc" } else { "http" };
     let labels = |status: u16, flags: Flags, grpc_status: &str| HttpLabels {
@@ -125,9 +135,8 @@ async fn handle_request(
                 body_len,
             );
             if let Some(log) = &mut log {
-                // After failed attempts (503 UF, 504 UT, ...) the upstream host is the last one
-                // tried, as Envoy's %UPSTREAM_HOST%.
-                let upstream = out.ep.as_ref().map(|e| e.target.to_string());
+                // After failed attempts (503 UF, 504 UT, ...): the last host tried.
+                let upstream = out.take_upstream_host();
                 log.finish_local(&r, flags, out.route, out.cluster, upstream);
             }
             return r;
@@ -183,10 +192,7 @@ async fn handle_request(
         series,
         request_bytes: out.request_bytes,
         log: log.map(|mut l| {
-            // The endpoint's address is formatted only when the access log is on.
-            let upstream = out
-                .upstream
-                .or_else(|| out.ep.as_ref().map(|e| e.target.to_string()));
+            let upstream = out.take_upstream_host();
             l.set(
                 flags,
                 out.route.map(str::to_string),

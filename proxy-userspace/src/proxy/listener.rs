@@ -133,12 +133,18 @@ pub async fn run_worker(
     mut conns: tokio::sync::mpsc::UnboundedReceiver<super::Handoff>,
 ) {
     while let Some((stream, conn)) = conns.recv().await {
-        match TcpStream::from_std(stream) {
-            Ok(s) => {
-                tokio::spawn(serve_connection(shared.clone(), conn, s));
-            }
-            Err(e) => tracing::warn!(error = %e, "hand-off to worker runtime"),
+        spawn_served(&shared, conn, stream);
+    }
+}
+
+/// Register an accepted (non-blocking, not yet registered) socket with this runtime's I/O
+/// driver and serve it on a task of this runtime.
+pub fn spawn_served(shared: &Arc<Shared>, conn: Arc<ConnInfo>, stream: std::net::TcpStream) {
+    match TcpStream::from_std(stream) {
+        Ok(s) => {
+            tokio::spawn(serve_connection(shared.clone(), conn, s));
         }
+        Err(e) => tracing::warn!(peer = %conn.peer, error = %e, "register accepted connection"),
     }
 }
 
