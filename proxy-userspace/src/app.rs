@@ -37,6 +37,9 @@ pub struct Options {
     /// Data-plane runtimes: the caller's plus `workers - 1` single-threaded ones that are
     /// handed accepted connections (0 or 1: only the caller's).
     pub workers: usize,
+    /// `--cpu-affinity auto`: runtime `i` pinned to the `i`-th CPU of this plan; `None`: the
+    /// runtimes float.
+    pub cpu_plan: Option<crate::proxy::affinity::CpuPlan>,
     /// Read configuration from the Kubernetes API instead of `config` files.
     pub kubernetes: Option<KubeRun>,
 }
@@ -189,13 +192,16 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         queues.push(tx);
         let (shared, mut stop_rx) = (shared.clone(), stop.subscribe());
+        let plan = opts.cpu_plan.clone();
         std::thread::Builder::new()
             .name(format!("dataplane-{i}"))
             .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("worker runtime");
+                let mut rt = tokio::runtime::Builder::new_current_thread();
+                if let Some(plan) = plan {
+                    plan.pin_runtime(i);
+                    rt.on_thread_start(move || plan.unpin_current());
+                }
+                let rt = rt.enable_all().build().expect("worker runtime");
                 rt.block_on(async move {
                     tokio::select! {
                         _ = listener::run_worker(shared, rx) => {}
@@ -205,6 +211,11 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
             })?;
     }
     shared.set_workers(queues);
+    // The primary runtime is this thread: pinned last, so the threads started above (admin,
+    // publisher, workers) did not inherit its CPU.
+    if let Some(plan) = &opts.cpu_plan {
+        plan.pin_runtime(0);
+    }
     Ok(Running {
         admin_addr,
         publisher,

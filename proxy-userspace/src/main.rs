@@ -76,6 +76,14 @@ enum Capture {
     Ebpf,
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum CpuAffinity {
+    /// The scheduler places the data-plane threads (best on a node shared with busy pods).
+    None,
+    /// Data-plane thread `i` pinned to the `i`-th CPU this process may use (its cpuset).
+    Auto,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Validate Istio YAML files or directories; exit 1 on any error.
@@ -190,6 +198,9 @@ enum Command {
         /// Data-plane threads, each a single-threaded runtime (default: one per core).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
         workers: Option<u16>,
+        /// Data-plane threads' CPUs: float (default) or one CPU each from the process's CPU set.
+        #[arg(long, value_enum, default_value_t = CpuAffinity::None)]
+        cpu_affinity: CpuAffinity,
         /// Splice client<->proxy bytes in the kernel with sockops + sk_msg (off by default).
         #[arg(long)]
         sockmap: bool,
@@ -402,6 +413,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
             locality,
             sockmap,
             workers,
+            cpu_affinity,
             drain_time,
         } => {
             nodeproxy::compile::registry::set_cluster_domain(&cluster_domain)
@@ -464,9 +476,19 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                     .unwrap_or(1)
             });
             raise_nofile_limit();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let cpu_plan = match cpu_affinity {
+                CpuAffinity::None => None,
+                CpuAffinity::Auto => Some(
+                    nodeproxy::proxy::affinity::CpuPlan::from_current()
+                        .context("--cpu-affinity auto: read this process's CPU set")?,
+                ),
+            };
+            let mut rt = tokio::runtime::Builder::new_current_thread();
+            if let Some(plan) = cpu_plan.clone() {
+                // This thread becomes the pinned primary runtime; its blocking-pool threads float.
+                rt.on_thread_start(move || plan.unpin_current());
+            }
+            let rt = rt.enable_all().build()?;
             rt.block_on(async {
                 let kubernetes = match source {
                     SourceKind::Files => None,
@@ -495,6 +517,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                     capture,
                     locality,
                     workers,
+                    cpu_plan,
                 })
                 .await?;
                 eprintln!(

@@ -155,6 +155,7 @@ pub async fn start_custom(
         capture: None,
         locality: None,
         workers: 2,
+        cpu_plan: None,
         kubernetes: None,
     };
     f(&mut opts);

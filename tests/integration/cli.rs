@@ -183,6 +183,74 @@ fn run_serves_ready_and_config_dump() {
     );
 }
 
+/// The `Cpus_allowed_list` of the thread whose /proc directory is `dir`.
+fn cpus_allowed(dir: &std::path::Path) -> String {
+    let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// `(thread name, CPUs it may run on)` for every thread of process `pid`.
+fn thread_cpus(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("task dir") {
+        let dir = t.expect("task").path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        out.push((comm.trim().to_string(), cpus_allowed(&dir)));
+    }
+    out
+}
+
+#[test]
+fn cpu_affinity_auto_pins_each_runtime_and_leaves_other_threads_floating() {
+    let all = cpus_allowed(std::path::Path::new("/proc/thread-self"));
+    let cpus: Vec<usize> = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))
+        .map(|set| {
+            (0..nix::sched::CpuSet::count())
+                .filter(|&c| set.is_set(c).unwrap_or(false))
+                .collect()
+        })
+        .expect("own CPU set");
+    let port = free_port();
+    let admin = format!("127.0.0.1:{port}");
+    let proxy = run_ready(
+        &admin,
+        "config/canary.yaml",
+        &["--workers", "3", "--cpu-affinity", "auto"],
+    );
+    let pid = proxy.0.id();
+    // The primary runtime (the main thread) pins itself once everything else has started.
+    let main = std::path::PathBuf::from(format!("/proc/{pid}/task/{pid}"));
+    eventually("main thread pinned", Duration::from_secs(10), || {
+        (cpus_allowed(&main) == cpus[0].to_string()).then_some(())
+    });
+    let threads = thread_cpus(pid);
+    let of = |name: &str| {
+        threads
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no thread {name} in {threads:?}"))
+            .1
+            .clone()
+    };
+    assert_eq!(of("dataplane-1"), cpus[1 % cpus.len()].to_string());
+    assert_eq!(of("dataplane-2"), cpus[2 % cpus.len()].to_string());
+    assert_eq!(of("admin"), all, "the admin thread floats");
+    // And the proxy serves.
+    let (status, _) = http_get(&admin, "/ready").expect("ready");
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn cpu_affinity_rejects_an_unknown_mode() {
+    let err = run_refused(&["--config", "config/canary.yaml", "--cpu-affinity", "all"]);
+    assert!(err.contains("invalid value 'all' for '--cpu-affinity"), "{err}");
+}
+
 /// `nodeproxy run --capture none --admin 127.0.0.1:0 ARGS`, expected to fail: its stderr.
 fn run_refused(args: &[&str]) -> String {
     let mut all = vec!["run", "--capture", "none", "--admin", "127.0.0.1:0"];

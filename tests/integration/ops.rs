@@ -249,6 +249,7 @@ async fn admin_refuses_public_address_without_flag() {
         capture: None,
         locality: None,
         workers: 1,
+        cpu_plan: None,
         kubernetes: None,
     })
     .await;
