@@ -248,7 +248,10 @@ fn cpu_affinity_auto_pins_each_runtime_and_leaves_other_threads_floating() {
 #[test]
 fn cpu_affinity_rejects_an_unknown_mode() {
     let err = run_refused(&["--config", "config/canary.yaml", "--cpu-affinity", "all"]);
-    assert!(err.contains("invalid value 'all' for '--cpu-affinity"), "{err}");
+    assert!(
+        err.contains("invalid value 'all' for '--cpu-affinity"),
+        "{err}"
+    );
 }
 
 /// `nodeproxy run --capture none --admin 127.0.0.1:0 ARGS`, expected to fail: its stderr.

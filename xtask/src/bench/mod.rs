@@ -53,7 +53,7 @@ const BACKEND_H2: u16 = 18083;
 const SINK: u16 = 18090;
 
 /// (target, h1 addr, h2c addr, tcp addr)
-const TARGETS: [(&str, &str, &str, &str); 4] = [
+const TARGETS: [(&str, &str, &str, &str); 5] = [
     (
         "direct",
         "127.0.0.1:18081",
@@ -65,6 +65,13 @@ const TARGETS: [(&str, &str, &str, &str); 4] = [
         "127.0.50.1:18180",
         "127.0.50.1:18180",
         "127.0.50.1:18190",
+    ),
+    // nodeproxy's default thread placement (no `--cpu-affinity`), keep-alive and latency only.
+    (
+        "nodeproxy-floating",
+        "127.0.50.2:18180",
+        "127.0.50.2:18180",
+        "127.0.50.2:18190",
     ),
     (
         "haproxy",
@@ -218,7 +225,7 @@ fn backend_conf(dir: &Path) -> String {
 
 fn nginx_proxy_conf(dir: &Path) -> String {
     format!(
-        "{m}\nworker_processes 2;\npid {d}/proxy.pid;\nerror_log {d}/proxy.err warn;\nworker_rlimit_nofile 100000;\nevents {{ worker_connections 65535; }}\nhttp {{\n  access_log off;\n  keepalive_requests 100000000;\n  upstream be {{ server 127.0.0.1:{BACKEND_V1} weight=80; server 127.0.0.1:{BACKEND_V2} weight=20; keepalive 512; keepalive_requests 100000000; }}\n  server {{ listen 127.0.0.1:18380 backlog=4096; listen 127.0.0.1:18381 http2; location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\nstream {{ server {{ listen 127.0.0.1:18390; proxy_pass 127.0.0.1:{SINK}; }} }}\n",
+        "{m}\nworker_processes 2;\nworker_cpu_affinity auto;\npid {d}/proxy.pid;\nerror_log {d}/proxy.err warn;\nworker_rlimit_nofile 100000;\nevents {{ worker_connections 65535; }}\nhttp {{\n  access_log off;\n  keepalive_requests 100000000;\n  upstream be {{ server 127.0.0.1:{BACKEND_V1} weight=80; server 127.0.0.1:{BACKEND_V2} weight=20; keepalive 512; keepalive_requests 100000000; }}\n  server {{ listen 127.0.0.1:18380 backlog=4096; listen 127.0.0.1:18381 http2; location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\nstream {{ server {{ listen 127.0.0.1:18390; proxy_pass 127.0.0.1:{SINK}; }} }}\n",
         m = nginx_module_line(),
         d = dir.display()
     )
@@ -228,19 +235,19 @@ fn haproxy_conf(nofile: u64) -> String {
     // HAProxy needs about two descriptors per connection.
     let maxconn = (nofile / 2).saturating_sub(200).max(1000);
     format!(
-        "global\n  maxconn {maxconn}\n  nbthread 2\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\nfrontend h1\n  bind 127.0.0.1:18280\n  bind 127.0.0.1:18281 proto h2\n  default_backend be\nbackend be\n  balance roundrobin\n  server v1 127.0.0.1:{BACKEND_V1} weight 80\n  server v2 127.0.0.1:{BACKEND_V2} weight 20\nfrontend tcp\n  mode tcp\n  bind 127.0.0.1:18290\n  default_backend tcpbe\nbackend tcpbe\n  mode tcp\n  server s1 127.0.0.1:{SINK}\n"
+        "global\n  maxconn {maxconn}\n  nbthread 2\n  cpu-map auto:1/1-2 0-1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\nfrontend h1\n  bind 127.0.0.1:18280\n  bind 127.0.0.1:18281 proto h2\n  default_backend be\nbackend be\n  balance roundrobin\n  server v1 127.0.0.1:{BACKEND_V1} weight 80\n  server v2 127.0.0.1:{BACKEND_V2} weight 20\nfrontend tcp\n  mode tcp\n  bind 127.0.0.1:18290\n  default_backend tcpbe\nbackend tcpbe\n  mode tcp\n  server s1 127.0.0.1:{SINK}\n"
     )
 }
 
 /// The bench's Istio config: 80/20 over the two backend ports, and a TCP service to the sink.
-fn nodeproxy_conf() -> String {
+fn nodeproxy_conf(address: &str) -> String {
     format!(
         "apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {{name: bench}}
 spec:
   hosts: [bench.local]
-  addresses: [127.0.50.1]
+  addresses: [{address}]
   resolution: STATIC
   location: MESH_INTERNAL
   ports: [{{number: 18180, name: http, protocol: HTTP}}, {{number: 18190, name: tcp, protocol: TCP}}]
@@ -272,24 +279,31 @@ fn nodeproxy_bin(root: &Path) -> PathBuf {
     root.join("target/release/nodeproxy")
 }
 
-fn start_nodeproxy(ctx: &Ctx, config: &Path, admin: &str, ready: &str) -> anyhow::Result<Proc> {
-    Proc::start(
-        "nodeproxy",
-        Command::new(nodeproxy_bin(&ctx.root))
-            .args([
-                "run",
-                "--capture",
-                "none",
-                "--access-log",
-                "off",
-                "--admin",
-                admin,
-                "--config",
-            ])
-            .arg(config)
-            .env("RUST_LOG", "warn"),
-        ready,
-    )
+/// Every proxy runs one thread per core, each pinned to its core (HAProxy `cpu-map`, nginx
+/// `worker_cpu_affinity`, nodeproxy `--cpu-affinity auto`); `nodeproxy-floating` shows
+/// nodeproxy's default, unpinned placement.
+fn start_nodeproxy(
+    ctx: &Ctx,
+    config: &Path,
+    admin: &str,
+    ready: &str,
+    pinned: bool,
+) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new(nodeproxy_bin(&ctx.root));
+    cmd.args([
+        "run",
+        "--capture",
+        "none",
+        "--access-log",
+        "off",
+        "--admin",
+        admin,
+    ]);
+    if pinned {
+        cmd.args(["--cpu-affinity", "auto"]);
+    }
+    cmd.arg("--config").arg(config).env("RUST_LOG", "warn");
+    Proc::start("nodeproxy", &mut cmd, ready)
 }
 
 /// Run the bench.
@@ -340,7 +354,11 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         &format!("127.0.0.1:{BACKEND_V1}"),
     )?;
     load::spawn_sink(&format!("127.0.0.1:{SINK}"))?;
-    write(&out.join("nodeproxy.yaml"), &nodeproxy_conf())?;
+    write(&out.join("nodeproxy.yaml"), &nodeproxy_conf("127.0.50.1"))?;
+    write(
+        &out.join("nodeproxy-floating.yaml"),
+        &nodeproxy_conf("127.0.50.2"),
+    )?;
     write(&out.join("haproxy.cfg"), &haproxy_conf(nofile))?;
     write(&out.join("nginx-proxy.conf"), &nginx_proxy_conf(&out))?;
 
@@ -357,6 +375,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             &out.join("nodeproxy.yaml"),
             "127.0.0.1:15990",
             "127.0.50.1:18180",
+            true,
         )?)
     } else {
         None
@@ -383,13 +402,33 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
                 .args(["-g", "daemon off;"]),
             "127.0.0.1:18380",
         )?;
-        let procs: BTreeMap<&str, &Proc> = [("nodeproxy", np), ("haproxy", &ha), ("nginx", &ngx)]
-            .into_iter()
-            .collect();
+        let floating = if run_it("h1-keepalive") || run_it("latency-10k") {
+            Some(start_nodeproxy(
+                &ctx,
+                &out.join("nodeproxy-floating.yaml"),
+                "127.0.0.1:15989",
+                "127.0.50.2:18180",
+                false,
+            )?)
+        } else {
+            None
+        };
+        let mut procs: BTreeMap<&str, &Proc> =
+            [("nodeproxy", np), ("haproxy", &ha), ("nginx", &ngx)]
+                .into_iter()
+                .collect();
+        if let Some(f) = &floating {
+            procs.insert("nodeproxy-floating", f);
+        }
         for w in http_workloads.into_iter().filter(|w| run_it(w)) {
             println!("== {w}");
             for rep in 0..ctx.reps {
                 for (target, h1, h2, tcp) in TARGETS {
+                    if target == "nodeproxy-floating"
+                        && !matches!(w, "h1-keepalive" | "latency-10k")
+                    {
+                        continue;
+                    }
                     let p = procs.get(target).copied();
                     let cpu0 = p.map(|p| p.cpu_seconds());
                     let name = if w == "tcp-bulk" && target != "direct" && target != "nodeproxy" {
@@ -488,7 +527,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let header = format!(
-        "# nodeproxy benchmark\n\nDate: {stamp}. Machine: {} cores, {cpu}, kernel {kernel}. Command: `cargo xtask bench{}{}`.\n{} repetition(s) of {} s per target and workload, targets interleaved within each repetition; cells are the median (min–max). Ratios: the target's median ÷ `direct`'s, and ÷ the best peer's (HAProxy or nginx). Proxy CPU is user+system time of the proxy's processes (/proc/PID/stat) over the run ÷ requests. Load: wrk -t2 -c50 (HTTP/1.1; `Connection: close` for new connections), h2load -c50 -m10 -t2 (h2c), an open-loop 10k req/s generator over 50 connections (latency from each request's scheduled time: no coordinated omission), 4 TCP streams for bulk. Backend: one nginx worker returning a fixed 200 on two ports (v1/v2, split 80/20 by every proxy).\n",
+        "# nodeproxy benchmark\n\nDate: {stamp}. Machine: {} cores, {cpu}, kernel {kernel}. Command: `cargo xtask bench{}{}`.\n{} repetition(s) of {} s per target and workload, targets interleaved within each repetition; cells are the median (min–max). Ratios: the target's median ÷ `direct`'s, and ÷ the best peer's (HAProxy or nginx). Proxy CPU is user+system time of the proxy's processes (/proc/PID/stat) over the run ÷ requests. Load: wrk -t2 -c50 (HTTP/1.1; `Connection: close` for new connections), h2load -c50 -m10 -t2 (h2c), an open-loop 10k req/s generator over 50 connections (latency from each request's scheduled time: no coordinated omission), 4 TCP streams for bulk. Backend: one nginx worker returning a fixed 200 on two ports (v1/v2, split 80/20 by every proxy). Every proxy runs two threads, each pinned to its own core (HAProxy `cpu-map auto:1/1-2 0-1`, nginx `worker_cpu_affinity auto`, nodeproxy `--cpu-affinity auto`); `nodeproxy-floating` is nodeproxy without pinning, its default.\n",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
@@ -618,7 +657,7 @@ fn route_scale(ctx: &mut Ctx, quick: bool) -> anyhow::Result<()> {
         }
         let last = format!("127.70.{}.{}:18480", (n - 1) / 250, (n - 1) % 250 + 1);
         let t = Instant::now();
-        let np = start_nodeproxy(ctx, &path, "127.0.0.1:15991", &last)?;
+        let np = start_nodeproxy(ctx, &path, "127.0.0.1:15991", &last, true)?;
         let startup_ms = t.elapsed().as_secs_f64() * 1000.0;
         for rep in 0..ctx.reps {
             let cpu0 = np.cpu_seconds();
@@ -691,7 +730,7 @@ fn netns_workloads(ctx: &mut Ctx) -> anyhow::Result<()> {
     let client_ns_arg = client_ns.to_str().context("path")?.to_owned();
     // The captured proxy, with or without the sk_msg splice.
     let spawn_captured = |extra: &[&str]| {
-        let mut args = vec!["run", "--capture", "ebpf"];
+        let mut args = vec!["run", "--capture", "ebpf", "--cpu-affinity", "auto"];
         args.extend_from_slice(extra);
         args.extend_from_slice(&[
             "--capture-listen",
@@ -728,6 +767,8 @@ fn netns_workloads(ctx: &mut Ctx) -> anyhow::Result<()> {
             "run",
             "--capture",
             "none",
+            "--cpu-affinity",
+            "auto",
             "--admin",
             "127.0.0.1:15002",
             "--access-log",
