@@ -172,6 +172,7 @@ fn fmt_ratio(r: Option<f64>) -> String {
 pub fn markdown(ms: &[Measurement], header: &str, workloads: &[String]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{header}\n");
+    out.push_str(&targets(ms));
     for w in workloads {
         let rows = summarize(ms, w);
         if rows.is_empty() {
@@ -238,6 +239,173 @@ pub fn markdown(ms: &[Measurement], header: &str, workloads: &[String]) -> Strin
         }
         let _ = writeln!(out);
     }
+    out
+}
+
+/// Median of one metric of `target` in `workload`.
+fn median_of(
+    ms: &[Measurement],
+    workload: &str,
+    target: &str,
+    f: impl Fn(&Row) -> Option<Stat>,
+) -> Option<f64> {
+    summarize(ms, workload)
+        .iter()
+        .find(|r| r.target == target)
+        .and_then(f)
+        .map(|s| s.median)
+}
+
+/// The best (highest, or lowest with `lower`) median of a metric among the peers of `workload`,
+/// with the peer's name.
+fn best_peer(
+    ms: &[Measurement],
+    workload: &str,
+    f: impl Fn(&Row) -> Option<Stat>,
+    lower: bool,
+) -> Option<(String, f64)> {
+    summarize(ms, workload)
+        .iter()
+        .filter(|r| PEERS.contains(&r.target.as_str()))
+        .filter_map(|r| f(r).map(|s| (r.target.clone(), s.median)))
+        .reduce(|a, b| if (b.1 < a.1) == lower { b } else { a })
+}
+
+/// Issue 6's goals for nodeproxy, checked against this run's medians (rows without data, e.g.
+/// under `--only`, are left out).
+pub fn targets(ms: &[Measurement]) -> String {
+    let mut rows: Vec<[String; 4]> = Vec::new();
+    let met = |ok: bool| if ok { "yes" } else { "no" }.to_string();
+    let rps = |r: &Row| Some(r.rps);
+    let cpu = |r: &Row| r.cpu;
+    let p99 = |r: &Row| r.p99;
+    for (w, label) in [("h1-keepalive", "HTTP/1.1 keep-alive"), ("h2c", "h2c")] {
+        if let (Some(me), Some((peer, best))) = (
+            median_of(ms, w, "nodeproxy", rps),
+            best_peer(ms, w, rps, false),
+        ) {
+            let r = me / best;
+            rows.push([
+                format!("{label} req/s"),
+                "≥ 1.10 × best peer".into(),
+                format!("{r:.2} × {peer} ({me:.0} vs {best:.0})"),
+                met(r >= 1.10),
+            ]);
+        }
+        if let (Some(me), Some((peer, best))) = (
+            median_of(ms, w, "nodeproxy", cpu),
+            best_peer(ms, w, cpu, true),
+        ) {
+            let r = me / best;
+            rows.push([
+                format!("{label} proxy CPU / request"),
+                "≤ 0.8 × best peer".into(),
+                format!("{r:.2} × {peer} ({me:.1} vs {best:.1} µs)"),
+                met(r <= 0.8),
+            ]);
+        }
+    }
+    for (w, label) in [
+        ("h1-keepalive", "HTTP/1.1 keep-alive p99"),
+        ("latency-10k", "p99 at 10k req/s"),
+    ] {
+        if let (Some(me), Some((peer, best))) = (
+            median_of(ms, w, "nodeproxy", p99),
+            best_peer(ms, w, p99, true),
+        ) {
+            rows.push([
+                label.into(),
+                "≤ best peer".into(),
+                format!("{me:.2} vs {best:.2} ms ({peer})"),
+                met(me <= best),
+            ]);
+        }
+    }
+    if let (Some(me), Some((peer, best))) = (
+        median_of(ms, "h1-newconn", "nodeproxy", rps),
+        best_peer(ms, "h1-newconn", rps, false),
+    ) {
+        let r = me / best;
+        rows.push([
+            "new connection per request (loopback)".into(),
+            "≥ 1.10 × best peer".into(),
+            format!("{r:.2} × {peer} ({me:.0} vs {best:.0})"),
+            met(r >= 1.10),
+        ]);
+    }
+    for (w, label) in [
+        ("netns h1-keepalive", "keep-alive"),
+        ("netns h1-newconn", "new connections"),
+    ] {
+        let direct = median_of(ms, w, "direct-netns", rps);
+        if let (Some(fast), Some(d)) = (median_of(ms, w, "nodeproxy-fastpath", rps), direct) {
+            let r = fast / d;
+            rows.push([
+                format!("fast path vs direct, {label}"),
+                "≥ 0.97".into(),
+                format!("{r:.2} ({fast:.0} vs {d:.0})"),
+                met(r >= 0.97),
+            ]);
+        }
+        if let (Some(c), Some(e)) = (
+            median_of(ms, w, "nodeproxy-captured", rps),
+            median_of(ms, w, "nodeproxy-explicit", rps),
+        ) {
+            let r = c / e;
+            rows.push([
+                format!("capture vs `--capture none`, {label}"),
+                "within 3%".into(),
+                format!("{r:.2} ({c:.0} vs {e:.0})"),
+                met((r - 1.0).abs() <= 0.03),
+            ]);
+        }
+    }
+    let scale = |n: u32| format!("nodeproxy-{n}");
+    let compile = |r: &Row| r.extra.get("load+analyze+compile ms").copied();
+    if let Some(ms10k) = median_of(ms, "route-scale", &scale(10_000), compile) {
+        rows.push([
+            "10k services load + analyze + compile".into(),
+            "< 1 s".into(),
+            format!("{:.2} s", ms10k / 1000.0),
+            met(ms10k < 1000.0),
+        ]);
+    }
+    for (what, f) in [
+        ("req/s", &rps as &dyn Fn(&Row) -> Option<Stat>),
+        ("p99", &p99),
+    ] {
+        if let (Some(a), Some(b)) = (
+            median_of(ms, "route-scale", &scale(10), f),
+            median_of(ms, "route-scale", &scale(10_000), f),
+        ) {
+            let change = b / a - 1.0;
+            rows.push([
+                format!("route scale {what}, 10 → 10k services"),
+                "flat within 5%".into(),
+                format!("{a:.2} → {b:.2} ({:+.1}%)", change * 100.0),
+                met(change.abs() <= 0.05),
+            ]);
+        }
+    }
+    let idle = |r: &Row| r.extra.get("KiB per idle connection").copied();
+    if let Some(k) = median_of(ms, "idle-memory", "nodeproxy", idle) {
+        rows.push([
+            "RSS per idle proxied connection".into(),
+            "≤ 16 KiB".into(),
+            format!("{k:.1} KiB"),
+            met(k <= 16.0),
+        ]);
+    }
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "## Against the targets (issue 6)\n\n| target | goal | measured (medians) | met |\n|---|---|---|---|\n",
+    );
+    for [a, b, c, d] in rows {
+        let _ = writeln!(out, "| {a} | {b} | {c} | {d} |");
+    }
+    out.push('\n');
     out
 }
 
@@ -339,6 +507,57 @@ mod tests {
             bytes_per_s: None,
             extra: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn targets_are_checked_against_the_medians() {
+        let mut ms = Vec::new();
+        for (target, rps, cpu, p99) in [
+            ("nodeproxy", 66.0, 14.5, 1.41),
+            ("nodeproxy-floating", 68.0, 14.3, 4.40),
+            ("haproxy", 67.0, 14.7, 1.39),
+            ("nginx", 69.0, 13.3, 1.29),
+        ] {
+            let mut x = m("h1-keepalive", target, 0, rps);
+            x.cpu_us_per_req = Some(cpu);
+            x.p99_ms = Some(p99);
+            ms.push(x);
+        }
+        for (target, rps) in [
+            ("direct-netns", 100.0),
+            ("nodeproxy-explicit", 60.0),
+            ("nodeproxy-captured", 61.0),
+            ("nodeproxy-fastpath", 96.0),
+        ] {
+            ms.push(m("netns h1-keepalive", target, 0, rps));
+        }
+        for (n, rps, compile) in [(10, 68.5, 18.0), (10_000, 68.4, 726.0)] {
+            let mut x = m("route-scale", &format!("nodeproxy-{n}"), 0, rps);
+            x.extra.insert("load+analyze+compile ms".into(), compile);
+            ms.push(x);
+        }
+        let mut idle = m("idle-memory", "nodeproxy", 0, 0.0);
+        idle.extra.insert("KiB per idle connection".into(), 4.29);
+        ms.push(idle);
+        let t = targets(&ms);
+        for line in [
+            "| HTTP/1.1 keep-alive req/s | ≥ 1.10 × best peer | 0.96 × nginx (66 vs 69) | no |",
+            "| HTTP/1.1 keep-alive proxy CPU / request | ≤ 0.8 × best peer | 1.09 × nginx (14.5 vs 13.3 µs) | no |",
+            "| HTTP/1.1 keep-alive p99 | ≤ best peer | 1.41 vs 1.29 ms (nginx) | no |",
+            "| fast path vs direct, keep-alive | ≥ 0.97 | 0.96 (96 vs 100) | no |",
+            "| capture vs `--capture none`, keep-alive | within 3% | 1.02 (61 vs 60) | yes |",
+            "| 10k services load + analyze + compile | < 1 s | 0.73 s | yes |",
+            "| route scale req/s, 10 → 10k services | flat within 5% | 68.50 → 68.40 (-0.1%) | yes |",
+            "| route scale p99, 10 → 10k services | flat within 5% | 2.00 → 2.00 (+0.0%) | yes |",
+            "| RSS per idle proxied connection | ≤ 16 KiB | 4.3 KiB | yes |",
+        ] {
+            assert!(t.contains(line), "missing {line:?} in\n{t}");
+        }
+        // No data, no row: nothing was run for h2c, new connections or the 10k rate.
+        assert!(
+            !t.contains("h2c") && !t.contains("new connection per") && !t.contains("10k req/s")
+        );
+        assert!(targets(&[]).is_empty());
     }
 
     #[test]
