@@ -161,11 +161,15 @@ async fn handle_request(
         }
     };
     let status = resp.status();
-    let grpc_status = resp
-        .headers()
-        .get(&GRPC_STATUS)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    // Istio's `grpc_response_status` label is for gRPC requests only.
+    let grpc_status = if grpc {
+        resp.headers()
+            .get(&GRPC_STATUS)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    } else {
+        ""
+    };
     // The per-endpoint series cache spares building and hashing the full label set per request.
     let series = match &out.ep {
         Some(ep) => {
@@ -507,9 +511,7 @@ async fn pipeline<'v>(
     {
         upstream_authority = a.clone();
     }
-    if !headers.contains_key(&X_REQUEST_ID) {
-        headers.insert(X_REQUEST_ID.clone(), request_id());
-    }
+    headers.entry(&X_REQUEST_ID).or_insert_with(request_id);
     headers.insert(
         X_FORWARDED_PROTO.clone(),
         HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
@@ -1043,30 +1045,21 @@ static X_ENVOY_RATELIMITED: header::HeaderName =
 
 /// Is this response retriable under `on`? (`x-envoy-overloaded` never is.)
 fn response_retriable(on: &RetryOn, resp: &Response<ResponseBody>) -> bool {
-    if resp.headers().contains_key(&X_ENVOY_OVERLOADED) {
-        return false;
-    }
     let s = resp.status().as_u16();
-    if (on.five_xx && s >= 500)
+    let by_policy = (on.five_xx && s >= 500)
         || (on.gateway_error && matches!(s, 502..=504))
         || (on.retriable_4xx && s == 409)
         || on.status_codes.contains(&s)
-    {
-        return true;
-    }
-    if on.envoy_ratelimited && resp.headers().contains_key(&X_ENVOY_RATELIMITED) {
-        return true;
-    }
-    if !on.grpc_codes.is_empty()
-        && let Some(code) = resp
-            .headers()
-            .get(&GRPC_STATUS)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u32>().ok())
-    {
-        return on.grpc_codes.contains(&code);
-    }
-    false
+        || (on.envoy_ratelimited && resp.headers().contains_key(&X_ENVOY_RATELIMITED))
+        || (!on.grpc_codes.is_empty()
+            && resp
+                .headers()
+                .get(&GRPC_STATUS)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u32>().ok())
+                .is_some_and(|code| on.grpc_codes.contains(&code)));
+    // Looked up last: most responses are not retriable anyway.
+    by_policy && !resp.headers().contains_key(&X_ENVOY_OVERLOADED)
 }
 
 fn error_retriable(on: &RetryOn, e: &AttemptError) -> bool {
