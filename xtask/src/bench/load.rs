@@ -25,7 +25,7 @@ pub struct LoadResult {
     pub p999: Option<f64>,
     /// Non-2xx or failed.
     pub errors: u64,
-    /// Mean latency, ms (h2load reports no percentiles).
+    /// Mean latency, ms (h2load's summary).
     pub mean: Option<f64>,
 }
 
@@ -53,6 +53,8 @@ pub fn parse_wrk(out: &str) -> anyhow::Result<LoadResult> {
             r.p50 = parse_ms(v);
         } else if let Some(v) = t.strip_prefix("99%") {
             r.p99 = parse_ms(v);
+        } else if let Some(v) = t.strip_prefix(P999_LINE) {
+            r.p999 = parse_ms(v);
         } else if t.contains("requests in") {
             r.requests = t
                 .split_whitespace()
@@ -106,7 +108,27 @@ pub fn parse_h2load(out: &str) -> anyhow::Result<LoadResult> {
     Ok(r)
 }
 
-/// `wrk -t2 -c{conns} -d{secs}s --latency URL` (optionally through `nsenter --net=NS`).
+/// What [`WRK_SCRIPT`] prints before the p99.9 latency.
+const P999_LINE: &str = "p99.9 latency:";
+
+/// wrk's `--latency` table stops at p99; this `done` hook adds p99.9 from the same histogram.
+/// A script with no `request`/`response` function leaves wrk on its static-request path.
+const WRK_SCRIPT: &str = "done = function(summary, latency, requests)\n  \
+    io.write(string.format(\"p99.9 latency: %dus\\n\", latency:percentile(99.9)))\nend\n";
+
+/// The script's path (written once per process; one fixed name, so runs leave one file).
+fn wrk_script() -> anyhow::Result<&'static std::path::Path> {
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    if let Some(p) = PATH.get() {
+        return Ok(p);
+    }
+    let p = std::env::temp_dir().join("nodeproxy-bench-wrk-p999.lua");
+    std::fs::write(&p, WRK_SCRIPT).with_context(|| format!("write {}", p.display()))?;
+    Ok(PATH.get_or_init(|| p))
+}
+
+/// `wrk -t2 -c{conns} -d{secs}s --latency -s <p99.9 script> URL` (optionally through
+/// `nsenter --net=NS`, which keeps the mount namespace, so the script's path holds).
 pub fn wrk(
     url: &str,
     secs: u64,
@@ -129,7 +151,9 @@ pub fn wrk(
         "--latency",
         "--timeout",
         "5s",
+        "-s",
     ]);
+    cmd.arg(wrk_script()?);
     if close {
         cmd.args(["-H", "Connection: close"]);
     }
@@ -137,13 +161,50 @@ pub fn wrk(
     parse_wrk(&String::from_utf8_lossy(&out.stdout))
 }
 
-/// `h2load -c50 -m10 -D secs URL` (h2c prior knowledge).
+/// `h2load -c50 -m10 -t2 -D secs --log-file=... URL` (h2c prior knowledge). h2load's summary
+/// has no percentiles; they come from its per-request log.
 pub fn h2load(url: &str, secs: u64) -> anyhow::Result<LoadResult> {
+    let log =
+        std::env::temp_dir().join(format!("nodeproxy-bench-h2load-{}.log", std::process::id()));
+    // h2load appends to the log.
+    let _ = std::fs::remove_file(&log);
     let out = Command::new("h2load")
-        .args(["-c50", "-m10", "-t2", "-D", &secs.to_string(), url])
+        .args(["-c50", "-m10", "-t2", "-D", &secs.to_string()])
+        .arg(format!("--log-file={}", log.display()))
+        .arg(url)
         .output()
         .context("run h2load")?;
-    parse_h2load(&String::from_utf8_lossy(&out.stdout))
+    let mut r = parse_h2load(&String::from_utf8_lossy(&out.stdout))?;
+    let text = std::fs::read_to_string(&log).with_context(|| format!("read {}", log.display()));
+    let _ = std::fs::remove_file(&log);
+    let (p50, p99, p999) = h2load_percentiles(&text?)?;
+    (r.p50, r.p99, r.p999) = (Some(p50), Some(p99), Some(p999));
+    Ok(r)
+}
+
+/// p50, p99 and p99.9 (ms) of the completed requests in an h2load `--log-file` (tab-separated:
+/// start µs since the epoch, status, µs until the end of the response; status -1: failed).
+pub fn h2load_percentiles(log: &str) -> anyhow::Result<(f64, f64, f64)> {
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for line in log.lines() {
+        let mut f = line.split('\t');
+        let (Some(_), Some(status), Some(us)) = (f.next(), f.next(), f.next()) else {
+            bail!("h2load log line {line:?}: expected three tab-separated columns");
+        };
+        if status.trim() == "-1" {
+            continue;
+        }
+        let us: u64 = us
+            .trim()
+            .parse()
+            .with_context(|| format!("h2load log line {line:?}: duration"))?;
+        hist.record(us.max(1))?;
+    }
+    if hist.is_empty() {
+        bail!("h2load log has no completed request");
+    }
+    let q = |p: f64| hist.value_at_quantile(p) as f64 / 1000.0;
+    Ok((q(0.5), q(0.99), q(0.999)))
 }
 
 /// Open loop: `rate` requests/s spread over `conns` keep-alive connections for `secs`; each
@@ -273,7 +334,36 @@ mod tests {
         assert_eq!(r.requests, 245000);
         assert_eq!(r.p50, Some(0.41));
         assert_eq!(r.p99, Some(3.5));
+        assert_eq!(r.p999, None, "no script output");
         assert_eq!(r.errors, 3);
+        let with_script = format!("{out}p99.9 latency: 7250us\n");
+        assert_eq!(parse_wrk(&with_script).unwrap().p999, Some(7.25));
+    }
+
+    #[test]
+    fn wrk_script_prints_what_the_parser_reads() {
+        assert!(WRK_SCRIPT.contains("io.write(string.format(\"p99.9 latency: %dus"));
+        assert!(WRK_SCRIPT.contains(P999_LINE));
+        assert!(
+            !WRK_SCRIPT.contains("request ="),
+            "keeps wrk's static request"
+        );
+    }
+
+    #[test]
+    fn h2load_log_gives_percentiles_of_completed_requests() {
+        // 1000 requests of 1..=1000 µs, one failed stream that must not count, one slow one.
+        let mut log: String = (1..=1000u64)
+            .map(|us| format!("1700000000{us:06}\t200\t{us}\n"))
+            .collect();
+        log.push_str("1700000001000000\t-1\t999999\n");
+        let (p50, p99, p999) = h2load_percentiles(&log).unwrap();
+        assert!((p50 - 0.5).abs() < 0.002, "p50 {p50}");
+        assert!((p99 - 0.99).abs() < 0.002, "p99 {p99}");
+        assert!((p999 - 0.999).abs() < 0.002, "p999 {p999}");
+        assert!(h2load_percentiles("").is_err(), "empty log");
+        assert!(h2load_percentiles("1\t200\n").is_err(), "short line");
+        assert!(h2load_percentiles("1\t-1\t5\n").is_err(), "only failures");
     }
 
     #[test]

@@ -307,6 +307,7 @@ pub fn targets(ms: &[Measurement]) -> String {
     }
     for (w, label) in [
         ("h1-keepalive", "HTTP/1.1 keep-alive p99"),
+        ("h2c", "h2c p99"),
         ("latency-10k", "p99 at 10k req/s"),
     ] {
         if let (Some(me), Some((peer, best))) = (
@@ -558,6 +559,24 @@ mod tests {
             !t.contains("h2c") && !t.contains("new connection per") && !t.contains("10k req/s")
         );
         assert!(targets(&[]).is_empty());
+        // With h2c data (p99 from h2load's per-request log) the h2c rows appear.
+        let mut h2 = Vec::new();
+        for (target, rps, p99) in [
+            ("nodeproxy", 71.0, 9.5),
+            ("haproxy", 81.0, 8.0),
+            ("nginx", 60.0, 12.0),
+        ] {
+            let mut x = m("h2c", target, 0, rps);
+            x.p99_ms = Some(p99);
+            h2.push(x);
+        }
+        let t = targets(&h2);
+        for line in [
+            "| h2c req/s | ≥ 1.10 × best peer | 0.88 × haproxy (71 vs 81) | no |",
+            "| h2c p99 | ≤ best peer | 9.50 vs 8.00 ms (haproxy) | no |",
+        ] {
+            assert!(t.contains(line), "missing {line:?} in\n{t}");
+        }
     }
 
     #[test]
