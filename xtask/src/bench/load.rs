@@ -108,6 +108,16 @@ pub fn parse_h2load(out: &str) -> anyhow::Result<LoadResult> {
     Ok(r)
 }
 
+/// Untimed load before a freshly started target's first measured repetition: one second of
+/// keep-alive wrk, so repetition 0 measures the same steady state as the others (connections
+/// to the backend open, the process's memory touched). Nothing is recorded.
+pub fn warm_up(url: &str, netns: Option<&str>) -> anyhow::Result<()> {
+    wrk(url, WARM_UP_SECS, 50, false, netns).map(drop)
+}
+
+/// Length of [`warm_up`], seconds.
+pub const WARM_UP_SECS: u64 = 1;
+
 /// What [`WRK_SCRIPT`] prints before the p99.9 latency.
 const P999_LINE: &str = "p99.9 latency:";
 

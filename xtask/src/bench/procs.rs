@@ -14,18 +14,33 @@ pub struct Proc {
 impl Proc {
     /// Start `cmd`, wait until `ready` accepts TCP connections.
     pub fn start(name: &str, cmd: &mut Command, ready: &str) -> anyhow::Result<Proc> {
+        // Readiness is "something accepts on `ready`": a leftover process there would be
+        // measured in this one's place (its own bind failing unseen).
+        if std::net::TcpStream::connect(ready).is_ok() {
+            bail!(
+                "start {name}: {ready} already accepts connections (a leftover bench or by-hand process?); stop it first"
+            );
+        }
         let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("start {name}: {cmd:?}"))?;
-        let p = Proc { child };
+        let mut p = Proc { child };
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(ready).is_err() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                bail!("{name} exited ({status}) before listening on {ready}");
+            }
             if Instant::now() > deadline {
                 bail!("{name} did not start listening on {ready}");
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+        // nginx binds what it can and exits on the first failure; still running means all bound.
+        std::thread::sleep(Duration::from_millis(100));
+        if let Ok(Some(status)) = p.child.try_wait() {
+            bail!("{name} exited ({status}) right after it started listening on {ready}");
         }
         Ok(p)
     }
