@@ -116,7 +116,7 @@ pub fn warm_up(url: &str, netns: Option<&str>) -> anyhow::Result<()> {
 }
 
 /// Length of [`warm_up`], seconds.
-pub const WARM_UP_SECS: u64 = 1;
+const WARM_UP_SECS: u64 = 1;
 
 /// What [`WRK_SCRIPT`] prints before the p99.9 latency.
 const P999_LINE: &str = "p99.9 latency:";

@@ -673,8 +673,8 @@ fn route_scale(ctx: &mut Ctx, quick: bool) -> anyhow::Result<()> {
         let admin = format!("127.0.0.1:{}", 15991 + k);
         let np = start_nodeproxy(ctx, &path, &admin, &last, true)?;
         let startup_ms = t.elapsed().as_secs_f64() * 1000.0;
-        // Without it, the first repetition after a start at 10k services had a p99 of 16.2 and
-        // 5.9 ms in two full runs, against 1.3–1.8 ms for the next two.
+        // A fresh process: its first repetition would also measure opening the backend
+        // connections and first touching its memory.
         load::warm_up(&format!("http://{last}/"), None)?;
         println!(
             "  {n} services x 10 routes: load + analyze + compile {compile_ms:.0} ms, start to listening {startup_ms:.0} ms"

@@ -271,6 +271,18 @@ fn best_peer(
         .reduce(|a, b| if (b.1 < a.1) == lower { b } else { a })
 }
 
+/// nodeproxy's median of a metric in `workload`, with the best peer's name and median.
+fn vs_best_peer(
+    ms: &[Measurement],
+    workload: &str,
+    f: impl Fn(&Row) -> Option<Stat> + Copy,
+    lower: bool,
+) -> Option<(f64, String, f64)> {
+    let me = median_of(ms, workload, "nodeproxy", f)?;
+    let (peer, best) = best_peer(ms, workload, f, lower)?;
+    Some((me, peer, best))
+}
+
 /// Issue 6's goals for nodeproxy, checked against this run's medians (rows without data, e.g.
 /// under `--only`, are left out).
 pub fn targets(ms: &[Measurement]) -> String {
@@ -280,10 +292,7 @@ pub fn targets(ms: &[Measurement]) -> String {
     let cpu = |r: &Row| r.cpu;
     let p99 = |r: &Row| r.p99;
     for (w, label) in [("h1-keepalive", "HTTP/1.1 keep-alive"), ("h2c", "h2c")] {
-        if let (Some(me), Some((peer, best))) = (
-            median_of(ms, w, "nodeproxy", rps),
-            best_peer(ms, w, rps, false),
-        ) {
+        if let Some((me, peer, best)) = vs_best_peer(ms, w, rps, false) {
             let r = me / best;
             rows.push([
                 format!("{label} req/s"),
@@ -292,10 +301,7 @@ pub fn targets(ms: &[Measurement]) -> String {
                 met(r >= 1.10),
             ]);
         }
-        if let (Some(me), Some((peer, best))) = (
-            median_of(ms, w, "nodeproxy", cpu),
-            best_peer(ms, w, cpu, true),
-        ) {
+        if let Some((me, peer, best)) = vs_best_peer(ms, w, cpu, true) {
             let r = me / best;
             rows.push([
                 format!("{label} proxy CPU / request"),
@@ -310,10 +316,7 @@ pub fn targets(ms: &[Measurement]) -> String {
         ("h2c", "h2c p99"),
         ("latency-10k", "p99 at 10k req/s"),
     ] {
-        if let (Some(me), Some((peer, best))) = (
-            median_of(ms, w, "nodeproxy", p99),
-            best_peer(ms, w, p99, true),
-        ) {
+        if let Some((me, peer, best)) = vs_best_peer(ms, w, p99, true) {
             rows.push([
                 label.into(),
                 "≤ best peer".into(),
@@ -322,10 +325,7 @@ pub fn targets(ms: &[Measurement]) -> String {
             ]);
         }
     }
-    if let (Some(me), Some((peer, best))) = (
-        median_of(ms, "h1-newconn", "nodeproxy", rps),
-        best_peer(ms, "h1-newconn", rps, false),
-    ) {
+    if let Some((me, peer, best)) = vs_best_peer(ms, "h1-newconn", rps, false) {
         let r = me / best;
         rows.push([
             "new connection per request (loopback)".into(),
