@@ -70,6 +70,21 @@ unsafe impl GlobalAlloc for MiMalloc {
     }
 }
 
+/// Return the memory freed on this thread (and by exited threads) to the OS now.
+///
+/// For after a configuration build: at 10k services the parse trees and config objects peak at
+/// about twice the snapshot that stays, and mimalloc purges freed pages only lazily, when the
+/// freeing thread allocates again; the build's thread then sleeps until the next change, so
+/// without this the process kept its build peak as RSS (308 MiB at 10k services vs 172 MiB
+/// after collecting, measured). Costs one pass over this thread's heap.
+pub fn release_freed_memory() {
+    #[allow(unsafe_code)]
+    // SAFETY: a plain FFI call without pointers; valid on any thread at any time.
+    unsafe {
+        mi::mi_collect(true)
+    }
+}
+
 #[cfg(test)]
 #[allow(unsafe_code)]
 mod tests {

@@ -127,7 +127,14 @@ impl Publisher {
     }
 
     /// Publish a built set, or record its rejection. Returns the new version when accepted.
+    /// The building's garbage and the replaced snapshot go back to the OS on the way out.
     pub fn publish(&self, built: Built, source: &str) -> Option<u64> {
+        let version = self.swap_in(built, source);
+        crate::alloc::release_freed_memory();
+        version
+    }
+
+    fn swap_in(&self, built: Built, source: &str) -> Option<u64> {
         let mut status = self.status.lock().expect("status lock");
         match built.snapshot {
             Some(mut snap) => {

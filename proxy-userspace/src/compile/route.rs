@@ -84,7 +84,7 @@ pub enum StrMatch {
     /// Starts with.
     Prefix(String),
     /// Full RE2 match.
-    Regex(FullRegex),
+    Regex(Box<FullRegex>),
     /// Present (any value).
     Present,
 }
@@ -110,7 +110,9 @@ impl StrMatch {
                 if r.len() > 1024 {
                     return Err(format!("regex is {} characters long (limit 1024)", r.len()));
                 }
-                StrMatch::Regex(FullRegex::new(r).map_err(|e| format!("invalid regex `{r}`: {e}"))?)
+                StrMatch::Regex(Box::new(
+                    FullRegex::new(r).map_err(|e| format!("invalid regex `{r}`: {e}"))?,
+                ))
             }
         } else {
             StrMatch::Present
@@ -519,6 +521,12 @@ fn ser_header_names<S: Serializer>(v: &[HeaderName], s: S) -> Result<S::Ok, S::E
 }
 
 impl HeaderOps {
+    const NONE: HeaderOps = HeaderOps {
+        set: Vec::new(),
+        add: Vec::new(),
+        remove: Vec::new(),
+    };
+
     /// Apply to a header map: remove, then set, then add.
     pub fn apply(&self, headers: &mut HeaderMap) {
         for n in &self.remove {
@@ -541,7 +549,7 @@ impl HeaderOps {
 /// Request and response header mutations, plus an authority override taken from `set: {host}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Default)]
 #[serde(rename_all = "camelCase")]
-pub struct HeaderRules {
+pub struct HeaderMutations {
     /// On the upstream request.
     pub request: HeaderOps,
     /// On the downstream response.
@@ -549,6 +557,59 @@ pub struct HeaderRules {
     /// Host rewrite from `request.set/add` of `host`/`:authority`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authority: Option<String>,
+}
+
+/// What a rule without header mutations shows.
+static NO_HEADER_MUTATIONS: HeaderMutations = HeaderMutations {
+    request: HeaderOps::NONE,
+    response: HeaderOps::NONE,
+    authority: None,
+};
+
+/// The header mutations of a rule or a destination, boxed and only when there are any: most
+/// have none, and a route table holds one per rule and per destination (100k rules at 10k
+/// services; inline, the empty mutations were 168 of a rule's ~1.8 KB).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HeaderRules(Option<Box<HeaderMutations>>);
+
+impl HeaderRules {
+    /// Box `m` unless it does nothing.
+    pub fn new(m: HeaderMutations) -> Self {
+        let empty = m.request.is_empty() && m.response.is_empty() && m.authority.is_none();
+        HeaderRules((!empty).then(|| Box::new(m)))
+    }
+
+    /// The mutations (empty ones when there are none).
+    pub fn get(&self) -> &HeaderMutations {
+        self.0.as_deref().unwrap_or(&NO_HEADER_MUTATIONS)
+    }
+
+    /// Apply the request mutations.
+    #[inline]
+    pub fn apply_request(&self, headers: &mut HeaderMap) {
+        if let Some(m) = &self.0 {
+            m.request.apply(headers);
+        }
+    }
+
+    /// Apply the response mutations.
+    #[inline]
+    pub fn apply_response(&self, headers: &mut HeaderMap) {
+        if let Some(m) = &self.0 {
+            m.response.apply(headers);
+        }
+    }
+
+    /// The authority rewrite.
+    pub fn authority(&self) -> Option<&String> {
+        self.0.as_ref().and_then(|m| m.authority.as_ref())
+    }
+}
+
+impl Serialize for HeaderRules {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.get().serialize(s)
+    }
 }
 
 /// Where a route destination points.
@@ -671,7 +732,7 @@ pub enum HttpAction {
     /// Forward to weighted clusters.
     Route(WeightedClusters),
     /// Answer with a redirect.
-    Redirect(Redirect),
+    Redirect(Box<Redirect>),
     /// Answer with a fixed response.
     DirectResponse {
         /// Status.
@@ -708,7 +769,7 @@ pub struct HttpRule {
     pub action: HttpAction,
     /// Fault injection.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub fault: Option<Fault>,
+    pub fault: Option<Box<Fault>>,
     /// Route timeout (None = no timeout).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,

@@ -107,10 +107,37 @@ fn header_ops_host_becomes_authority_rewrite() {
     let snap = snapshot(&format!(
         "{SE}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r}}\nspec:\n  hosts: [reviews]\n  http:\n  - headers:\n      request:\n        set: {{host: upstream.example, x-a: b}}\n        remove: [host, x-c]\n    route: [{{destination: {{host: reviews}}}}]\n"
     ));
-    let h = &rules_for(&snap, "reviews")[0].headers;
-    assert_eq!(h.authority.as_deref(), Some("upstream.example"));
-    assert_eq!(h.request.set.len(), 1);
-    assert_eq!(h.request.remove, vec![http::HeaderName::from_static("x-c")]);
+    let rules = rules_for(&snap, "reviews");
+    let h = &rules[0].headers;
+    assert_eq!(h.authority().map(String::as_str), Some("upstream.example"));
+    assert_eq!(h.get().request.set.len(), 1);
+    assert_eq!(
+        h.get().request.remove,
+        vec![http::HeaderName::from_static("x-c")]
+    );
+    let mut map = http::HeaderMap::new();
+    map.insert("x-c", http::HeaderValue::from_static("1"));
+    h.apply_request(&mut map);
+    assert_eq!(map.get("x-a").unwrap(), "b");
+    assert!(map.get("x-c").is_none());
+}
+
+#[test]
+fn rules_without_header_mutations_hold_none_and_dump_as_before() {
+    let snap = snapshot(&format!(
+        "{SE}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r}}\nspec:\n  hosts: [reviews]\n  http:\n  - headers: {{request: {{set: {{}}}}}}\n    route: [{{destination: {{host: reviews}}}}]\n"
+    ));
+    let rules = rules_for(&snap, "reviews");
+    assert_eq!(rules[0].headers, HeaderRules::default());
+    let HttpAction::Route(w) = &rules[0].action else {
+        panic!("route action expected");
+    };
+    assert_eq!(w.clusters[0].headers, HeaderRules::default());
+    assert_eq!(w.clusters.capacity(), 1, "no spare room kept per rule");
+    assert_eq!(
+        serde_json::to_value(&rules[0].headers).unwrap(),
+        serde_json::json!({"request": {}, "response": {}})
+    );
 }
 
 fn weights_yaml(weights: &[u32]) -> String {

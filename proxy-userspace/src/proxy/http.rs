@@ -425,7 +425,7 @@ async fn pipeline<'v>(
             let mut r = b
                 .body(full(Bytes::from(body.clone())))
                 .expect("direct response");
-            rule.headers.response.apply(r.headers_mut());
+            rule.headers.apply_response(r.headers_mut());
             return (Out::Ready(r), out);
         }
         HttpAction::Redirect(rd) => {
@@ -501,14 +501,9 @@ async fn pipeline<'v>(
             upstream_authority = a.clone();
         }
     }
-    rule.headers.request.apply(&mut headers);
-    dest.headers.request.apply(&mut headers);
-    if let Some(a) = dest
-        .headers
-        .authority
-        .as_ref()
-        .or(rule.headers.authority.as_ref())
-    {
+    rule.headers.apply_request(&mut headers);
+    dest.headers.apply_request(&mut headers);
+    if let Some(a) = dest.headers.authority().or(rule.headers.authority()) {
         upstream_authority = a.clone();
     }
     headers.entry(&X_REQUEST_ID).or_insert_with(request_id);
@@ -601,8 +596,8 @@ async fn pipeline<'v>(
         Ok((resp, guards, deadline)) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            rule.headers.response.apply(&mut parts.headers);
-            dest.headers.response.apply(&mut parts.headers);
+            rule.headers.apply_response(&mut parts.headers);
+            dest.headers.apply_response(&mut parts.headers);
             parts.headers.insert(
                 X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
                 HeaderValue::from(result.upstream_ms as u64),
