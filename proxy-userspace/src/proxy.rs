@@ -6,6 +6,7 @@
 //! reads the current [`View`] (snapshot + cluster state) once; in-flight requests finish on the
 //! view they started with.
 
+pub mod accepted;
 pub mod affinity;
 pub mod body;
 pub mod error;

@@ -39,7 +39,7 @@ const COALESCE: usize = 16 * 1024;
 /// A downstream transport. Plain TCP can wait for bytes without a buffer.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Ready when the connection has bytes (or an error) to read.
-    fn poll_idle(&self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_idle(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
     }
 
@@ -50,7 +50,7 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 }
 
 impl Transport for tokio::net::TcpStream {
-    fn poll_idle(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         self.poll_read_ready(cx)
     }
 

@@ -13,6 +13,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
+use super::accepted::Accepted;
 use super::{ConnInfo, ListenerRef, Shared, h1server, tcp, tls};
 use crate::compile::{ListenerKind, Protocol, Snapshot};
 use crate::publish::Publisher;
@@ -137,15 +138,14 @@ pub async fn run_worker(
     }
 }
 
-/// Register an accepted (non-blocking, not yet registered) socket with this runtime's I/O
-/// driver and serve it on a task of this runtime.
+/// Serve an accepted (non-blocking, not yet registered) socket on a task of this runtime; it
+/// joins this runtime's I/O driver when it first has to wait (see [`Accepted`]).
 pub fn spawn_served(shared: &Arc<Shared>, conn: Arc<ConnInfo>, stream: std::net::TcpStream) {
-    match TcpStream::from_std(stream) {
-        Ok(s) => {
-            tokio::spawn(serve_connection(shared.clone(), conn, s));
-        }
-        Err(e) => tracing::warn!(peer = %conn.peer, error = %e, "register accepted connection"),
-    }
+    tokio::spawn(serve_connection(
+        shared.clone(),
+        conn,
+        Accepted::new(stream),
+    ));
 }
 
 /// Accept captured connections: their original destination comes from the kernel; a
@@ -245,8 +245,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: Listener, lref: ListenerRef)
     }
 }
 
-/// Serve one accepted connection according to its listener's protocol.
-pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, stream: TcpStream) {
+/// Serve one accepted connection according to its listener's protocol. Plain HTTP/1 is served
+/// on the bare socket as long as nothing has to wait; TLS, TCP and protocol sniffing register
+/// it at once.
+pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, accepted: Accepted) {
     let _active = shared.track_connection();
     let (protocol, tls_config) = {
         let view = shared.view.load();
@@ -268,6 +270,19 @@ pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, stream: 
             None
         };
         (l.protocol, tls_config)
+    };
+    if matches!(
+        (protocol, &tls_config),
+        (Protocol::Http | Protocol::Http2 | Protocol::Grpc, None)
+    ) {
+        return h1server::serve(shared, conn, accepted).await;
+    }
+    let stream = match accepted.into_registered() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(peer = %conn.peer, error = %e, "register accepted connection");
+            return;
+        }
     };
     if let Some(cfg) = tls_config {
         // Boxed: the TLS states are large, and an unboxed branch would size every plain
