@@ -382,3 +382,44 @@ async fn downstream_expect_continue_and_bad_requests() {
     };
     assert_eq!((refused("400"), refused("431")), (2.0, 1.0));
 }
+
+/// A new connection is read before the proxy waits on it (`Accepted`): a client that connects
+/// and speaks only later, in pieces, is served all the same, and so is one whose request is
+/// there at once.
+#[tokio::test]
+async fn late_and_split_first_requests_are_served() {
+    let s = scenario();
+    let _up = RawUpstream::start(&format!("{}:{}", s.ip(11), proxy::SERVICE_PORT)).await;
+    let _p = proxy::start(&s, None).await;
+    let vip = s.vip();
+    let mut sock = TcpStream::connect(&vip)
+        .await
+        .expect("connect to the proxy");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    sock.write_all(b"GET /cl HTTP/1.1\r\nHost: raw")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    sock.write_all(b".example\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut got))
+        .await
+        .expect("the proxy answers and closes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200 OK") && text.ends_with("\r\n\r\nhello"),
+        "{text}"
+    );
+    let text = exchange(
+        &vip,
+        b"GET /cl HTTP/1.1\r\nHost: raw.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        text.starts_with("HTTP/1.1 200 OK") && text.ends_with("\r\n\r\nhello"),
+        "{text}"
+    );
+}

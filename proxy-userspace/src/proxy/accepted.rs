@@ -9,9 +9,10 @@
 //! read and write on the bare socket first and registers it with the runtime of the task that
 //! serves it at the first call that would block; from then on it is a Tokio `TcpStream`.
 //!
-//! The first read is speculative ([`Transport::poll_idle`] answers ready once without asking
-//! the kernel): when the request is not there yet, the read buffer is held while the
-//! connection waits for it. Later idle waits (keep-alive) register and hold no buffer.
+//! The first idle wait is speculative ([`Transport::poll_idle`] answers ready once without
+//! asking the kernel); the HTTP/1 server then reads once without waiting, and when the request
+//! is not there yet it waits for real, registered and without a read buffer, like any idle
+//! connection.
 
 use std::io::{self, ErrorKind};
 use std::pin::Pin;

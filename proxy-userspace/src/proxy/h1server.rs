@@ -196,6 +196,9 @@ enum Framing {
 pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut io: I) {
     let mut buf = BytesMut::new();
     let mut first = true;
+    // The first idle wait of a new connection may be speculative (`Accepted`: answered without
+    // asking the kernel); its read must then not wait holding a buffer.
+    let mut speculative = true;
     loop {
         let head = loop {
             if first && buf.starts_with(H2_PREFACE) {
@@ -226,6 +229,16 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
                 buf = BytesMut::new();
                 if poll_fn(|cx| io.poll_idle(cx)).await.is_err() {
                     return;
+                }
+                if std::mem::take(&mut speculative) {
+                    // Read once without waiting; if nothing is there yet, wait again (now for
+                    // real) without the buffer.
+                    match read_more(&mut io, &mut buf).now_or_never() {
+                        Some(Ok(0) | Err(_)) => return,
+                        Some(Ok(_)) => {}
+                        None => buf = BytesMut::new(),
+                    }
+                    continue;
                 }
             }
             match read_more(&mut io, &mut buf).await {
