@@ -423,7 +423,7 @@ impl Analyzer<'_> {
                 &d.destination,
                 "host",
             );
-            if let Err(msg) = header_rules(d.headers.as_ref()) {
+            if let Err(msg) = header_rules(d.headers.as_deref()) {
                 out.push(e.d(
                     codes::SCHEMA,
                     Severity::Error,
@@ -540,7 +540,7 @@ impl Analyzer<'_> {
                 "mirrorPercent is above 100",
             ));
         }
-        if let Err(msg) = header_rules(r.headers.as_ref()) {
+        if let Err(msg) = header_rules(r.headers.as_deref()) {
             out.push(e.d(
                 codes::SCHEMA,
                 Severity::Error,

@@ -975,7 +975,7 @@ impl<'a> Compiler<'a> {
                     continue;
                 }
                 let (cluster, name) = self.destination(&d.destination, ns, scope);
-                let headers = header_rules(d.headers.as_ref())
+                let headers = header_rules(d.headers.as_deref())
                     .map_err(|e| (format!("route[{k}].headers"), e))?;
                 clusters.push(WeightedCluster {
                     cluster,
@@ -1051,7 +1051,7 @@ impl<'a> Compiler<'a> {
             .map(|c| compile_cors(c))
             .transpose()
             .map_err(|e| ("corsPolicy".to_string(), e))?;
-        let headers = header_rules(r.headers.as_ref()).map_err(|e| ("headers".to_string(), e))?;
+        let headers = header_rules(r.headers.as_deref()).map_err(|e| ("headers".to_string(), e))?;
         let rewrite = match &r.rewrite {
             None => None,
             Some(rw) => Some(Rewrite {
@@ -1255,9 +1255,8 @@ pub fn is_catch_all_block(m: &HttpMatch) -> bool {
 
 /// Compile one match block; errors carry the field below the block.
 pub fn compile_match(m: &config::HttpMatchRequest) -> Result<HttpMatch, (String, String)> {
-    let sm = |f: &str, v: &Option<config::StringMatch>| {
-        v.as_ref()
-            .map(StrMatch::compile)
+    let sm = |f: &str, v: Option<&config::StringMatch>| {
+        v.map(StrMatch::compile)
             .transpose()
             .map_err(|e| (f.to_string(), e))
     };
@@ -1278,10 +1277,10 @@ pub fn compile_match(m: &config::HttpMatchRequest) -> Result<HttpMatch, (String,
     };
     Ok(HttpMatch {
         name: m.name.clone(),
-        uri: sm("uri", &m.uri)?,
-        scheme: sm("scheme", &m.scheme)?,
-        method: sm("method", &m.method)?,
-        authority: sm("authority", &m.authority)?,
+        uri: sm("uri", m.uri.as_ref())?,
+        scheme: sm("scheme", m.scheme.as_deref())?,
+        method: sm("method", m.method.as_deref())?,
+        authority: sm("authority", m.authority.as_deref())?,
         headers: hdrs("headers", &m.headers)?,
         without_headers: hdrs("withoutHeaders", &m.without_headers)?,
         query_params: m

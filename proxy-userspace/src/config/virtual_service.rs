@@ -51,7 +51,7 @@ pub struct HttpRoute {
     pub direct_response: Option<Box<HttpDirectResponse>>,
     /// Delegate to another VirtualService. [later]
     #[serde(default)]
-    pub delegate: Option<serde_yaml::Value>,
+    pub delegate: Option<Box<serde_yaml::Value>>,
     /// Rewrite the path or authority before forwarding.
     #[serde(default)]
     pub rewrite: Option<Box<HttpRewrite>>,
@@ -66,7 +66,7 @@ pub struct HttpRoute {
     pub fault: Option<Box<HttpFaultInjection>>,
     /// Single mirror destination.
     #[serde(default)]
-    pub mirror: Option<Destination>,
+    pub mirror: Option<Box<Destination>>,
     /// Share of requests mirrored to `mirror` (default 100%).
     #[serde(default)]
     pub mirror_percentage: Option<Percent>,
@@ -81,10 +81,11 @@ pub struct HttpRoute {
     pub cors_policy: Option<Box<CorsPolicy>>,
     /// Header operations at rule level.
     #[serde(default)]
-    pub headers: Option<Headers>,
+    pub headers: Option<Box<Headers>>,
 }
 
-/// One `match[]` block of an HTTP rule: all conditions must hold.
+/// One `match[]` block of an HTTP rule: all conditions must hold. Rarely used parts are boxed:
+/// a 10k-service configuration holds ~100k of these (and the Kubernetes source keeps them).
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpMatchRequest {
@@ -96,13 +97,13 @@ pub struct HttpMatchRequest {
     pub uri: Option<StringMatch>,
     /// `:scheme` match.
     #[serde(default)]
-    pub scheme: Option<StringMatch>,
+    pub scheme: Option<Box<StringMatch>>,
     /// `:method` match.
     #[serde(default)]
-    pub method: Option<StringMatch>,
+    pub method: Option<Box<StringMatch>>,
     /// `:authority`/Host as sent, port included.
     #[serde(default)]
-    pub authority: Option<StringMatch>,
+    pub authority: Option<Box<StringMatch>>,
     /// Request header matches.
     #[serde(default)]
     pub headers: BTreeMap<String, StringMatch>,
@@ -129,7 +130,7 @@ pub struct HttpMatchRequest {
     pub source_namespace: Option<String>,
     /// Envoy per-route stats prefix. [later]
     #[serde(default)]
-    pub stat_prefix: Option<serde_yaml::Value>,
+    pub stat_prefix: Option<Box<serde_yaml::Value>>,
 }
 
 /// `HTTPRouteDestination{destination, weight, headers}`.
@@ -143,7 +144,7 @@ pub struct HttpRouteDestination {
     pub weight: Option<i64>,
     /// Header operations when this destination is picked.
     #[serde(default)]
-    pub headers: Option<Headers>,
+    pub headers: Option<Box<Headers>>,
 }
 
 /// `HTTPRedirect`.
