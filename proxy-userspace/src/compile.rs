@@ -140,7 +140,7 @@ impl HttpTable {
         // Tables live as long as the snapshot and are large at scale: no spare capacity.
         vh.rules.shrink_to_fit();
         for r in vh.rules.iter_mut().chain(vh.default_rules.iter_mut()) {
-            r.matches.shrink_to_fit();
+            r.shrink_to_fit();
         }
         vh.domains.shrink_to_fit();
         let idx = self.vhosts.len();
@@ -991,9 +991,6 @@ impl<'a> Compiler<'a> {
                 ));
             }
             let total = clusters.iter().map(|c| c.weight).sum();
-            // Pushed one by one, the vector has room for four (224 bytes each): at scale that
-            // spare room was a third of a rule's memory.
-            clusters.shrink_to_fit();
             HttpAction::Route(WeightedClusters { clusters, total })
         };
         let fault = r
@@ -1076,10 +1073,7 @@ impl<'a> Compiler<'a> {
             fault,
             timeout: r.timeout.map(|d| d.get()).filter(|d| !d.is_zero()),
             retry,
-            mirrors: {
-                mirrors.shrink_to_fit();
-                mirrors
-            },
+            mirrors,
             cors: cors.map(Box::new),
             headers,
             rewrite: rewrite.map(Box::new),

@@ -66,12 +66,11 @@ impl Accepted {
 
     /// The registered stream, registering it on the way.
     fn registered(&mut self) -> io::Result<&mut TcpStream> {
-        if let State::Bare(_) = self.state {
-            let State::Bare(s) = std::mem::replace(&mut self.state, State::Failed) else {
-                unreachable!("checked above");
-            };
-            self.state = State::Registered(TcpStream::from_std(s)?);
-        }
+        // `Failed` stays if registering fails.
+        self.state = match std::mem::replace(&mut self.state, State::Failed) {
+            State::Bare(s) => State::Registered(TcpStream::from_std(s)?),
+            other => other,
+        };
         match &mut self.state {
             State::Registered(s) => Ok(s),
             _ => Err(failed()),

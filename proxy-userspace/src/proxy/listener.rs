@@ -271,32 +271,28 @@ pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, accepted
         };
         (l.protocol, tls_config)
     };
-    if matches!(
-        (protocol, &tls_config),
-        (Protocol::Http | Protocol::Http2 | Protocol::Grpc, None)
-    ) {
-        return h1server::serve(shared, conn, accepted).await;
-    }
-    let stream = match accepted.into_registered() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(peer = %conn.peer, error = %e, "register accepted connection");
-            return;
-        }
-    };
     if let Some(cfg) = tls_config {
-        // Boxed: the TLS states are large, and an unboxed branch would size every plain
-        // connection's task for them.
-        Box::pin(serve_tls(shared, conn, stream, cfg)).await;
+        if let Some(stream) = register(accepted, &conn) {
+            // Boxed: the TLS states are large, and an unboxed branch would size every plain
+            // connection's task for them.
+            Box::pin(serve_tls(shared, conn, stream, cfg)).await;
+        }
         return;
     }
     match protocol {
         Protocol::Http | Protocol::Http2 | Protocol::Grpc => {
-            h1server::serve(shared, conn, stream).await
+            h1server::serve(shared, conn, accepted).await
         }
-        Protocol::Tcp => tcp::proxy(shared, conn, stream, false).await,
-        Protocol::Https | Protocol::Tls => tcp::proxy(shared, conn, stream, true).await,
+        Protocol::Tcp | Protocol::Https | Protocol::Tls => {
+            if let Some(stream) = register(accepted, &conn) {
+                let tls = !matches!(protocol, Protocol::Tcp);
+                tcp::proxy(shared, conn, stream, tls).await
+            }
+        }
         Protocol::Unknown => {
+            let Some(stream) = register(accepted, &conn) else {
+                return;
+            };
             let mut buf = [0u8; 16];
             let n = tokio::time::timeout(Duration::from_secs(5), stream.peek(&mut buf))
                 .await
@@ -310,6 +306,17 @@ pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, accepted
             }
         }
     }
+}
+
+/// The connection as a Tokio stream, for the paths that wait at once (TLS handshake, TCP copy,
+/// protocol sniffing); `None`, logged, when it cannot be registered.
+fn register(accepted: Accepted, conn: &ConnInfo) -> Option<TcpStream> {
+    accepted
+        .into_registered()
+        .inspect_err(
+            |e| tracing::warn!(peer = %conn.peer, error = %e, "register accepted connection"),
+        )
+        .ok()
 }
 
 async fn serve_tls(
