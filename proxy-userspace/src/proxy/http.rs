@@ -67,153 +67,165 @@ impl Outcome_<'_> {
 
 /// Handle one downstream request. While the proxy drains, HTTP/1 responses carry
 /// `Connection: close` so keep-alive clients move to the next proxy after their request.
-pub async fn handle(
+///
+/// `handle` and `pipeline` return `async move` blocks instead of being `async fn`s: an
+/// `async fn` keeps its by-value arguments (the 264-byte request) a second time next to the
+/// locals they move into, and each await of a nested level moves the whole inner future.
+/// Measured with callgrind: −440 instructions per HTTP/1.1 request (−1.7%), the boxed
+/// request future 4.5 → 3.5 KB.
+#[allow(clippy::manual_async_fn)]
+pub fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
     req: Request<RequestBody>,
+) -> impl Future<Output = Response<BoxBody>> {
+    async move {
+        let http1 = req.version() < http::Version::HTTP_2;
+        let start = Instant::now();
+        let view = shared.view.load_full();
+        let grpc = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.starts_with("application/grpc"));
+        let mut log = AccessLog::start(&req, &conn);
+        // Cheap handles (shared bytes) kept for the metric labels after the request is consumed.
+        let (uri_authority, host) = authority_parts(&req);
+        let raw_authority = authority_str(&uri_authority, &host);
+        let authority = crate::compile::strip_port(raw_authority);
+        let (out_kind, mut out) = pipeline(&shared, &view, &conn, req, raw_authority, start).await;
+        let snap = &view.snapshot;
+        let protocol = if grpc { "grpc" } else { "http" };
+        let labels = |status: u16, flags: Flags, grpc_status: &str| HttpLabels {
+            peers: peers(
+                &conn.source_side(snap),
+                out.ep.as_ref().map(|e| &e.side),
+                out.cid.map(|c| snap.service(snap.clusters[c].service)),
+                authority,
+                protocol,
+            ),
+            response_code: code_label(status),
+            grpc_response_status: Arc::from(grpc_status),
+            response_flags: flags_label(flags),
+        };
+        let (resp, guards, deadline, flags) = match out_kind {
+            Out::Local(local) => {
+                let flags = local.flags;
+                let r = local.into_response(grpc);
+                let grpc_status = r
+                    .headers()
+                    .get(&GRPC_STATUS)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                let body_len = r
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                shared.metrics.record_http(
+                    &labels(r.status().as_u16(), flags, grpc_status),
+                    start.elapsed().as_secs_f64() * 1000.0,
+                    out.request_bytes,
+                    body_len,
+                );
+                if let Some(log) = &mut log {
+                    // After failed attempts (503 UF, 504 UT, ...): the last host tried.
+                    let upstream = out.take_upstream_host();
+                    log.finish_local(&r, flags, out.route, out.cluster, upstream);
+                }
+                return closing_if_draining(&shared, http1, r);
+            }
+            Out::Ready(r) => {
+                let (parts, body) = r.into_parts();
+                (
+                    Response::from_parts(parts, body),
+                    Guards::default(),
+                    None,
+                    out.flags,
+                )
+            }
+            Out::Upstream(r, guards, deadline) => {
+                let (parts, body) = r.into_parts();
+                (
+                    Response::from_parts(parts, body.boxed_unsync()),
+                    guards,
+                    deadline,
+                    out.flags,
+                )
+            }
+        };
+        let status = resp.status();
+        // Istio's `grpc_response_status` label is for gRPC requests only.
+        let grpc_status = if grpc {
+            resp.headers()
+                .get(&GRPC_STATUS)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+        } else {
+            ""
+        };
+        // The per-endpoint series cache spares building and hashing the full label set per request.
+        let series = match &out.ep {
+            Some(ep) => {
+                let src = conn.source_side(snap);
+                let key = crate::upstream::SeriesKey {
+                    source: src.workload.clone(),
+                    source_ns: src.namespace.clone(),
+                    code: status.as_u16(),
+                    flags: flags.bits(),
+                    grpc: grpc_status.parse().ok(),
+                };
+                ep.series(key, || {
+                    shared
+                        .metrics
+                        .series(&labels(status.as_u16(), flags, grpc_status))
+                })
+            }
+            None => shared
+                .metrics
+                .series(&labels(status.as_u16(), flags, grpc_status)),
+        };
+        let end = RequestEnd {
+            start,
+            series,
+            request_bytes: out.request_bytes,
+            log: log.map(|mut l| {
+                let upstream = out.take_upstream_host();
+                l.set(
+                    flags,
+                    out.route.map(str::to_string),
+                    out.cluster.map(str::to_string),
+                    upstream,
+                );
+                l.with_status(status)
+            }),
+        };
+        let (parts, body) = resp.into_parts();
+        let body = Guarded::new(
+            body,
+            deadline,
+            guards,
+            Some(Box::new(end) as Box<dyn OnEnd>),
+        );
+        closing_if_draining(
+            &shared,
+            http1,
+            Response::from_parts(parts, body.boxed_unsync()),
+        )
+    }
+}
+
+fn closing_if_draining(
+    shared: &Shared,
+    http1: bool,
+    mut resp: Response<BoxBody>,
 ) -> Response<BoxBody> {
-    let http1 = req.version() < http::Version::HTTP_2;
-    let mut resp = handle_request(shared.clone(), conn, req).await;
     if http1 && shared.draining() {
         resp.headers_mut()
             .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
     }
     resp
-}
-
-async fn handle_request(
-    shared: Arc<Shared>,
-    conn: Arc<ConnInfo>,
-    req: Request<RequestBody>,
-) -> Response<BoxBody> {
-    let start = Instant::now();
-    let view = shared.view.load_full();
-    let grpc = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|c| c.starts_with("application/grpc"));
-    let mut log = AccessLog::start(&req, &conn);
-    // Cheap handles (shared bytes) kept for the metric labels after the request is consumed.
-    let (uri_authority, host) = authority_parts(&req);
-    let raw_authority = authority_str(&uri_authority, &host);
-    let authority = crate::compile::strip_port(raw_authority);
-    let (out_kind, mut out) = pipeline(&shared, &view, &conn, req, raw_authority, start).await;
-    let snap = &view.snapshot;
-    let protocol = if grpc { "grpc" } else { "http" };
-    let labels = |status: u16, flags: Flags, grpc_status: &str| HttpLabels {
-        peers: peers(
-            &conn.source_side(snap),
-            out.ep.as_ref().map(|e| &e.side),
-            out.cid.map(|c| snap.service(snap.clusters[c].service)),
-            authority,
-            protocol,
-        ),
-        response_code: code_label(status),
-        grpc_response_status: Arc::from(grpc_status),
-        response_flags: flags_label(flags),
-    };
-    let (resp, guards, deadline, flags) = match out_kind {
-        Out::Local(local) => {
-            let flags = local.flags;
-            let r = local.into_response(grpc);
-            let grpc_status = r
-                .headers()
-                .get(&GRPC_STATUS)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            let body_len = r
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            shared.metrics.record_http(
-                &labels(r.status().as_u16(), flags, grpc_status),
-                start.elapsed().as_secs_f64() * 1000.0,
-                out.request_bytes,
-                body_len,
-            );
-            if let Some(log) = &mut log {
-                // After failed attempts (503 UF, 504 UT, ...): the last host tried.
-                let upstream = out.take_upstream_host();
-                log.finish_local(&r, flags, out.route, out.cluster, upstream);
-            }
-            return r;
-        }
-        Out::Ready(r) => {
-            let (parts, body) = r.into_parts();
-            (
-                Response::from_parts(parts, body),
-                Guards::default(),
-                None,
-                out.flags,
-            )
-        }
-        Out::Upstream(r, guards, deadline) => {
-            let (parts, body) = r.into_parts();
-            (
-                Response::from_parts(parts, body.boxed_unsync()),
-                guards,
-                deadline,
-                out.flags,
-            )
-        }
-    };
-    let status = resp.status();
-    // Istio's `grpc_response_status` label is for gRPC requests only.
-    let grpc_status = if grpc {
-        resp.headers()
-            .get(&GRPC_STATUS)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    } else {
-        ""
-    };
-    // The per-endpoint series cache spares building and hashing the full label set per request.
-    let series = match &out.ep {
-        Some(ep) => {
-            let src = conn.source_side(snap);
-            let key = crate::upstream::SeriesKey {
-                source: src.workload.clone(),
-                source_ns: src.namespace.clone(),
-                code: status.as_u16(),
-                flags: flags.bits(),
-                grpc: grpc_status.parse().ok(),
-            };
-            ep.series(key, || {
-                shared
-                    .metrics
-                    .series(&labels(status.as_u16(), flags, grpc_status))
-            })
-        }
-        None => shared
-            .metrics
-            .series(&labels(status.as_u16(), flags, grpc_status)),
-    };
-    let end = RequestEnd {
-        start,
-        series,
-        request_bytes: out.request_bytes,
-        log: log.map(|mut l| {
-            let upstream = out.take_upstream_host();
-            l.set(
-                flags,
-                out.route.map(str::to_string),
-                out.cluster.map(str::to_string),
-                upstream,
-            );
-            l.with_status(status)
-        }),
-    };
-    let (parts, body) = resp.into_parts();
-    let body = Guarded::new(
-        body,
-        deadline,
-        guards,
-        Some(Box::new(end) as Box<dyn OnEnd>),
-    );
-    Response::from_parts(parts, body.boxed_unsync())
 }
 
 /// The request's `:authority` (absolute-form URI) and `Host`, as shared handles.
@@ -303,322 +315,327 @@ enum Out {
 
 type Result2<'v> = (Out, Outcome_<'v>);
 
-async fn pipeline<'v>(
+#[allow(clippy::manual_async_fn)] // see `handle`
+fn pipeline<'v>(
     shared: &Arc<Shared>,
     view: &'v Arc<View>,
     conn: &ConnInfo,
     req: Request<RequestBody>,
     authority: &str,
     start: Instant,
-) -> Result2<'v> {
-    let mut out = Outcome_ {
-        flags: Flags::NONE,
-        cluster: None,
-        upstream: None,
-        route: None,
-        cid: None,
-        ep: None,
-        request_bytes: 0,
-    };
-    let snap = &view.snapshot;
-    let listener = match conn.listener.lookup(snap) {
-        Some(l) => l,
-        None => return (Out::Local(LocalReply::new(404, "", Flags::NR)), out),
-    };
-    let table = match listener.http {
-        Some(t) => &snap.http_tables[t],
-        None => return (Out::Local(LocalReply::new(404, "", Flags::NR)), out),
-    };
-    let Some(vi) = table.vhost(authority).or(listener.fallback_vhost) else {
-        return (Out::Local(LocalReply::new(404, "", Flags::NR)), out);
-    };
-    let vhost = &table.vhosts[vi];
-    let pq = req.uri().path_and_query().cloned();
-    let path_and_query = pq.as_ref().map_or("/", |p| p.as_str());
-    if vhost.https_redirect {
-        let host = crate::compile::strip_port(authority);
-        let r = Response::builder()
-            .status(StatusCode::MOVED_PERMANENTLY)
-            .header(header::LOCATION, format!("https://{host}{path_and_query}"))
-            .header(header::CONTENT_LENGTH, 0)
-            .body(empty())
-            .expect("redirect");
-        return (Out::Ready(r), out);
-    }
-    let source = conn.source_info(snap);
-    let scheme = conn.scheme;
-    let view_req = RequestView {
-        method: req.method().as_str(),
-        scheme,
-        authority,
-        path_and_query,
-        headers: req.headers(),
-        source,
-    };
-    let (rules, m) = match match_http(&vhost.rules, &view_req) {
-        RuleMatch::NoneApply => (
-            &vhost.default_rules,
-            match_http(&vhost.default_rules, &view_req),
-        ),
-        m => (&vhost.rules, m),
-    };
-    let RuleMatch::Matched { rule, block } = m else {
-        return (Out::Local(LocalReply::new(404, "", Flags::NR)), out);
-    };
-    let rule = &rules[rule];
-    out.route = Some(rule.name.as_deref().unwrap_or(&rule.origin));
-    // CORS preflight.
-    let origin = req
-        .headers()
-        .get(header::ORIGIN)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let cors_allowed = match (&rule.cors, &origin) {
-        (Some(c), Some(o)) => c.allow_origins.iter().any(|m| m.matches(o)),
-        _ => false,
-    };
-    if let (Some(cors), Some(o)) = (&rule.cors, &origin) {
-        let preflight = req.method() == Method::OPTIONS
-            && req
-                .headers()
-                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-        if preflight && (cors_allowed || !cors.forward_unmatched_preflights) {
-            return (Out::Ready(preflight_response(cors, o, cors_allowed)), out);
-        }
-    }
-    // Fault injection: delay (outside the route timeout), then abort, each its own draw.
-    if let Some(f) = &rule.fault {
-        if let Some((d, ppm)) = f.delay
-            && fires(ppm)
-        {
-            out.flags = out.flags.with(Flags::DI);
-            tokio::time::sleep(d).await;
-        }
-        if let Some((status, ppm)) = f.abort
-            && fires(ppm)
-        {
-            let mut r = match status {
-                AbortStatus::Http(s) => LocalReply::new(s, BODY_FAULT, out.flags.with(Flags::FI)),
-                AbortStatus::Grpc(g) => {
-                    let mut r = LocalReply::new(200, BODY_FAULT, out.flags.with(Flags::FI));
-                    r.grpc_status = Some(g);
-                    r
-                }
-            };
-            if matches!(status, AbortStatus::Grpc(_)) {
-                let resp = r.into_response(true);
-                out.flags = out.flags.with(Flags::FI);
-                return (Out::Ready(resp), out);
-            }
-            r.flags = out.flags.with(Flags::FI);
-            return (Out::Local(r), out);
-        }
-    }
-    let wc = match &rule.action {
-        HttpAction::DirectResponse { status, body } => {
-            let mut b = Response::builder()
-                .status(*status)
-                .header(header::CONTENT_LENGTH, body.len());
-            if !body.is_empty() {
-                b = b.header(header::CONTENT_TYPE, "text/plain");
-            }
-            let mut r = b
-                .body(full(Bytes::from(body.clone())))
-                .expect("direct response");
-            rule.headers.apply_response(r.headers_mut());
-            return (Out::Ready(r), out);
-        }
-        HttpAction::Redirect(rd) => {
-            let matched_prefix = block.and_then(|b| match &rule.matches[b].uri {
-                Some(StrMatch::Prefix(p)) => Some(p.as_str()),
-                _ => None,
-            });
-            let loc = redirect_location(
-                rd,
-                scheme,
-                authority,
-                path_and_query,
-                matched_prefix,
-                conn.port(),
-            );
+) -> impl Future<Output = Result2<'v>> {
+    async move {
+        let mut out = Outcome_ {
+            flags: Flags::NONE,
+            cluster: None,
+            upstream: None,
+            route: None,
+            cid: None,
+            ep: None,
+            request_bytes: 0,
+        };
+        let snap = &view.snapshot;
+        let listener = match conn.listener.lookup(snap) {
+            Some(l) => l,
+            None => return (Out::Local(LocalReply::new(404, "", Flags::NR)), out),
+        };
+        let table = match listener.http {
+            Some(t) => &snap.http_tables[t],
+            None => return (Out::Local(LocalReply::new(404, "", Flags::NR)), out),
+        };
+        let Some(vi) = table.vhost(authority).or(listener.fallback_vhost) else {
+            return (Out::Local(LocalReply::new(404, "", Flags::NR)), out);
+        };
+        let vhost = &table.vhosts[vi];
+        let pq = req.uri().path_and_query().cloned();
+        let path_and_query = pq.as_ref().map_or("/", |p| p.as_str());
+        if vhost.https_redirect {
+            let host = crate::compile::strip_port(authority);
             let r = Response::builder()
-                .status(rd.code)
-                .header(header::LOCATION, loc)
+                .status(StatusCode::MOVED_PERMANENTLY)
+                .header(header::LOCATION, format!("https://{host}{path_and_query}"))
                 .header(header::CONTENT_LENGTH, 0)
                 .body(empty())
                 .expect("redirect");
             return (Out::Ready(r), out);
         }
-        HttpAction::Route(wc) => wc,
-    };
-    let dest = if wc.clusters.len() == 1 {
-        &wc.clusters[0]
-    } else {
-        wc.pick(rand::rng().random_range(0..wc.total))
-    };
-    out.cluster = Some(&dest.name);
-    let ClusterRef::Cluster(cid) = dest.cluster else {
-        return (
-            Out::Local(LocalReply::new(503, "", out.flags.with(Flags::NC))),
-            out,
-        );
-    };
-    out.cid = Some(cid);
-    let cluster = &snap.clusters[cid];
-    let state = view.clusters[cid].clone();
-
-    // Build the upstream request: buffered body, rewritten path, header mutations.
-    let downstream_version = req.version();
-    let (mut parts, body) = req.into_parts();
-    // The HTTP/1.1 server attaches `OnUpgrade` exactly to upgrade requests.
-    let upgrade = parts.extensions.remove::<OnUpgrade>();
-    let body = match Limited::new(body, MAX_BUFFERED_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            let too_big = e
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-                || e.downcast_ref::<BodyTooLarge>().is_some();
+        let source = conn.source_info(snap);
+        let scheme = conn.scheme;
+        let view_req = RequestView {
+            method: req.method().as_str(),
+            scheme,
+            authority,
+            path_and_query,
+            headers: req.headers(),
+            source,
+        };
+        let (rules, m) = match match_http(&vhost.rules, &view_req) {
+            RuleMatch::NoneApply => (
+                &vhost.default_rules,
+                match_http(&vhost.default_rules, &view_req),
+            ),
+            m => (&vhost.rules, m),
+        };
+        let RuleMatch::Matched { rule, block } = m else {
+            return (Out::Local(LocalReply::new(404, "", Flags::NR)), out);
+        };
+        let rule = &rules[rule];
+        out.route = Some(rule.name.as_deref().unwrap_or(&rule.origin));
+        // CORS preflight.
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let cors_allowed = match (&rule.cors, &origin) {
+            (Some(c), Some(o)) => c.allow_origins.iter().any(|m| m.matches(o)),
+            _ => false,
+        };
+        if let (Some(cors), Some(o)) = (&rule.cors, &origin) {
+            let preflight = req.method() == Method::OPTIONS
+                && req
+                    .headers()
+                    .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+            if preflight && (cors_allowed || !cors.forward_unmatched_preflights) {
+                return (Out::Ready(preflight_response(cors, o, cors_allowed)), out);
+            }
+        }
+        // Fault injection: delay (outside the route timeout), then abort, each its own draw.
+        if let Some(f) = &rule.fault {
+            if let Some((d, ppm)) = f.delay
+                && fires(ppm)
+            {
+                out.flags = out.flags.with(Flags::DI);
+                tokio::time::sleep(d).await;
+            }
+            if let Some((status, ppm)) = f.abort
+                && fires(ppm)
+            {
+                let mut r = match status {
+                    AbortStatus::Http(s) => {
+                        LocalReply::new(s, BODY_FAULT, out.flags.with(Flags::FI))
+                    }
+                    AbortStatus::Grpc(g) => {
+                        let mut r = LocalReply::new(200, BODY_FAULT, out.flags.with(Flags::FI));
+                        r.grpc_status = Some(g);
+                        r
+                    }
+                };
+                if matches!(status, AbortStatus::Grpc(_)) {
+                    let resp = r.into_response(true);
+                    out.flags = out.flags.with(Flags::FI);
+                    return (Out::Ready(resp), out);
+                }
+                r.flags = out.flags.with(Flags::FI);
+                return (Out::Local(r), out);
+            }
+        }
+        let wc = match &rule.action {
+            HttpAction::DirectResponse { status, body } => {
+                let mut b = Response::builder()
+                    .status(*status)
+                    .header(header::CONTENT_LENGTH, body.len());
+                if !body.is_empty() {
+                    b = b.header(header::CONTENT_TYPE, "text/plain");
+                }
+                let mut r = b
+                    .body(full(Bytes::from(body.clone())))
+                    .expect("direct response");
+                rule.headers.apply_response(r.headers_mut());
+                return (Out::Ready(r), out);
+            }
+            HttpAction::Redirect(rd) => {
+                let matched_prefix = block.and_then(|b| match &rule.matches[b].uri {
+                    Some(StrMatch::Prefix(p)) => Some(p.as_str()),
+                    _ => None,
+                });
+                let loc = redirect_location(
+                    rd,
+                    scheme,
+                    authority,
+                    path_and_query,
+                    matched_prefix,
+                    conn.port(),
+                );
+                let r = Response::builder()
+                    .status(rd.code)
+                    .header(header::LOCATION, loc)
+                    .header(header::CONTENT_LENGTH, 0)
+                    .body(empty())
+                    .expect("redirect");
+                return (Out::Ready(r), out);
+            }
+            HttpAction::Route(wc) => wc,
+        };
+        let dest = if wc.clusters.len() == 1 {
+            &wc.clusters[0]
+        } else {
+            wc.pick(rand::rng().random_range(0..wc.total))
+        };
+        out.cluster = Some(&dest.name);
+        let ClusterRef::Cluster(cid) = dest.cluster else {
             return (
-                Out::Local(if too_big {
-                    LocalReply::new(413, "request body too large to buffer", out.flags)
-                } else {
-                    LocalReply::new(400, "", out.flags.with(Flags::DPE))
-                }),
+                Out::Local(LocalReply::new(503, "", out.flags.with(Flags::NC))),
                 out,
             );
+        };
+        out.cid = Some(cid);
+        let cluster = &snap.clusters[cid];
+        let state = view.clusters[cid].clone();
+
+        // Build the upstream request: buffered body, rewritten path, header mutations.
+        let downstream_version = req.version();
+        let (mut parts, body) = req.into_parts();
+        // The HTTP/1.1 server attaches `OnUpgrade` exactly to upgrade requests.
+        let upgrade = parts.extensions.remove::<OnUpgrade>();
+        let body = match Limited::new(body, MAX_BUFFERED_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                let too_big = e
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                    || e.downcast_ref::<BodyTooLarge>().is_some();
+                return (
+                    Out::Local(if too_big {
+                        LocalReply::new(413, "request body too large to buffer", out.flags)
+                    } else {
+                        LocalReply::new(400, "", out.flags.with(Flags::DPE))
+                    }),
+                    out,
+                );
+            }
+        };
+        out.request_bytes = body.len() as u64;
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::HOST);
+        let mut upstream_authority = authority.to_string();
+        let mut path = path_and_query.to_string();
+        if let Some(rw) = &rule.rewrite {
+            path = rewrite_path(rw, rule, block, &path);
+            if let Some(a) = &rw.authority {
+                upstream_authority = a.clone();
+            }
         }
-    };
-    out.request_bytes = body.len() as u64;
-    let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
-    headers.remove(header::HOST);
-    let mut upstream_authority = authority.to_string();
-    let mut path = path_and_query.to_string();
-    if let Some(rw) = &rule.rewrite {
-        path = rewrite_path(rw, rule, block, &path);
-        if let Some(a) = &rw.authority {
+        rule.headers.apply_request(&mut headers);
+        dest.headers.apply_request(&mut headers);
+        if let Some(a) = dest.headers.authority().or(rule.headers.authority()) {
             upstream_authority = a.clone();
         }
-    }
-    rule.headers.apply_request(&mut headers);
-    dest.headers.apply_request(&mut headers);
-    if let Some(a) = dest.headers.authority().or(rule.headers.authority()) {
-        upstream_authority = a.clone();
-    }
-    headers.entry(&X_REQUEST_ID).or_insert_with(request_id);
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
-    );
-    let method = parts.method;
-    let mut ureq = UpstreamRequest {
-        method,
-        path,
-        authority: upstream_authority,
-        headers,
-        body,
-    };
-    if let Some(on_upgrade) = upgrade {
-        // WebSocket and other HTTP/1.1 upgrades: a dedicated upstream connection, then bytes
-        // both ways once the upstream answers 101.
-        ureq.headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        // Boxed: rare, and its state would otherwise size every request's.
-        let r = Box::pin(forward_upgrade(&state, &ureq, on_upgrade)).await;
-        return match r {
-            Ok(resp) => {
-                out.upstream = resp.extensions().get::<UpstreamHost>().map(|u| u.0.clone());
-                (Out::Ready(resp), out)
-            }
-            Err(local) => (Out::Local(local), out),
+        headers.entry(&X_REQUEST_ID).or_insert_with(request_id);
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
+        );
+        let method = parts.method;
+        let mut ureq = UpstreamRequest {
+            method,
+            path,
+            authority: upstream_authority,
+            headers,
+            body,
         };
-    }
-
-    // Mirrors: fire and forget, bounded.
-    for m in &rule.mirrors {
-        if let ClusterRef::Cluster(mid) = m.cluster
-            && fires(m.per_million)
-        {
-            let mstate = view.clusters[mid].clone();
-            let mcluster = snap.clusters[mid].clone();
-            let mut req = ureq.clone();
-            if shared.options.shadow_host_suffix {
-                req.authority = shadow_host(&req.authority);
-            }
-            shared.spawn_mirror(mstate, mcluster.protocol, req);
+        if let Some(on_upgrade) = upgrade {
+            // WebSocket and other HTTP/1.1 upgrades: a dedicated upstream connection, then bytes
+            // both ways once the upstream answers 101.
+            ureq.headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            // Boxed: rare, and its state would otherwise size every request's.
+            let r = Box::pin(forward_upgrade(&state, &ureq, on_upgrade)).await;
+            return match r {
+                Ok(resp) => {
+                    out.upstream = resp.extensions().get::<UpstreamHost>().map(|u| u.0.clone());
+                    (Out::Ready(resp), out)
+                }
+                Err(local) => (Out::Local(local), out),
+            };
         }
-    }
 
-    let hash = hash_key(
-        &cluster.policy.lb.algorithm,
-        &ureq.headers,
-        &ureq.path,
-        conn.peer,
-    );
-    let h2 = match cluster.protocol {
-        Protocol::Http2 | Protocol::Grpc => {
-            !cluster.policy.pool.use_client_protocol || downstream_version == Version::HTTP_2
-        }
-        _ if cluster.policy.pool.use_client_protocol => downstream_version == Version::HTTP_2,
-        _ => cluster.policy.pool.h2_upgrade,
-    };
-    // gRPC: the client's grpc-timeout is honoured, capped by the route timeout when there is one.
-    let grpc_timeout = ureq
-        .headers
-        .get("grpc-timeout")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_grpc_timeout);
-    let timeout = match (rule.timeout, grpc_timeout) {
-        (Some(r), Some(g)) => Some(r.min(g)),
-        (r, g) => r.or(g),
-    };
-    let result = forward(
-        &state,
-        if !cluster.passthrough {
-            Passthrough::No
-        } else if conn.original_dst != conn.local {
-            Passthrough::To(conn.original_dst)
-        } else {
-            Passthrough::Unavailable
-        },
-        rule,
-        timeout,
-        &ureq,
-        h2,
-        hash.as_ref().map(|h| h.0),
-        start,
-    )
-    .await;
-    out.flags = out.flags.with(result.flags);
-    out.ep = result.ep.clone();
-    match result.response {
-        Ok((resp, guards, deadline)) => {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
-            rule.headers.apply_response(&mut parts.headers);
-            dest.headers.apply_response(&mut parts.headers);
-            parts.headers.insert(
-                X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
-                HeaderValue::from(result.upstream_ms as u64),
-            );
-            if let Some((_, Some(cookie))) = &hash
-                && let Ok(v) = HeaderValue::from_str(cookie)
+        // Mirrors: fire and forget, bounded.
+        for m in &rule.mirrors {
+            if let ClusterRef::Cluster(mid) = m.cluster
+                && fires(m.per_million)
             {
-                parts.headers.append(header::SET_COOKIE, v);
+                let mstate = view.clusters[mid].clone();
+                let mcluster = snap.clusters[mid].clone();
+                let mut req = ureq.clone();
+                if shared.options.shadow_host_suffix {
+                    req.authority = shadow_host(&req.authority);
+                }
+                shared.spawn_mirror(mstate, mcluster.protocol, req);
             }
-            if cors_allowed && let (Some(c), Some(o)) = (&rule.cors, &origin) {
-                cors_headers(c, o, &mut parts.headers);
-            }
-            (
-                Out::Upstream(Response::from_parts(parts, body), guards, deadline),
-                out,
-            )
         }
-        Err(local) => {
-            let mut local = local;
-            local.flags = out.flags;
-            (Out::Local(local), out)
+
+        let hash = hash_key(
+            &cluster.policy.lb.algorithm,
+            &ureq.headers,
+            &ureq.path,
+            conn.peer,
+        );
+        let h2 = match cluster.protocol {
+            Protocol::Http2 | Protocol::Grpc => {
+                !cluster.policy.pool.use_client_protocol || downstream_version == Version::HTTP_2
+            }
+            _ if cluster.policy.pool.use_client_protocol => downstream_version == Version::HTTP_2,
+            _ => cluster.policy.pool.h2_upgrade,
+        };
+        // gRPC: the client's grpc-timeout is honoured, capped by the route timeout when there is one.
+        let grpc_timeout = ureq
+            .headers
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let timeout = match (rule.timeout, grpc_timeout) {
+            (Some(r), Some(g)) => Some(r.min(g)),
+            (r, g) => r.or(g),
+        };
+        let result = forward(
+            &state,
+            if !cluster.passthrough {
+                Passthrough::No
+            } else if conn.original_dst != conn.local {
+                Passthrough::To(conn.original_dst)
+            } else {
+                Passthrough::Unavailable
+            },
+            rule,
+            timeout,
+            &ureq,
+            h2,
+            hash.as_ref().map(|h| h.0),
+            start,
+        )
+        .await;
+        out.flags = out.flags.with(result.flags);
+        out.ep = result.ep.clone();
+        match result.response {
+            Ok((resp, guards, deadline)) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                rule.headers.apply_response(&mut parts.headers);
+                dest.headers.apply_response(&mut parts.headers);
+                parts.headers.insert(
+                    X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
+                    HeaderValue::from(result.upstream_ms as u64),
+                );
+                if let Some((_, Some(cookie))) = &hash
+                    && let Ok(v) = HeaderValue::from_str(cookie)
+                {
+                    parts.headers.append(header::SET_COOKIE, v);
+                }
+                if cors_allowed && let (Some(c), Some(o)) = (&rule.cors, &origin) {
+                    cors_headers(c, o, &mut parts.headers);
+                }
+                (
+                    Out::Upstream(Response::from_parts(parts, body), guards, deadline),
+                    out,
+                )
+            }
+            Err(local) => {
+                let mut local = local;
+                local.flags = out.flags;
+                (Out::Local(local), out)
+            }
         }
     }
 }
