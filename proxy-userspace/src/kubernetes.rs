@@ -4,7 +4,7 @@
 //! One watcher per resource (Services, EndpointSlices, Pods, Namespaces and the five Istio kinds
 //! of `networking.istio.io` at the group's preferred served version) sends its events to one
 //! task that owns a [`Store`]. The store keeps every object already parsed into the config model,
-//! so a change re-parses one object and re-assembles the set; the set is recompiled after a quiet
+//! so a change re-parses one object and updates the set in place; the set is recompiled after a quiet
 //! period (debounce) and published. Nothing is published before every watcher has listed once;
 //! after that a failing watch backs off and resumes (the watcher re-lists on `410 Gone`) while
 //! the last good snapshot keeps serving. An invalid object is left out with a warning instead of
@@ -100,21 +100,71 @@ impl Default for Options {
     }
 }
 
-/// One parsed object (a set holding just it) and what loading it said.
-#[derive(Debug, Clone)]
+/// What one watched object contributed: how many objects of its kind it parsed into (0 when it
+/// did not parse, else 1) and what loading it said.
+#[derive(Debug, Clone, Default)]
 struct Entry {
-    set: ConfigSet,
+    count: usize,
     diagnostics: Vec<Diagnostic>,
 }
 
+type Key = (Kind, String, String);
+
 /// Every object the source has seen, parsed, by resource and `namespace/name`.
+///
+/// The parsed objects live in one [`ConfigSet`], each kind's list in key order (the order a
+/// fresh load of the objects sorted by key would give), and are updated in place: a build
+/// borrows the set instead of assembling a copy of every object (at 10k services the copy
+/// took ~40 ms of a ~280 ms rebuild, and held the whole configuration twice).
 #[derive(Debug, Default)]
 pub struct Store {
-    objects: BTreeMap<(Kind, String, String), Entry>,
+    objects: BTreeMap<Key, Entry>,
+    set: ConfigSet,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Objects buffered during a (re)list, swapped in at its end.
     relisting: BTreeMap<Resource, Vec<serde_json::Value>>,
     synced: BTreeSet<Resource>,
+}
+
+/// `$body` with `$list` bound to `$set`'s list of `$kind` (`&mut Vec<Object<_>>`) and `$parsed`
+/// to `$from`'s list of the same kind (moved out).
+macro_rules! with_list {
+    ($kind:expr, $set:expr, $from:expr, |$list:ident, $parsed:ident| $body:expr) => {
+        match $kind {
+            Kind::VirtualService => {
+                let ($list, $parsed) = (&mut $set.virtual_services, $from.virtual_services);
+                $body
+            }
+            Kind::DestinationRule => {
+                let ($list, $parsed) = (&mut $set.destination_rules, $from.destination_rules);
+                $body
+            }
+            Kind::Gateway => {
+                let ($list, $parsed) = (&mut $set.gateways, $from.gateways);
+                $body
+            }
+            Kind::ServiceEntry => {
+                let ($list, $parsed) = (&mut $set.service_entries, $from.service_entries);
+                $body
+            }
+            Kind::WorkloadEntry => {
+                let ($list, $parsed) = (&mut $set.workload_entries, $from.workload_entries);
+                $body
+            }
+            Kind::KubeService => {
+                let ($list, $parsed) = (&mut $set.kube_services, $from.kube_services);
+                $body
+            }
+            Kind::EndpointSlice => {
+                let ($list, $parsed) = (&mut $set.endpoint_slices, $from.endpoint_slices);
+                $body
+            }
+            Kind::Pod => {
+                let ($list, $parsed) = (&mut $set.pods, $from.pods);
+                $body
+            }
+        }
+    };
 }
 
 /// A change the watchers report.
@@ -185,14 +235,31 @@ impl Store {
                 old.as_ref() != Some(&labels)
             }
             Resource::Config(kind) => {
-                let mut set = ConfigSet::default();
+                let mut parsed = ConfigSet::default();
                 let mut diagnostics = Vec::new();
-                set.load_json(value, kube_source(kind, ns, name), &mut diagnostics);
+                parsed.load_json(value, kube_source(kind, ns, name), &mut diagnostics);
                 let key = (kind, ns.to_string(), name.to_string());
-                self.objects.insert(key, Entry { set, diagnostics });
+                let at = self.offset(&key);
+                let old = self.objects.get(&key).map_or(0, |e| e.count);
+                let count = with_list!(kind, self.set, parsed, |list, parsed| {
+                    let n = parsed.len();
+                    list.splice(at..at + old, parsed);
+                    n
+                });
+                self.objects.insert(key, Entry { count, diagnostics });
                 true
             }
         }
+    }
+
+    /// Where the objects of `key` start in their kind's list: after those of every smaller key
+    /// of the same kind.
+    fn offset(&self, key: &Key) -> usize {
+        let first = (key.0, String::new(), String::new());
+        self.objects
+            .range(first..key.clone())
+            .map(|(_, e)| e.count)
+            .sum()
     }
 
     /// Remove one object.
@@ -200,21 +267,51 @@ impl Store {
         let (ns, name) = (meta_str(value, "namespace"), meta_str(value, "name"));
         match resource {
             Resource::Namespace => self.namespaces.remove(name).is_some(),
-            Resource::Config(kind) => self
-                .objects
-                .remove(&(kind, ns.to_string(), name.to_string()))
-                .is_some(),
+            Resource::Config(kind) => {
+                let key = (kind, ns.to_string(), name.to_string());
+                let Some(entry) = self.objects.remove(&key) else {
+                    return false;
+                };
+                let at = self.offset(&key);
+                with_list!(kind, self.set, ConfigSet::default(), |list, _none| {
+                    list.drain(at..at + entry.count);
+                });
+                true
+            }
         }
     }
 
     /// Replace everything known of `resource` with a fresh list.
     pub fn replace_all(&mut self, resource: Resource, items: Vec<serde_json::Value>) {
         match resource {
-            Resource::Namespace => self.namespaces.clear(),
-            Resource::Config(kind) => self.objects.retain(|(k, _, _), _| *k != kind),
-        }
-        for item in &items {
-            self.apply(resource, item);
+            Resource::Namespace => {
+                self.namespaces.clear();
+                for item in &items {
+                    self.apply(resource, item);
+                }
+            }
+            Resource::Config(kind) => {
+                self.objects.retain(|(k, _, _), _| *k != kind);
+                with_list!(kind, self.set, ConfigSet::default(), |list, _none| list
+                    .clear());
+                // Parsed in key order and appended: one pass, not a positioned insert each.
+                let mut sorted: BTreeMap<Key, &serde_json::Value> = BTreeMap::new();
+                for item in &items {
+                    let (ns, name) = (meta_str(item, "namespace"), meta_str(item, "name"));
+                    sorted.insert((kind, ns.to_string(), name.to_string()), item);
+                }
+                for (key, item) in sorted {
+                    let mut parsed = ConfigSet::default();
+                    let mut diagnostics = Vec::new();
+                    parsed.load_json(item, kube_source(kind, &key.1, &key.2), &mut diagnostics);
+                    let count = with_list!(kind, self.set, parsed, |list, parsed| {
+                        let n = parsed.len();
+                        list.extend(parsed);
+                        n
+                    });
+                    self.objects.insert(key, Entry { count, diagnostics });
+                }
+            }
         }
     }
 
@@ -225,10 +322,7 @@ impl Store {
 
     /// Every Pod known.
     pub fn pods(&self) -> impl Iterator<Item = &crate::config::Object<crate::config::KubePod>> {
-        self.objects
-            .iter()
-            .filter(|((k, _, _), _)| *k == Kind::Pod)
-            .flat_map(|(_, e)| e.set.pods.iter())
+        self.set.pods.iter()
     }
 
     /// Labels of a namespace, if it is known.
@@ -237,14 +331,13 @@ impl Store {
     }
 
     /// The objects as one config set, with what loading them said.
-    pub fn config_set(&self) -> (ConfigSet, Vec<Diagnostic>) {
-        let mut set = ConfigSet::default();
-        let mut diags = Vec::new();
-        for entry in self.objects.values() {
-            set.extend(entry.set.clone());
-            diags.extend(entry.diagnostics.iter().cloned());
-        }
-        (set, diags)
+    pub fn config_set(&self) -> (&ConfigSet, Vec<Diagnostic>) {
+        let diags = self
+            .objects
+            .values()
+            .flat_map(|e| e.diagnostics.iter().cloned())
+            .collect();
+        (&self.set, diags)
     }
 
     /// Load, analyze and compile. Objects with errors are left out (and reported as warnings),
@@ -258,11 +351,13 @@ impl Store {
 
 /// Build `set`; while errors name objects, leave those objects out and build again (an object
 /// left out can only remove references, so a few rounds settle; the bound is defensive).
-pub fn build_leaving_out_invalid(mut set: ConfigSet, load_diags: Vec<Diagnostic>) -> Built {
+/// The set is copied only when an object has to be left out.
+pub fn build_leaving_out_invalid(set: &ConfigSet, load_diags: Vec<Diagnostic>) -> Built {
     let mut ignored: Vec<Diagnostic> = Vec::new();
     let mut diags = load_diags;
+    let mut reduced: Option<ConfigSet> = None;
     for _ in 0..4 {
-        let built = build_set(&set, diags.clone());
+        let built = build_set(reduced.as_ref().unwrap_or(set), diags.clone());
         if built.snapshot.is_some() {
             return with_ignored(built, ignored);
         }
@@ -289,16 +384,18 @@ pub fn build_leaving_out_invalid(mut set: ConfigSet, load_diags: Vec<Diagnostic>
             d.message = format!("object left out: {}", d.message);
             ignored.push(d);
         }
-        set.retain(|kind, ns, name| {
-            !bad.contains(&ObjectRef {
-                kind: kind.to_string(),
-                namespace: ns.to_string(),
-                name: name.to_string(),
-            })
-        });
+        reduced
+            .get_or_insert_with(|| set.clone())
+            .retain(|kind, ns, name| {
+                !bad.contains(&ObjectRef {
+                    kind: kind.to_string(),
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                })
+            });
         diags.retain(|d| d.severity != Severity::Error);
     }
-    build_set(&set, diags)
+    build_set(reduced.as_ref().unwrap_or(set), diags)
 }
 
 fn with_ignored(mut built: Built, ignored: Vec<Diagnostic>) -> Built {

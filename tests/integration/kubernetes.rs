@@ -391,3 +391,109 @@ fn service_entry_workload_selector_picks_pods() {
         .collect();
     assert_eq!(eps, ["10.244.1.12:5678"]);
 }
+
+/// The store updates its one config set in place (no copy per build): after any sequence of
+/// applies, modifications, deletes and invalid objects it must hold exactly what a fresh list
+/// of the surviving objects gives (`replace_all`, which sorts and appends), in the same order,
+/// with the same load diagnostics.
+#[test]
+fn store_updated_in_place_equals_a_fresh_list() {
+    let mut objs: Vec<Value> = cluster()
+        .into_iter()
+        .filter(|o| o["kind"] != "Namespace")
+        .collect();
+    // More than one object per kind and namespace, on both sides of the fixture's names.
+    for name in ["aaa", "mmm", "zzz"] {
+        let mut vs = find(&objs, "VirtualService", "backend");
+        vs["metadata"]["name"] = name.into();
+        objs.push(vs);
+        let mut pod = find(&objs, "Pod", "frontend-7b9c8d6e5-klmno");
+        pod["metadata"]["name"] = format!("{name}-pod").into();
+        pod["metadata"]["namespace"] = "other".into();
+        objs.push(pod);
+    }
+    let mut store = Store::default();
+    let mut expected: BTreeMap<(String, String, String), Value> = BTreeMap::new();
+    let key = |o: &Value| {
+        (
+            o["kind"].as_str().unwrap().to_string(),
+            o["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+            o["metadata"]["name"].as_str().unwrap().to_string(),
+        )
+    };
+    // Applied in reverse order: every insert lands before what is already there.
+    for o in objs.iter().rev() {
+        apply(&mut store, o);
+        expected.insert(key(o), o.clone());
+    }
+    // A modification in the middle of a kind's list.
+    let mut vs = find(&objs, "VirtualService", "mmm");
+    vs["metadata"]["labels"] = serde_json::json!({"changed": "yes"});
+    apply(&mut store, &vs);
+    expected.insert(key(&vs), vs);
+    // An object that does not parse (kept with its diagnostic, contributes no object), then
+    // fixed; another that stays invalid.
+    let mut bad = find(&objs, "VirtualService", "aaa");
+    bad["spec"]["http"] = "not a list".into();
+    apply(&mut store, &bad);
+    apply(&mut store, &find(&objs, "VirtualService", "aaa"));
+    let mut bad2 = find(&objs, "VirtualService", "backend");
+    bad2["metadata"]["name"] = "broken".into();
+    bad2["spec"]["http"] = "not a list".into();
+    apply(&mut store, &bad2);
+    expected.insert(key(&bad2), bad2);
+    // Deletes at the front, middle and end of lists.
+    for (kind, name) in [
+        ("VirtualService", "aaa"),
+        ("Pod", "mmm-pod"),
+        ("Pod", "zzz-pod"),
+        ("Service", "backend-headless"),
+    ] {
+        let o = find(&objs, kind, name);
+        delete(&mut store, &o);
+        expected.remove(&key(&o));
+    }
+    // A relist of one kind among the others.
+    let pods: Vec<Value> = expected
+        .values()
+        .filter(|o| o["kind"] == "Pod")
+        .cloned()
+        .collect();
+    store.replace_all(Resource::of_json(&pods[0]).unwrap(), pods);
+
+    let mut fresh = Store::default();
+    let mut by_resource: BTreeMap<Resource, Vec<Value>> = BTreeMap::new();
+    for o in expected.values().rev() {
+        by_resource
+            .entry(Resource::of_json(o).unwrap())
+            .or_default()
+            .push(o.clone());
+    }
+    for (r, items) in by_resource {
+        fresh.replace_all(r, items);
+    }
+    let (got, got_diags) = store.config_set();
+    let (want, want_diags) = fresh.config_set();
+    assert_eq!(got, want);
+    assert_eq!(got_diags, want_diags);
+    assert!(
+        !got_diags.is_empty(),
+        "the invalid object's diagnostic is kept"
+    );
+    assert_eq!(got.virtual_services.len(), 3, "backend, mmm, zzz");
+    let vs_names: Vec<&str> = got
+        .virtual_services
+        .iter()
+        .map(|o| o.name.as_str())
+        .collect();
+    assert_eq!(vs_names, ["backend", "mmm", "zzz"]);
+    assert_eq!(got.pods.len(), 10, "9 fixture pods and aaa-pod");
+    // And it builds like the fresh one.
+    assert_eq!(
+        store.build().snapshot.is_some(),
+        fresh.build().snapshot.is_some()
+    );
+}
