@@ -878,9 +878,12 @@ impl<'a> Compiler<'a> {
                 match compile_match(m) {
                     Ok(mut cm) => {
                         // At a gateway with block gateways, sourceLabels are not checked.
-                        if !m.gateways.is_empty() {
-                            cm.source_labels.clear();
-                            cm.source_namespace = None;
+                        if !m.gateways.is_empty()
+                            && let Some(mut r) = cm.rare.take()
+                        {
+                            r.source_labels.clear();
+                            r.source_namespace = None;
+                            cm.rare = r.boxed();
                         }
                         matches.push(cm)
                     }
@@ -1236,15 +1239,7 @@ fn rules_mention_gateway_ns(vs: &VirtualService, ns: &str, gateway: &str) -> boo
 pub fn is_catch_all_block(m: &HttpMatch) -> bool {
     let only_root = matches!(&m.uri, None | Some(StrMatch::Prefix(_)))
         && matches!(&m.uri, Some(StrMatch::Prefix(p)) if p == "/");
-    only_root
-        && m.scheme.is_none()
-        && m.method.is_none()
-        && m.authority.is_none()
-        && m.headers.is_empty()
-        && m.without_headers.is_empty()
-        && m.query_params.is_empty()
-        && m.source_labels.is_empty()
-        && m.source_namespace.is_none()
+    only_root && m.headers.is_empty() && m.rare().is_empty()
 }
 
 /// Compile one match block; errors carry the field below the block.
@@ -1272,24 +1267,27 @@ pub fn compile_match(m: &config::HttpMatchRequest) -> Result<HttpMatch, (String,
     Ok(HttpMatch {
         name: m.name.clone(),
         uri: sm("uri", m.uri.as_ref())?,
-        scheme: sm("scheme", m.scheme.as_deref())?,
-        method: sm("method", m.method.as_deref())?,
-        authority: sm("authority", m.authority.as_deref())?,
         headers: hdrs("headers", &m.headers)?,
-        without_headers: hdrs("withoutHeaders", &m.without_headers)?,
-        query_params: m
-            .query_params
-            .iter()
-            .map(|(k, x)| {
-                Ok((
-                    k.clone(),
-                    StrMatch::compile(x).map_err(|e| (format!("queryParams.{k}"), e))?,
-                ))
-            })
-            .collect::<Result<_, (String, String)>>()?,
         ignore_uri_case: m.ignore_uri_case,
-        source_labels: m.source_labels.clone(),
-        source_namespace: m.source_namespace.clone(),
+        rare: RareMatch {
+            scheme: sm("scheme", m.scheme.as_deref())?,
+            method: sm("method", m.method.as_deref())?,
+            authority: sm("authority", m.authority.as_deref())?,
+            without_headers: hdrs("withoutHeaders", &m.without_headers)?,
+            query_params: m
+                .query_params
+                .iter()
+                .map(|(k, x)| {
+                    Ok((
+                        k.clone(),
+                        StrMatch::compile(x).map_err(|e| (format!("queryParams.{k}"), e))?,
+                    ))
+                })
+                .collect::<Result<_, (String, String)>>()?,
+            source_labels: m.source_labels.clone(),
+            source_namespace: m.source_namespace.clone(),
+        }
+        .boxed(),
     })
 }
 

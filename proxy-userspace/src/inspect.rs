@@ -48,10 +48,11 @@ pub fn describe_match(m: &HttpMatch) -> String {
             if m.ignore_uri_case { " (any case)" } else { "" }
         ));
     }
+    let r = m.rare();
     for (name, v) in [
-        ("method", &m.method),
-        ("scheme", &m.scheme),
-        ("authority", &m.authority),
+        ("method", &r.method),
+        ("scheme", &r.scheme),
+        ("authority", &r.authority),
     ] {
         if let Some(x) = v {
             parts.push(format!("{name}{}", str_match(x)));
@@ -60,13 +61,13 @@ pub fn describe_match(m: &HttpMatch) -> String {
     for (k, v) in &m.headers {
         parts.push(format!("{k}{}", str_match(v)));
     }
-    for (k, v) in &m.without_headers {
+    for (k, v) in &r.without_headers {
         parts.push(format!("!{k}{}", str_match(v)));
     }
-    for (k, v) in &m.query_params {
+    for (k, v) in &r.query_params {
         parts.push(format!("?{k}{}", str_match(v)));
     }
-    for (k, v) in &m.source_labels {
+    for (k, v) in &r.source_labels {
         parts.push(format!("source {k}={v}"));
     }
     if parts.is_empty() {
