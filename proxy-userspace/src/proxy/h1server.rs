@@ -269,7 +269,13 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
         }
         // Boxed: the pipeline's state is several KiB and exists only while a request is in
         // flight.
-        let resp = Box::pin(pipeline::handle(shared.clone(), conn.clone(), req)).await;
+        // Allocated first and written in place: `Box::pin(handle(..))` built the future on the
+        // stack and copied all ~3.5 KB into the box.
+        let fut = Box::write(
+            Box::new_uninit(),
+            pipeline::handle(shared.clone(), conn.clone(), req),
+        );
+        let resp = Box::into_pin(fut).await;
         let keep_alive = head.keep_alive && !too_large;
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         let ends = WriteEnds {
@@ -298,10 +304,9 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
 
 async fn serve_h2(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: Upgraded) {
     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let fut = Box::pin(pipeline::handle(
-            shared.clone(),
-            conn.clone(),
-            req.map(RequestBody::Hyper),
+        let fut = Box::into_pin(Box::write(
+            Box::new_uninit(),
+            pipeline::handle(shared.clone(), conn.clone(), req.map(RequestBody::Hyper)),
         ));
         async move { Ok::<_, std::convert::Infallible>(fut.await) }
     });
