@@ -235,21 +235,28 @@ impl Store {
                 old.as_ref() != Some(&labels)
             }
             Resource::Config(kind) => {
-                let mut parsed = ConfigSet::default();
-                let mut diagnostics = Vec::new();
-                parsed.load_json(value, kube_source(kind, ns, name), &mut diagnostics);
                 let key = (kind, ns.to_string(), name.to_string());
                 let at = self.offset(&key);
                 let old = self.objects.get(&key).map_or(0, |e| e.count);
-                let count = with_list!(kind, self.set, parsed, |list, parsed| {
-                    let n = parsed.len();
-                    list.splice(at..at + old, parsed);
-                    n
-                });
-                self.objects.insert(key, Entry { count, diagnostics });
+                self.put(key, value, at, old);
                 true
             }
         }
+    }
+
+    /// Parse `value` as the object of `key` and put what it gives in place of the `old`
+    /// objects at `at` in its kind's list; returns how many objects it gave.
+    fn put(&mut self, key: Key, value: &serde_json::Value, at: usize, old: usize) -> usize {
+        let mut parsed = ConfigSet::default();
+        let mut diagnostics = Vec::new();
+        parsed.load_json(value, kube_source(key.0, &key.1, &key.2), &mut diagnostics);
+        let count = with_list!(key.0, self.set, parsed, |list, parsed| {
+            let n = parsed.len();
+            list.splice(at..at + old, parsed);
+            n
+        });
+        self.objects.insert(key, Entry { count, diagnostics });
+        count
     }
 
     /// Where the objects of `key` start in their kind's list: after those of every smaller key
@@ -300,16 +307,9 @@ impl Store {
                     let (ns, name) = (meta_str(item, "namespace"), meta_str(item, "name"));
                     sorted.insert((kind, ns.to_string(), name.to_string()), item);
                 }
+                let mut at = 0;
                 for (key, item) in sorted {
-                    let mut parsed = ConfigSet::default();
-                    let mut diagnostics = Vec::new();
-                    parsed.load_json(item, kube_source(kind, &key.1, &key.2), &mut diagnostics);
-                    let count = with_list!(kind, self.set, parsed, |list, parsed| {
-                        let n = parsed.len();
-                        list.extend(parsed);
-                        n
-                    });
-                    self.objects.insert(key, Entry { count, diagnostics });
+                    at += self.put(key, item, at, 0);
                 }
             }
         }

@@ -261,7 +261,7 @@ pub struct RareMatch {
 impl RareMatch {
     /// No condition set.
     pub fn is_empty(&self) -> bool {
-        self == &RareMatch::default()
+        self == &NO_RARE_MATCH
     }
 
     /// Boxed, or `None` when empty.
@@ -300,11 +300,9 @@ impl HttpMatch {
 
     /// Does the client pass this block's source checks (the "static" filter of Istio)?
     pub fn source_applies(&self, src: &SourceInfo) -> bool {
-        let Some(r) = &self.rare else { return true };
-        labels_match(&r.source_labels, &src.labels)
-            && r.source_namespace
-                .as_ref()
-                .is_none_or(|ns| src.namespace.as_deref() == Some(ns.as_str()))
+        self.rare
+            .as_ref()
+            .is_none_or(|r| source_ok(src, &r.source_labels, &r.source_namespace))
     }
 
     /// Runtime match of every condition (source checks excluded).
@@ -912,14 +910,22 @@ pub struct L4Match {
     pub source_namespace: Option<String>,
 }
 
+/// `sourceLabels` and `sourceNamespace` of a match block (HTTP or L4) against the client.
+fn source_ok(
+    src: &SourceInfo,
+    labels: &BTreeMap<String, String>,
+    namespace: &Option<String>,
+) -> bool {
+    labels_match(labels, &src.labels)
+        && namespace
+            .as_ref()
+            .is_none_or(|ns| src.namespace.as_deref() == Some(ns.as_str()))
+}
+
 impl L4Match {
     /// Does a connection to `dst` from `src` with `sni` match?
     pub fn matches(&self, dst: Option<IpAddr>, src: &SourceInfo, sni: Option<&str>) -> bool {
-        labels_match(&self.source_labels, &src.labels)
-            && self
-                .source_namespace
-                .as_ref()
-                .is_none_or(|ns| src.namespace.as_deref() == Some(ns.as_str()))
+        source_ok(src, &self.source_labels, &self.source_namespace)
             && (self.destination_subnets.is_empty()
                 || dst.is_some_and(|ip| self.destination_subnets.iter().any(|n| n.contains(&ip))))
             && (self.sni_hosts.is_empty()

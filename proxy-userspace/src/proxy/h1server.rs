@@ -267,10 +267,9 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
                 .insert(OnUpgrade(Arc::new(std::sync::Mutex::new(Some(rx)))));
             upgrade_tx = Some(tx);
         }
-        // Boxed: the pipeline's state is several KiB and exists only while a request is in
-        // flight.
-        // Allocated first and written in place: `Box::pin(handle(..))` built the future on the
-        // stack and copied all ~3.5 KB into the box.
+        // Boxed: the pipeline's state is ~3.5 KB and exists only while a request is in flight.
+        // Allocated first and written in place (`Box::pin(handle(..))` built it on the stack
+        // and copied it into the box).
         let fut = Box::write(
             Box::new_uninit(),
             pipeline::handle(shared.clone(), conn.clone(), req),
