@@ -2,7 +2,8 @@
 /*
  * sockops: when a captured client connection reaches ESTABLISHED its local address:port is
  * known, so the original destination moves from the socket-cookie map to the 4-tuple map the
- * proxy reads on accept (keyed by the client address:port it sees as peer).
+ * proxy reads on accept (keyed by the client address:port it sees as peer). With --sockmap it
+ * also puts node-local socket pairs into np_sock_hash for the sk_msg splice.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -11,31 +12,67 @@
 #include "abi.h"
 #include "lib/common.h"
 
+/* A socket's own 4-tuple as np_sock_hash keys it. remote_port holds the network-order port in
+ * its upper 16 bits (measured on 6.18: bpf_ntohl(x) >> 16 does not give the port;
+ * bpf_ntohs(x >> 16) does). */
+static __always_inline void np_sock_key_of(struct bpf_sock_ops *skops, struct np_sock_key *key)
+{
+	key->local_ip = skops->local_ip4;
+	key->remote_ip = skops->remote_ip4;
+	key->local_port = skops->local_port;
+	key->remote_port = bpf_ntohs((__u16)(skops->remote_port >> 16));
+}
+
 /*
  * With the sk_msg splice on, both local ends of a captured connection (the client's socket and
  * the proxy's accepted socket on the capture port) go into np_sock_hash, keyed by their own
  * 4-tuple; np_sk_msg then moves each sendmsg straight into the peer's receive queue.
+ * Returns 1 when the socket is an end of a captured connection.
  */
-static __always_inline void np_sockmap_add(struct bpf_sock_ops *skops)
+static __always_inline int np_sockmap_add(struct bpf_sock_ops *skops, struct np_sock_key *key)
 {
-	struct np_sock_key key = {};
 	__u32 capture_port = bpf_ntohs((__u16)np_capture_port);
-	/* remote_port holds the network-order port in its upper 16 bits (measured on 6.18:
-	 * bpf_ntohl(x) >> 16 does not give the port; bpf_ntohs(x >> 16) does). */
-	__u32 remote_port = bpf_ntohs((__u16)(skops->remote_port >> 16));
 
-	if (!np_sockmap || skops->family != NP_AF_INET)
-		return;
-	if (skops->local_port != capture_port && remote_port != capture_port)
-		return;
-	if (skops->local_ip4 != np_capture_ip4 && skops->remote_ip4 != np_capture_ip4)
-		return;
-	key.local_ip = skops->local_ip4;
-	key.remote_ip = skops->remote_ip4;
-	key.local_port = skops->local_port;
-	key.remote_port = remote_port;
-	if (!bpf_sock_hash_update(skops, &np_sock_hash, &key, BPF_NOEXIST))
+	if (key->local_port != capture_port && key->remote_port != capture_port)
+		return 0;
+	if (key->local_ip != np_capture_ip4 && key->remote_ip != np_capture_ip4)
+		return 0;
+	if (!bpf_sock_hash_update(skops, &np_sock_hash, key, BPF_NOEXIST))
 		np_count(NP_R_SOCKMAP_ADD);
+	return 1;
+}
+
+/* ACTIVE_ESTABLISHED of one of the proxy's upstream sockets: remember it, so that its peer can
+ * join the splice if it is accepted on this node. */
+static __always_inline void np_upstream_seen(struct bpf_sock_ops *skops, struct np_sock_key *key)
+{
+	struct bpf_sock *sk = skops->sk;
+	__u32 seen = 0;
+
+	if (!sk || sk->mark != NP_PROXY_MARK)
+		return;
+	bpf_map_update_elem(&np_upstream, key, &seen, BPF_ANY);
+}
+
+/* PASSIVE_ESTABLISHED: a socket accepted from one of the proxy's upstream sockets is on this
+ * node, so it joins np_sock_hash and tells the proxy (value 1) to add its own end. */
+static __always_inline void np_upstream_accepted(struct bpf_sock_ops *skops,
+						 struct np_sock_key *key)
+{
+	struct np_sock_key peer = {
+		.local_ip = key->remote_ip,
+		.remote_ip = key->local_ip,
+		.local_port = key->remote_port,
+		.remote_port = key->local_port,
+	};
+	__u32 *state = bpf_map_lookup_elem(&np_upstream, &peer);
+
+	if (!state || *state != 0)
+		return;
+	if (bpf_sock_hash_update(skops, &np_sock_hash, key, BPF_NOEXIST))
+		return;
+	*state = 1;
+	np_count(NP_R_SOCKMAP_UPSTREAM);
 }
 
 SEC("sockops")
@@ -46,13 +83,22 @@ int np_sockops(struct bpf_sock_ops *skops)
 	struct np_addr *found;
 	__u64 cookie;
 
-	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
-		np_sockmap_add(skops);
+	struct np_sock_key key = {};
+
+	if (skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
+	    skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
 		return 1;
+	if (np_sockmap && skops->family == NP_AF_INET) {
+		np_sock_key_of(skops, &key);
+		if (!np_sockmap_add(skops, &key)) {
+			if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+				np_upstream_accepted(skops, &key);
+			else
+				np_upstream_seen(skops, &key);
+		}
 	}
-	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		return 1;
-	np_sockmap_add(skops);
 	cookie = bpf_get_socket_cookie(skops);
 	found = bpf_map_lookup_elem(&np_orig_cookie, &cookie);
 	if (!found)

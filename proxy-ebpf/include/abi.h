@@ -43,7 +43,8 @@ enum np_reason {
 	NP_R_NO_CAPTURE_ADDR = 12,
 	NP_R_SOCKMAP_ADD = 13,
 	NP_R_SOCKMAP_REDIRECT = 14,
-	NP_R_MAX = 15,
+	NP_R_SOCKMAP_UPSTREAM = 15, /* an upstream's accepting end on this node joined the splice */
+	NP_R_MAX = 16,
 };
 
 /* An IPv4 or IPv6 socket address. IPv4 uses addr[0]. */

@@ -76,7 +76,8 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } np_events SEC(".maps");
 
-/* Local sockets of captured connections (client <-> proxy), for the sk_msg splice. */
+/* Local sockets spliced by sk_msg: both ends of captured connections (client <-> proxy) and of
+ * the proxy's upstream connections to sockets on this node (proxy <-> endpoint). */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 65536);
@@ -84,6 +85,21 @@ struct {
 	__type(value, __u32); /* socket fd on update from userspace; aya expects 4 bytes */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } np_sock_hash SEC(".maps");
+
+/*
+ * The proxy's upstream connections (SO_MARK NP_PROXY_MARK) by their own 4-tuple, from
+ * ACTIVE_ESTABLISHED: 0 = seen; 1 = the accepting end is a socket on this node and joined
+ * np_sock_hash at PASSIVE_ESTABLISHED. The proxy reads and deletes the entry right after
+ * connect() and, on 1, adds its own end before sending a byte, so both directions are spliced
+ * from the first byte. Entries of remote upstreams (never 1) are deleted by the same read.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct np_sock_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} np_upstream SEC(".maps");
 
 /* Where captured connections go; set at load time (EbpfLoader::set_global). */
 volatile const __u32 np_capture_ip4 = 0;   /* network order */

@@ -16,6 +16,7 @@ pub mod services;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -168,8 +169,17 @@ pub struct Kernel {
     pin_dir: PathBuf,
     capture: SocketAddr,
     attached: Vec<String>,
-    /// The sk_msg splice's socket map, while attached.
-    _sock_hash: Option<aya::maps::SockHash<MapData, abi::NpSockKey>>,
+    /// The sk_msg splice's maps (`--sockmap`).
+    splice: Option<Splice>,
+}
+
+/// The maps of the sk_msg splice.
+struct Splice {
+    /// np_sock_hash: the spliced sockets (the programs add most; the proxy adds its upstream
+    /// ends).
+    sock_hash: Mutex<aya::maps::SockHash<MapData, abi::NpSockKey>>,
+    /// np_upstream: the proxy's upstream sockets, and whether their peer joined np_sock_hash.
+    upstream: BpfHashMap<MapData, abi::NpSockKey, u32>,
 }
 
 /// `/kernel` view.
@@ -319,7 +329,7 @@ impl Kernel {
         attach_cgroup!(sockops, SockOps, "np_sockops");
         attach_cgroup!(getsockopt, CgroupSockopt, "np_getsockopt");
         let mut objects = vec![getsockopt];
-        let mut sock_hash = None;
+        let mut splice = None;
         if opts.sockmap {
             let mut skmsg = load_shared(SK_MSG_OBJ, "sk_msg.bpf.o", &pin_dir, &globals)?;
             let hash: aya::maps::SockHash<MapData, abi::NpSockKey> = aya::maps::SockHash::try_from(
@@ -341,7 +351,15 @@ impl Kernel {
             })?;
             attached.push(format!("{name} -> np_sock_hash"));
             objects.push(skmsg);
-            sock_hash = Some(hash);
+            splice = Some(Splice {
+                sock_hash: Mutex::new(hash),
+                upstream: BpfHashMap::try_from(
+                    sockops
+                        .take_map("np_upstream")
+                        .ok_or(Error::Missing("np_upstream"))?,
+                )
+                .map_err(map_err("np_upstream", "open"))?,
+            });
         }
         let mut xdp_counters = None;
         if !opts.uplinks.is_empty() {
@@ -426,7 +444,7 @@ impl Kernel {
             pin_dir,
             capture: opts.capture,
             attached,
-            _sock_hash: sock_hash,
+            splice,
         };
         for p in &opts.enroll {
             kernel.enroll(p)?;
@@ -573,6 +591,51 @@ impl Kernel {
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "np_orig_tuple: lookup and delete");
                 None
+            }
+        }
+    }
+
+    /// Whether the sk_msg splice is on (`--sockmap`).
+    pub fn splices(&self) -> bool {
+        self.splice.is_some()
+    }
+
+    /// A new upstream connection of the proxy, before its first byte: if its accepting end is a
+    /// socket on this node, sockops has put that end into np_sock_hash (np_upstream says so),
+    /// and with `splice` this adds the proxy's end, so every byte both ways is spliced. Only
+    /// for protocols in which the proxy speaks first (HTTP/1): a byte the peer sent before this
+    /// call would still travel TCP and could be read after spliced ones. Without `splice` the
+    /// np_upstream entry is only removed (the peer's end alone in np_sock_hash changes nothing:
+    /// its sends find no peer to splice to and go by TCP). Returns whether it was spliced.
+    pub fn splice_upstream(
+        &self,
+        sock: &impl AsRawFd,
+        local: SocketAddr,
+        peer: SocketAddr,
+        splice: bool,
+    ) -> bool {
+        let (Some(maps), Some(key)) = (&self.splice, abi::NpSockKey::of(local, peer)) else {
+            return false;
+        };
+        use aya::maps::IterableMap;
+        use std::os::fd::AsFd;
+        match lookup_and_delete::<abi::NpSockKey, u32>(maps.upstream.map().fd().as_fd(), &key) {
+            Ok(Some(1)) if splice => {}
+            // 0: the peer is not on this node (or was accepted after this connect returned);
+            // or the peer may speak first.
+            Ok(_) => return false,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "np_upstream: lookup and delete");
+                return false;
+            }
+        }
+        let mut hash = maps.sock_hash.lock().expect("sock hash lock");
+        const BPF_NOEXIST: u64 = 1;
+        match hash.insert(key, sock.as_raw_fd(), BPF_NOEXIST) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "np_sock_hash: add upstream socket");
+                false
             }
         }
     }

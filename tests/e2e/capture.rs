@@ -18,6 +18,8 @@ struct Scene {
     node: Node,
     client: usize,
     other: usize,
+    /// The pod of the v2 backend (`end-user: jason` goes there).
+    v2: usize,
     dir: TempDir,
     _backends: Vec<Backend>,
     _echo: tokio::task::JoinHandle<()>,
@@ -118,6 +120,7 @@ async fn scene(test: &str) -> Scene {
         node,
         client,
         other,
+        v2,
         dir,
         _backends: backends,
         _echo: echo_task,
@@ -575,5 +578,22 @@ async fn sockmap_splice_carries_captured_traffic() {
         s.counter("sockmap_redirect") >= 50,
         "sends were spliced: {}",
         s.counter("sockmap_redirect")
+    );
+    // The upstream leg: the backend pod is on this node, so its accepted socket joined the
+    // splice at ESTABLISHED and the proxy added its end before the first request. Its requests
+    // then never travelled TCP: the backend's sockets received no payload segment.
+    assert!(
+        s.counter("sockmap_upstream") >= 1,
+        "the backend's end of an upstream connection joined the splice"
+    );
+    let out = s.node.pods[s.v2].exec(&["ss", "-tin", "state", "established", "sport", "= :8080"]);
+    let ss = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && ss.contains(":8080"),
+        "upstream connection open: {ss}"
+    );
+    assert!(
+        !ss.contains("bytes_received"),
+        "the backend received its requests through the splice, not TCP: {ss}"
     );
 }

@@ -17,7 +17,7 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
 /// `enum np_reason`, in order. Keep in sync with proxy-ebpf/include/abi.h.
-pub const REASONS: [&str; 15] = [
+pub const REASONS: [&str; 16] = [
     "not_tcp",
     "not_enrolled",
     "proxy_mark",
@@ -33,6 +33,7 @@ pub const REASONS: [&str; 15] = [
     "no_capture_addr",
     "sockmap_add",
     "sockmap_redirect",
+    "sockmap_upstream",
 ];
 /// Index of `NP_R_FASTPATH`.
 pub const R_FASTPATH: usize = 5;
@@ -144,6 +145,21 @@ unsafe impl aya::Pod for NpBackendVal {}
 unsafe impl aya::Pod for NpEvent {}
 // SAFETY: as above.
 unsafe impl aya::Pod for NpSockKey {}
+
+impl NpSockKey {
+    /// The key of a socket by its own addresses (IPv4 only: the splice is IPv4).
+    pub fn of(local: SocketAddr, remote: SocketAddr) -> Option<NpSockKey> {
+        match (local, remote) {
+            (SocketAddr::V4(l), SocketAddr::V4(r)) => Some(NpSockKey {
+                local_ip: u32::from_ne_bytes(l.ip().octets()),
+                remote_ip: u32::from_ne_bytes(r.ip().octets()),
+                local_port: l.port().into(),
+                remote_port: r.port().into(),
+            }),
+            _ => None,
+        }
+    }
+}
 
 impl NpAddr {
     /// From a socket address (IPv4-mapped IPv6 becomes IPv4, as connect4 sees it).

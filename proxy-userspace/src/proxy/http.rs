@@ -910,7 +910,8 @@ async fn forward_upgrade(
             Flags::UF,
         )
     };
-    let stream = pool::connect_tcp(&ep.target, &policy.pool)
+    // An HTTP/1 request first: what follows the upgrade is spliced from its first byte too.
+    let stream = pool::connect_tcp(&ep.target, &policy.pool, pool::FirstByte::Proxy)
         .await
         .map_err(|e| connect_failure(format!("{e:?}")))?;
     let (mut send, conn) = hyper::client::conn::http1::Builder::new()

@@ -161,7 +161,7 @@ pub async fn proxy(
         }
         .log()
     };
-    let mut up = match pool::connect_tcp(&ep.target, &policy.pool).await {
+    let mut up = match pool::connect_tcp(&ep.target, &policy.pool, pool::FirstByte::Either).await {
         Ok(s) => s,
         Err(_) => {
             outlier::record(&state, &ep, Outcome::LocalFailure);

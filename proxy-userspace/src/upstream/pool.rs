@@ -171,9 +171,24 @@ fn too_old(created: Instant, max: Option<Duration>) -> bool {
     max.is_some_and(|m| created.elapsed() >= m)
 }
 
+/// Who sends the first byte on a new upstream connection. The kernel splice (`--sockmap`) may
+/// only take over a connection before its peer has sent anything: a byte that travelled TCP
+/// before could be read after spliced ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstByte {
+    /// The proxy (an HTTP/1 request): the connection may be spliced.
+    Proxy,
+    /// Either side (HTTP/2's server preface, opaque TCP): never spliced.
+    Either,
+}
+
 /// Open a TCP connection to `target` within the cluster's connect timeout, with its TCP
 /// keepalive settings.
-pub async fn connect_tcp(target: &Target, limits: &PoolLimits) -> Result<TcpStream, PoolError> {
+pub async fn connect_tcp(
+    target: &Target,
+    limits: &PoolLimits,
+    first: FirstByte,
+) -> Result<TcpStream, PoolError> {
     let timeout = limits.connect_timeout;
     let fut = async {
         let addr = match target {
@@ -209,7 +224,21 @@ pub async fn connect_tcp(target: &Target, limits: &PoolLimits) -> Result<TcpStre
         }
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
     }
+    if let Some(hook) = CONNECT_HOOK.read().expect("connect hook lock").as_ref() {
+        hook(&stream, first);
+    }
     Ok(stream)
+}
+
+/// Called with each new upstream connection before its first byte is written (set by the data
+/// path with `--sockmap`, which splices node-local upstreams in the kernel).
+pub type ConnectHook = Arc<dyn Fn(&TcpStream, FirstByte) + Send + Sync>;
+
+static CONNECT_HOOK: std::sync::RwLock<Option<ConnectHook>> = std::sync::RwLock::new(None);
+
+/// Install (or, with `None`, remove) the [`ConnectHook`].
+pub fn set_connect_hook(hook: Option<ConnectHook>) {
+    *CONNECT_HOOK.write().expect("connect hook lock") = hook;
 }
 
 /// SO_MARK for the proxy's upstream sockets (0: none). Set when eBPF capture is on, as a second
@@ -239,7 +268,12 @@ async fn connect(
 ) -> Result<Lease, PoolError> {
     ep.active_connections.fetch_add(1, Ordering::Relaxed);
     let created = Instant::now();
-    let stream = match connect_tcp(&ep.target, limits).await {
+    let first = if h2 {
+        FirstByte::Either
+    } else {
+        FirstByte::Proxy
+    };
+    let stream = match connect_tcp(&ep.target, limits, first).await {
         Ok(s) => s,
         Err(e) => {
             release_connection(Some(cluster), Some(ep));
