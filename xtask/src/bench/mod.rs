@@ -819,8 +819,45 @@ fn netns_workloads(ctx: &mut Ctx) -> anyhow::Result<()> {
         &["127.0.0.1:15000", "127.0.0.1:15002"],
         "proxies in the netns node",
     )?;
+    // The peers as a node proxy would be run with them: in the node netns, on the node address,
+    // reached explicitly by the pods (they cannot capture), pinned like every proxy here.
+    let node_ns = format!("--net={}", node.ns.path().display());
+    let (ha_addr, ngx_addr) = (format!("{node_ip}:18280"), format!("{node_ip}:18380"));
+    write(
+        &dir.join("haproxy.cfg"),
+        &haproxy_netns_conf(raise_nofile(), &ha_addr, &format!("{bip}:80")),
+    )?;
+    write(
+        &dir.join("nginx-proxy.conf"),
+        &nginx_netns_conf(&dir, &ngx_addr, &format!("{bip}:80")),
+    )?;
+    let haproxy = spawn_in(
+        &node_ns,
+        Command::new("haproxy")
+            .arg("-f")
+            .arg(dir.join("haproxy.cfg"))
+            .arg("-db"),
+    )?;
+    let nginx = spawn_in(
+        &node_ns,
+        Command::new("nginx")
+            .arg("-c")
+            .arg(dir.join("nginx-proxy.conf"))
+            .arg("-p")
+            .arg(&dir)
+            .args(["-g", "daemon off;"]),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for addr in [&ha_addr, &ngx_addr] {
+        while node.http_get(addr, "/").is_none_or(|(s, _)| s != 200) {
+            if Instant::now() > deadline {
+                bail!("the peer proxy at {addr} in the netns node did not answer 200");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     let ns = client_ns.display().to_string();
-    let targets: [(&str, String, Option<u32>); 4] = [
+    let targets: [(&str, String, Option<u32>); 6] = [
         ("direct-netns", format!("http://{bip}:80/"), None),
         (
             "nodeproxy-explicit",
@@ -836,6 +873,16 @@ fn netns_workloads(ctx: &mut Ctx) -> anyhow::Result<()> {
             "nodeproxy-fastpath",
             format!("http://{vip_tcp}:8080/"),
             Some(captured.pid()),
+        ),
+        (
+            "haproxy-netns",
+            format!("http://{ha_addr}/"),
+            Some(haproxy.0.id()),
+        ),
+        (
+            "nginx-netns",
+            format!("http://{ngx_addr}/"),
+            Some(nginx.0.id()),
         ),
     ];
     let measure = |ctx: &mut Ctx,
@@ -889,6 +936,22 @@ fn netns_workloads(ctx: &mut Ctx) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// HAProxy in the netns node: HTTP mode, keep-alive to the backend pod (as on loopback).
+fn haproxy_netns_conf(nofile: u64, listen: &str, backend: &str) -> String {
+    let maxconn = (nofile / 2).saturating_sub(200).max(1000);
+    format!(
+        "global\n  maxconn {maxconn}\n  nbthread 2\n  cpu-map auto:1/1-2 0-1\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  option http-keep-alive\n  http-reuse always\nfrontend h1\n  bind {listen}\n  default_backend be\nbackend be\n  server b1 {backend}\n"
+    )
+}
+
+/// nginx in the netns node: two pinned workers, keepalive upstream (as on loopback).
+fn nginx_netns_conf(dir: &Path, listen: &str, backend: &str) -> String {
+    format!(
+        "worker_processes 2;\nworker_cpu_affinity auto;\npid {d}/proxy.pid;\nerror_log {d}/proxy.err warn;\nworker_rlimit_nofile 100000;\nevents {{ worker_connections 65535; }}\nhttp {{\n  access_log off;\n  keepalive_requests 100000000;\n  upstream be {{ server {backend}; keepalive 512; keepalive_requests 100000000; }}\n  server {{ listen {listen} backlog=4096; location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n",
+        d = dir.display()
+    )
 }
 
 fn spawn_in(netns_arg: &str, cmd: &mut Command) -> anyhow::Result<procs::NsProc> {

@@ -65,8 +65,16 @@ pub fn stat(values: &[f64]) -> Option<Stat> {
     })
 }
 
-/// Peers (the alternatives a user would pick).
-pub const PEERS: [&str; 4] = ["haproxy", "nginx", "haproxy-l4", "nginx-l4"];
+/// Peers (the alternatives a user would pick); the `-netns` ones run as node proxies in the
+/// netns node, reached explicitly by the client pod.
+pub const PEERS: [&str; 6] = [
+    "haproxy",
+    "nginx",
+    "haproxy-l4",
+    "nginx-l4",
+    "haproxy-netns",
+    "nginx-netns",
+];
 
 /// Per workload and target: medians of every metric.
 #[derive(Debug, Clone, Serialize)]
@@ -298,6 +306,19 @@ fn vs_best_peer_stat(
     Some((me, peer, best))
 }
 
+/// A nodeproxy target's median of a metric in `workload`, with the best peer's name and median.
+fn target_vs_best_peer(
+    ms: &[Measurement],
+    workload: &str,
+    target: &str,
+    f: impl Fn(&Row) -> Option<Stat> + Copy,
+    lower: bool,
+) -> Option<(f64, String, f64)> {
+    let me = median_of(ms, workload, target, f)?;
+    let (peer, best) = best_peer(ms, workload, f, lower)?;
+    Some((me, peer, best.median))
+}
+
 /// nodeproxy's median of a metric in `workload`, with the best peer's name and median.
 fn vs_best_peer(
     ms: &[Measurement],
@@ -305,7 +326,7 @@ fn vs_best_peer(
     f: impl Fn(&Row) -> Option<Stat> + Copy,
     lower: bool,
 ) -> Option<(f64, String, f64)> {
-    vs_best_peer_stat(ms, workload, f, lower).map(|(me, peer, best)| (me.median, peer, best.median))
+    target_vs_best_peer(ms, workload, "nodeproxy", f, lower)
 }
 
 /// "no" for a lower-is-better metric whose median is above the peer's, qualified when the
@@ -379,6 +400,30 @@ pub fn targets(ms: &[Measurement]) -> String {
         ("netns h1-keepalive", "keep-alive"),
         ("netns h1-newconn", "new connections"),
     ] {
+        // Through capture, against the peers run as node proxies in the same netns node.
+        for (target, how) in [
+            ("nodeproxy-captured", "captured"),
+            ("nodeproxy-captured-sockmap", "captured + `--sockmap`"),
+        ] {
+            if let Some((me, peer, best)) = target_vs_best_peer(ms, w, target, rps, false) {
+                let r = me / best;
+                rows.push([
+                    format!("netns {label} req/s, {how}"),
+                    "≥ 1.10 × best peer".into(),
+                    format!("{r:.2} × {peer} ({me:.0} vs {best:.0})"),
+                    met(r >= 1.10),
+                ]);
+            }
+            if let Some((me, peer, best)) = target_vs_best_peer(ms, w, target, cpu, true) {
+                let r = me / best;
+                rows.push([
+                    format!("netns {label} proxy CPU / request, {how}"),
+                    "≤ 0.8 × best peer".into(),
+                    format!("{r:.2} × {peer} ({me:.1} vs {best:.1} µs)"),
+                    met(r <= 0.8),
+                ]);
+            }
+        }
         let direct = median_of(ms, w, "direct-netns", rps);
         if let (Some(fast), Some(d)) = (median_of(ms, w, "nodeproxy-fastpath", rps), direct) {
             let r = fast / d;
@@ -632,13 +677,18 @@ mod tests {
             x.p99_ms = Some(p99);
             ms.push(x);
         }
-        for (target, rps) in [
-            ("direct-netns", 100.0),
-            ("nodeproxy-explicit", 60.0),
-            ("nodeproxy-captured", 61.0),
-            ("nodeproxy-fastpath", 96.0),
+        for (target, rps, cpu) in [
+            ("direct-netns", 100.0, None),
+            ("nodeproxy-explicit", 60.0, Some(14.0)),
+            ("nodeproxy-captured", 61.0, Some(14.2)),
+            ("nodeproxy-fastpath", 96.0, Some(0.0)),
+            ("nodeproxy-captured-sockmap", 80.0, Some(10.5)),
+            ("haproxy-netns", 64.0, Some(13.5)),
+            ("nginx-netns", 62.0, Some(13.0)),
         ] {
-            ms.push(m("netns h1-keepalive", target, 0, rps));
+            let mut x = m("netns h1-keepalive", target, 0, rps);
+            x.cpu_us_per_req = cpu;
+            ms.push(x);
         }
         for (n, rps, compile) in [(10, 68.5, 18.0), (10_000, 68.4, 726.0)] {
             let mut x = m("route-scale", &format!("nodeproxy-{n}"), 0, rps);
@@ -655,6 +705,9 @@ mod tests {
             "| HTTP/1.1 keep-alive p99 | ≤ best peer | 1.41 vs 1.29 ms (nginx) | no |",
             "| fast path vs direct, keep-alive | ≥ 0.97 | 0.96 (96 vs 100) | no |",
             "| capture vs `--capture none`, keep-alive | within 3% | 1.02 (61 vs 60) | yes |",
+            "| netns keep-alive req/s, captured | ≥ 1.10 × best peer | 0.95 × haproxy-netns (61 vs 64) | no |",
+            "| netns keep-alive req/s, captured + `--sockmap` | ≥ 1.10 × best peer | 1.25 × haproxy-netns (80 vs 64) | yes |",
+            "| netns keep-alive proxy CPU / request, captured + `--sockmap` | ≤ 0.8 × best peer | 0.81 × nginx-netns (10.5 vs 13.0 µs) | no |",
             "| 10k services load + analyze + compile | < 1 s | 0.73 s | yes |",
             "| route scale req/s, 10 → 10k services | flat within 5% | 68.50 → 68.40 (-0.1%) | yes |",
             "| route scale p99, 10 → 10k services | flat within 5% | 2.00 → 2.00 (+0.0%) | yes |",
