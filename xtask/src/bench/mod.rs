@@ -704,10 +704,12 @@ fn route_scale(ctx: &mut Ctx, quick: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// In a node of network namespaces: a client pod, a backend pod (nginx), and nodeproxy in the
+/// In a node of network namespaces: a client pod, a backend pod (nginx), and the proxies in the
 /// node netns. Targets: direct (pod to pod), nodeproxy reached explicitly (`--capture none` on the
-/// node address), nodeproxy through eBPF capture (client connects to the service VIP), and the
-/// kernel fast path (TCP service VIP, load-balanced in connect()).
+/// node address), nodeproxy through eBPF capture (client connects to the service VIP), with and
+/// without the sk_msg splice (`--sockmap`), the kernel fast path (TCP service VIP, load-balanced
+/// in connect()), and HAProxy and nginx as node proxies (on the node address, reached explicitly:
+/// what a user would run instead).
 fn netns_workloads(ctx: &mut Ctx) -> anyhow::Result<()> {
     use nodeproxy_tests::node::Node;
     println!("== netns (eBPF capture and fast path)");
@@ -798,7 +800,6 @@ fn netns_workloads(ctx: &mut Ctx) -> anyhow::Result<()> {
         }
         Ok(())
     };
-    let captured = spawn_captured(&[]);
     let explicit_p = node.spawn_proxy_bin(
         &bin,
         &[
@@ -815,10 +816,7 @@ fn netns_workloads(ctx: &mut Ctx) -> anyhow::Result<()> {
             dir.join("explicit.yaml").to_str().context("path")?,
         ],
     );
-    wait_ready(
-        &["127.0.0.1:15000", "127.0.0.1:15002"],
-        "proxies in the netns node",
-    )?;
+    wait_ready(&["127.0.0.1:15002"], "the explicit proxy in the netns node")?;
     // The peers as a node proxy would be run with them: in the node netns, on the node address,
     // reached explicitly by the pods (they cannot capture), pinned like every proxy here.
     let node_ns = format!("--net={}", node.ns.path().display());
@@ -857,34 +855,6 @@ fn netns_workloads(ctx: &mut Ctx) -> anyhow::Result<()> {
         }
     }
     let ns = client_ns.display().to_string();
-    let targets: [(&str, String, Option<u32>); 6] = [
-        ("direct-netns", format!("http://{bip}:80/"), None),
-        (
-            "nodeproxy-explicit",
-            format!("http://{node_ip}:18180/"),
-            Some(explicit_p.pid()),
-        ),
-        (
-            "nodeproxy-captured",
-            format!("http://{vip_http}:80/"),
-            Some(captured.pid()),
-        ),
-        (
-            "nodeproxy-fastpath",
-            format!("http://{vip_tcp}:8080/"),
-            Some(captured.pid()),
-        ),
-        (
-            "haproxy-netns",
-            format!("http://{ha_addr}/"),
-            Some(haproxy.0.id()),
-        ),
-        (
-            "nginx-netns",
-            format!("http://{ngx_addr}/"),
-            Some(nginx.0.id()),
-        ),
-    ];
     let measure = |ctx: &mut Ctx,
                    w: &str,
                    name: &str,
@@ -906,29 +876,58 @@ fn netns_workloads(ctx: &mut Ctx) -> anyhow::Result<()> {
         Ok(())
     };
     let workloads = [("netns h1-keepalive", false), ("netns h1-newconn", true)];
-    for (_, url, _) in &targets {
-        load::warm_up(url, Some(&ns))?;
-    }
-    for (w, close) in workloads {
-        for rep in 0..ctx.reps {
+    let vip_url = format!("http://{vip_http}:80/");
+    // Only one eBPF proxy can be attached at a time, so each repetition runs twice: the
+    // captured proxy with every other target interleaved, then the same proxy with `--sockmap`
+    // (a fresh start each time, warmed like every target). Drift between the halves hits every
+    // repetition alike.
+    for rep in 0..ctx.reps {
+        let captured = spawn_captured(&[]);
+        wait_ready(&["127.0.0.1:15000"], "the captured proxy")?;
+        let targets: [(&str, String, Option<u32>); 6] = [
+            ("direct-netns", format!("http://{bip}:80/"), None),
+            (
+                "nodeproxy-explicit",
+                format!("http://{node_ip}:18180/"),
+                Some(explicit_p.pid()),
+            ),
+            ("nodeproxy-captured", vip_url.clone(), Some(captured.pid())),
+            (
+                "nodeproxy-fastpath",
+                format!("http://{vip_tcp}:8080/"),
+                Some(captured.pid()),
+            ),
+            (
+                "haproxy-netns",
+                format!("http://{ha_addr}/"),
+                Some(haproxy.0.id()),
+            ),
+            (
+                "nginx-netns",
+                format!("http://{ngx_addr}/"),
+                Some(nginx.0.id()),
+            ),
+        ];
+        for (name, url, _) in &targets {
+            if rep == 0 || name.starts_with("nodeproxy-c") || name.starts_with("nodeproxy-f") {
+                load::warm_up(url, Some(&ns))?;
+            }
+        }
+        for (w, close) in workloads {
             for (name, url, pid) in &targets {
                 measure(ctx, w, name, url, *pid, close, rep)?;
             }
         }
-    }
-    // The sk_msg splice needs its own proxy start (one eBPF proxy at a time): measured after the
-    // interleaved targets.
-    drop(captured);
-    let sockmap = spawn_captured(&["--sockmap"]);
-    wait_ready(&["127.0.0.1:15000"], "the --sockmap proxy")?;
-    load::warm_up(&format!("http://{vip_http}:80/"), Some(&ns))?;
-    for (w, close) in workloads {
-        for rep in 0..ctx.reps {
+        drop(captured);
+        let sockmap = spawn_captured(&["--sockmap"]);
+        wait_ready(&["127.0.0.1:15000"], "the --sockmap proxy")?;
+        load::warm_up(&vip_url, Some(&ns))?;
+        for (w, close) in workloads {
             measure(
                 ctx,
                 w,
                 "nodeproxy-captured-sockmap",
-                &format!("http://{vip_http}:80/"),
+                &vip_url,
                 Some(sockmap.pid()),
                 close,
                 rep,
