@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * sk_msg on np_sock_hash: a send on one local end of a captured connection is delivered
+ * sk_msg on np_sock_hash: a send on one local end of a spliced connection is delivered
  * straight to the other end's receive queue (bpf_msg_redirect_hash, ingress), skipping the TCP/IP
- * stack between the client pod and the proxy. Off unless --sockmap is given: Cilium removed its
- * sockmap acceleration (1.14) as fragile, so it stays opt-in and measured.
+ * stack between the client pod and the proxy, and between the proxy and an endpoint on this
+ * node. A socket whose peer is not in the map (an upstream's accepting end when the proxy did
+ * not add its own) passes to TCP. Off unless --sockmap is given: Cilium removed its sockmap
+ * acceleration (1.14) as fragile, so it stays opt-in and measured.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>

@@ -134,7 +134,8 @@ pub struct Options {
     pub deny_cidrs: Vec<ipnet::Ipv4Net>,
     /// bpffs mount point.
     pub bpffs: PathBuf,
-    /// Splice client<->proxy bytes with sockops + sk_msg (off by default).
+    /// Splice node-local bytes with sockops + sk_msg: captured client<->proxy, and the proxy's
+    /// HTTP/1 upstreams to sockets on this node (off by default).
     pub sockmap: bool,
 }
 

@@ -201,7 +201,9 @@ enum Command {
         /// Data-plane threads' CPUs: float (default) or one CPU each from the process's CPU set.
         #[arg(long, value_enum, default_value_t = CpuAffinity::None)]
         cpu_affinity: CpuAffinity,
-        /// Splice client<->proxy bytes in the kernel with sockops + sk_msg (off by default).
+        /// Splice node-local bytes in the kernel with sockops + sk_msg: captured client<->proxy,
+        /// and proxy<->endpoint when the endpoint is a socket on this node (HTTP/1 upstreams).
+        /// Off by default.
         #[arg(long)]
         sockmap: bool,
         /// The node's locality, `region/zone/subzone` (locality-aware load balancing).

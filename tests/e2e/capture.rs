@@ -553,6 +553,14 @@ async fn sockmap_splice_carries_captured_traffic() {
     }
     let _serial = SERIAL.lock().await;
     let s = std::sync::Arc::new(scene("sockmap").await);
+    // Connection limits keep `db` (a server-first TCP protocol: the echo pod writes at once)
+    // off the kernel fast path, so it goes through the proxy.
+    let cfg = s.dir.0.join("mesh.yaml");
+    let mut yaml = std::fs::read_to_string(&cfg).unwrap();
+    yaml.push_str(
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: db}\nspec:\n  host: db.default.svc.cluster.local\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: 100}}}\n",
+    );
+    std::fs::write(&cfg, yaml).unwrap();
     let _proxy = s.start_proxy_with(&["--sockmap"]);
     let vip = s.vip(1, 80);
     let s2 = s.clone();
@@ -595,5 +603,34 @@ async fn sockmap_splice_carries_captured_traffic() {
     assert!(
         !ss.contains("bytes_received"),
         "the backend received its requests through the splice, not TCP: {ss}"
+    );
+    // A server-first protocol is never spliced on the upstream leg: the echo pod's end joins
+    // the sockhash (it cannot know the protocol), the proxy does not add its own, and what the
+    // server sends at once still arrives whole, by TCP.
+    let before = s.counter("sockmap_upstream");
+    let db = s.vip(2, 5432);
+    let s2 = s.clone();
+    let greetings = blocking(move || {
+        use std::io::Read;
+        (0..5)
+            .map(|_| {
+                let mut c = s2.node.pods[s2.client]
+                    .connect(db, Duration::from_secs(3))
+                    .expect("connect db");
+                let mut out = String::new();
+                c.read_to_string(&mut out).unwrap();
+                out
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    let node_ip = s.node.ip().to_string();
+    assert!(
+        greetings.iter().all(|g| *g == node_ip),
+        "the echo pod saw the proxy (the node address) each time: {greetings:?}"
+    );
+    assert!(
+        s.counter("sockmap_upstream") >= before + 5,
+        "the echo pod's ends joined the sockhash"
     );
 }
