@@ -81,9 +81,8 @@ int np_sockops(struct bpf_sock_ops *skops)
 	struct np_addr client = {};
 	struct np_addr orig;
 	struct np_addr *found;
-	__u64 cookie;
-
 	struct np_sock_key key = {};
+	__u64 cookie;
 
 	if (skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
 	    skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)

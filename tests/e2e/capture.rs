@@ -171,6 +171,17 @@ impl Scene {
         self.kernel()["counters"][reason].as_u64().unwrap_or(0)
     }
 
+    /// Connect from the client pod to `to` and read until the server closes.
+    fn read_from_client(&self, to: SocketAddr) -> String {
+        use std::io::Read;
+        let mut c = self.node.pods[self.client]
+            .connect(to, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("connect {to} from the client pod: {e}"));
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    }
+
     fn vip(&self, host: u8, port: u16) -> SocketAddr {
         SocketAddr::new(self.node.vip(host).into(), port)
     }
@@ -258,16 +269,7 @@ async fn capture_split_routing_fastpath_and_cleanup() {
     let before_redirects = s.counter("redirect_proxy");
     let s2 = s.clone();
     let db = s.vip(2, 5432);
-    let seen = blocking(move || {
-        use std::io::Read;
-        let mut c = s2.node.pods[s2.client]
-            .connect(db, Duration::from_secs(3))
-            .expect("fast path connect");
-        let mut out = String::new();
-        c.read_to_string(&mut out).unwrap();
-        out
-    })
-    .await;
+    let seen = blocking(move || s2.read_from_client(db)).await;
     assert_eq!(
         seen,
         s.node.pods[s.client].ip.to_string(),
@@ -610,20 +612,8 @@ async fn sockmap_splice_carries_captured_traffic() {
     let before = s.counter("sockmap_upstream");
     let db = s.vip(2, 5432);
     let s2 = s.clone();
-    let greetings = blocking(move || {
-        use std::io::Read;
-        (0..5)
-            .map(|_| {
-                let mut c = s2.node.pods[s2.client]
-                    .connect(db, Duration::from_secs(3))
-                    .expect("connect db");
-                let mut out = String::new();
-                c.read_to_string(&mut out).unwrap();
-                out
-            })
-            .collect::<Vec<_>>()
-    })
-    .await;
+    let greetings =
+        blocking(move || (0..5).map(|_| s2.read_from_client(db)).collect::<Vec<_>>()).await;
     let node_ip = s.node.ip().to_string();
     assert!(
         greetings.iter().all(|g| *g == node_ip),

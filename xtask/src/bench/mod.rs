@@ -345,12 +345,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
     write(&out.join("backend.conf"), &backend_conf(&out))?;
     let _backend = Proc::start(
         "backend nginx",
-        Command::new("nginx")
-            .arg("-c")
-            .arg(out.join("backend.conf"))
-            .args(["-p"])
-            .arg(&out)
-            .args(["-g", "daemon off;"]),
+        &mut nginx_cmd(&out, "backend.conf"),
         &format!("127.0.0.1:{BACKEND_V1}"),
     )?;
     load::spawn_sink(&format!("127.0.0.1:{SINK}"))?;
@@ -394,12 +389,7 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         )?;
         let ngx = Proc::start(
             "nginx",
-            Command::new("nginx")
-                .arg("-c")
-                .arg(out.join("nginx-proxy.conf"))
-                .arg("-p")
-                .arg(&out)
-                .args(["-g", "daemon off;"]),
+            &mut nginx_cmd(&out, "nginx-proxy.conf"),
             "127.0.0.1:18380",
         )?;
         let floating = if run_it("h1-keepalive") || run_it("latency-10k") {
@@ -742,15 +732,7 @@ fn netns_workloads(ctx: &mut Ctx) -> anyhow::Result<()> {
     );
     write(&dir.join("backend.conf"), &conf)?;
     let backend_ns = format!("--net={}", node.pods[backend].path().display());
-    let _nginx = spawn_in(
-        &backend_ns,
-        Command::new("nginx")
-            .arg("-c")
-            .arg(dir.join("backend.conf"))
-            .arg("-p")
-            .arg(&dir)
-            .args(["-g", "daemon off;"]),
-    )?;
+    let _nginx = spawn_in(&backend_ns, &mut nginx_cmd(&dir, "backend.conf"))?;
     let (vip_http, vip_tcp) = (node.vip(1), node.vip(2));
     let node_ip = node.ip();
     let mesh = format!(
@@ -836,15 +818,7 @@ fn netns_workloads(ctx: &mut Ctx) -> anyhow::Result<()> {
             .arg(dir.join("haproxy.cfg"))
             .arg("-db"),
     )?;
-    let nginx = spawn_in(
-        &node_ns,
-        Command::new("nginx")
-            .arg("-c")
-            .arg(dir.join("nginx-proxy.conf"))
-            .arg("-p")
-            .arg(&dir)
-            .args(["-g", "daemon off;"]),
-    )?;
+    let nginx = spawn_in(&node_ns, &mut nginx_cmd(&dir, "nginx-proxy.conf"))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     for addr in [&ha_addr, &ngx_addr] {
         while node.http_get(addr, "/").is_none_or(|(s, _)| s != 200) {
@@ -951,6 +925,17 @@ fn nginx_netns_conf(dir: &Path, listen: &str, backend: &str) -> String {
         "worker_processes 2;\nworker_cpu_affinity auto;\npid {d}/proxy.pid;\nerror_log {d}/proxy.err warn;\nworker_rlimit_nofile 100000;\nevents {{ worker_connections 65535; }}\nhttp {{\n  access_log off;\n  keepalive_requests 100000000;\n  upstream be {{ server {backend}; keepalive 512; keepalive_requests 100000000; }}\n  server {{ listen {listen} backlog=4096; location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n}}\n",
         d = dir.display()
     )
+}
+
+/// nginx in the foreground with `dir/conf`, its paths relative to `dir`.
+fn nginx_cmd(dir: &Path, conf: &str) -> Command {
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-c")
+        .arg(dir.join(conf))
+        .arg("-p")
+        .arg(dir)
+        .args(["-g", "daemon off;"]);
+    cmd
 }
 
 fn spawn_in(netns_arg: &str, cmd: &mut Command) -> anyhow::Result<procs::NsProc> {

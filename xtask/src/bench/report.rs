@@ -345,33 +345,55 @@ fn lower_is_met(me: Stat, best: Stat) -> String {
     }
 }
 
+fn yes_no(ok: bool) -> String {
+    if ok { "yes" } else { "no" }.to_string()
+}
+
+/// A target row for nodeproxy's median against the best peer's (`found`): req/s must be
+/// ≥ 1.10 × the peer's, proxy CPU per request (`cpu`) ≤ 0.8 ×.
+fn peer_ratio_row(
+    what: String,
+    found: Option<(f64, String, f64)>,
+    cpu: bool,
+) -> Option<[String; 4]> {
+    let (me, peer, best) = found?;
+    let r = me / best;
+    Some(if cpu {
+        [
+            what,
+            "≤ 0.8 × best peer".into(),
+            format!("{r:.2} × {peer} ({me:.1} vs {best:.1} µs)"),
+            yes_no(r <= 0.8),
+        ]
+    } else {
+        [
+            what,
+            "≥ 1.10 × best peer".into(),
+            format!("{r:.2} × {peer} ({me:.0} vs {best:.0})"),
+            yes_no(r >= 1.10),
+        ]
+    })
+}
+
 /// Issue 6's goals for nodeproxy, checked against this run's medians (rows without data, e.g.
 /// under `--only`, are left out).
 pub fn targets(ms: &[Measurement]) -> String {
     let mut rows: Vec<[String; 4]> = Vec::new();
-    let met = |ok: bool| if ok { "yes" } else { "no" }.to_string();
+    let met = yes_no;
     let rps = |r: &Row| Some(r.rps);
     let cpu = |r: &Row| r.cpu;
     let p99 = |r: &Row| r.p99;
     for (w, label) in [("h1-keepalive", "HTTP/1.1 keep-alive"), ("h2c", "h2c")] {
-        if let Some((me, peer, best)) = vs_best_peer(ms, w, rps, false) {
-            let r = me / best;
-            rows.push([
-                format!("{label} req/s"),
-                "≥ 1.10 × best peer".into(),
-                format!("{r:.2} × {peer} ({me:.0} vs {best:.0})"),
-                met(r >= 1.10),
-            ]);
-        }
-        if let Some((me, peer, best)) = vs_best_peer(ms, w, cpu, true) {
-            let r = me / best;
-            rows.push([
-                format!("{label} proxy CPU / request"),
-                "≤ 0.8 × best peer".into(),
-                format!("{r:.2} × {peer} ({me:.1} vs {best:.1} µs)"),
-                met(r <= 0.8),
-            ]);
-        }
+        rows.extend(peer_ratio_row(
+            format!("{label} req/s"),
+            vs_best_peer(ms, w, rps, false),
+            false,
+        ));
+        rows.extend(peer_ratio_row(
+            format!("{label} proxy CPU / request"),
+            vs_best_peer(ms, w, cpu, true),
+            true,
+        ));
     }
     for (w, label) in [
         ("h1-keepalive", "HTTP/1.1 keep-alive p99"),
@@ -387,15 +409,11 @@ pub fn targets(ms: &[Measurement]) -> String {
             ]);
         }
     }
-    if let Some((me, peer, best)) = vs_best_peer(ms, "h1-newconn", rps, false) {
-        let r = me / best;
-        rows.push([
-            "new connection per request (loopback)".into(),
-            "≥ 1.10 × best peer".into(),
-            format!("{r:.2} × {peer} ({me:.0} vs {best:.0})"),
-            met(r >= 1.10),
-        ]);
-    }
+    rows.extend(peer_ratio_row(
+        "new connection per request (loopback)".into(),
+        vs_best_peer(ms, "h1-newconn", rps, false),
+        false,
+    ));
     for (w, label) in [
         ("netns h1-keepalive", "keep-alive"),
         ("netns h1-newconn", "new connections"),
@@ -405,24 +423,16 @@ pub fn targets(ms: &[Measurement]) -> String {
             ("nodeproxy-captured", "captured"),
             ("nodeproxy-captured-sockmap", "captured + `--sockmap`"),
         ] {
-            if let Some((me, peer, best)) = target_vs_best_peer(ms, w, target, rps, false) {
-                let r = me / best;
-                rows.push([
-                    format!("netns {label} req/s, {how}"),
-                    "≥ 1.10 × best peer".into(),
-                    format!("{r:.2} × {peer} ({me:.0} vs {best:.0})"),
-                    met(r >= 1.10),
-                ]);
-            }
-            if let Some((me, peer, best)) = target_vs_best_peer(ms, w, target, cpu, true) {
-                let r = me / best;
-                rows.push([
-                    format!("netns {label} proxy CPU / request, {how}"),
-                    "≤ 0.8 × best peer".into(),
-                    format!("{r:.2} × {peer} ({me:.1} vs {best:.1} µs)"),
-                    met(r <= 0.8),
-                ]);
-            }
+            rows.extend(peer_ratio_row(
+                format!("netns {label} req/s, {how}"),
+                target_vs_best_peer(ms, w, target, rps, false),
+                false,
+            ));
+            rows.extend(peer_ratio_row(
+                format!("netns {label} proxy CPU / request, {how}"),
+                target_vs_best_peer(ms, w, target, cpu, true),
+                true,
+            ));
         }
         let direct = median_of(ms, w, "direct-netns", rps);
         if let (Some(fast), Some(d)) = (median_of(ms, w, "nodeproxy-fastpath", rps), direct) {
