@@ -171,6 +171,23 @@ impl Scene {
         self.kernel()["counters"][reason].as_u64().unwrap_or(0)
     }
 
+    /// The server sockets on `port` in `pod` are open and no payload crossed TCP on them, either
+    /// way (`ss -ti` counts only TCP bytes): they were spliced from the first byte.
+    fn assert_spliced_server(&self, pod: usize, port: u16) {
+        let sport = format!("= :{port}");
+        let out =
+            self.node.pods[pod].exec(&["ss", "-tin", "state", "established", "sport", &sport]);
+        let ss = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && ss.contains(&format!(":{port}")),
+            "upstream connection open: {ss}"
+        );
+        assert!(
+            !ss.contains("bytes_received") && !ss.contains("bytes_acked"),
+            "the server received and sent through the splice, not TCP: {ss}"
+        );
+    }
+
     /// Connect from the client pod to `to` and read until the server closes.
     fn read_from_client(&self, to: SocketAddr) -> String {
         use std::io::Read;
@@ -541,6 +558,39 @@ async fn xdp_guard_drops_outside_traffic_to_proxy_ports_and_denied_sources() {
     );
 }
 
+/// HTTP/1.1 server for `sockmap_splice_carries_captured_traffic`: GET /N sends N bytes, POST
+/// answers the number of body bytes it read. Argument: the address to listen on (port 8081).
+const BULK_SERVER: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        n = int(self.path.strip("/") or 0)
+        self.send_response(200)
+        self.send_header("Content-Length", str(n))
+        self.end_headers()
+        chunk = b"x" * 65536
+        while n > 0:
+            k = min(n, len(chunk))
+            self.wfile.write(chunk[:k])
+            n -= k
+    def do_POST(self):
+        n, got = int(self.headers["Content-Length"]), 0
+        while got < n:
+            b = self.rfile.read(min(65536, n - got))
+            if not b:
+                break
+            got += len(b)
+        body = str(got).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer((sys.argv[1], 8081), H).serve_forever()
+"#;
+
 fn socket_from(src: &str) -> socket2::Socket {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.bind(&format!("{src}:0").parse::<SocketAddr>().unwrap().into())
@@ -562,7 +612,21 @@ async fn sockmap_splice_carries_captured_traffic() {
     yaml.push_str(
         "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: db}\nspec:\n  host: db.default.svc.cluster.local\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: 100}}}\n",
     );
+    // `bulk`: a server in the (not enrolled) `other` pod that sends and receives large bodies,
+    // for back-pressure through both spliced legs.
+    let other_ip = s.node.pods[s.other].ip;
+    let bulk_vip = s.node.vip(3);
+    yaml.push_str(&format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: bulk}}\nspec:\n  hosts: [bulk.default.svc.cluster.local]\n  addresses: [{bulk_vip}]\n  location: MESH_INTERNAL\n  resolution: STATIC\n  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8081}}]\n  endpoints: [{{address: {other_ip}}}]\n"
+    ));
     std::fs::write(&cfg, yaml).unwrap();
+    let _bulk = nodeproxy_tests::ChildGuard(
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={}", s.node.pods[s.other].path().display()))
+            .args(["python3", "-c", BULK_SERVER, &other_ip.to_string()])
+            .spawn()
+            .expect("python3"),
+    );
     let _proxy = s.start_proxy_with(&["--sockmap"]);
     let vip = s.vip(1, 80);
     let s2 = s.clone();
@@ -596,16 +660,7 @@ async fn sockmap_splice_carries_captured_traffic() {
         s.counter("sockmap_upstream") >= 1,
         "the backend's end of an upstream connection joined the splice"
     );
-    let out = s.node.pods[s.v2].exec(&["ss", "-tin", "state", "established", "sport", "= :8080"]);
-    let ss = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && ss.contains(":8080"),
-        "upstream connection open: {ss}"
-    );
-    assert!(
-        !ss.contains("bytes_received"),
-        "the backend received its requests through the splice, not TCP: {ss}"
-    );
+    s.assert_spliced_server(s.v2, 8080);
     // A server-first protocol is never spliced on the upstream leg: the echo pod's end joins
     // the sockhash (it cannot know the protocol), the proxy does not add its own, and what the
     // server sends at once still arrives whole, by TCP.
@@ -614,6 +669,42 @@ async fn sockmap_splice_carries_captured_traffic() {
     let s2 = s.clone();
     let greetings =
         blocking(move || (0..5).map(|_| s2.read_from_client(db)).collect::<Vec<_>>()).await;
+    // Through both spliced legs (the client pod's socket and the proxy's, the proxy's upstream
+    // and the bulk server's), 32 MiB down and 6 MiB up (the proxy buffers request bodies up to
+    // 8 MiB), far beyond the socket buffers: every byte arrives.
+    const BULK: usize = 32 << 20;
+    const UP: usize = 6 << 20;
+    let url = format!("http://{bulk_vip}/{BULK}");
+    let client = &s.node.pods[s.client];
+    let down = client.exec(&[
+        "curl",
+        "-sS",
+        "-m",
+        "60",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{size_download} %{http_code}",
+        &url,
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&down.stdout),
+        format!("{BULK} 200"),
+        "download: {}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let up = client.exec(&[
+        "sh",
+        "-c",
+        &format!("head -c {UP} /dev/zero | curl -sS -m 60 --data-binary @- -H 'Content-Type: application/octet-stream' {url}"),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&up.stdout),
+        UP.to_string(),
+        "upload (the server answers the byte count it read): {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    s.assert_spliced_server(s.other, 8081);
     let node_ip = s.node.ip().to_string();
     assert!(
         greetings.iter().all(|g| *g == node_ip),
