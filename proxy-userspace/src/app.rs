@@ -128,20 +128,8 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
                 std::sync::atomic::Ordering::Relaxed,
             );
             let k = Arc::new(k);
-            if k.splices() {
-                let weak = Arc::downgrade(&k);
-                crate::upstream::pool::set_connect_hook(Some(Arc::new(move |stream, first| {
-                    if let (Some(k), Ok(local), Ok(peer)) =
-                        (weak.upgrade(), stream.local_addr(), stream.peer_addr())
-                    {
-                        k.splice_upstream(
-                            stream,
-                            local,
-                            peer,
-                            first == crate::upstream::pool::FirstByte::Proxy,
-                        );
-                    }
-                })));
+            if let Some(hook) = k.splice_hook() {
+                crate::upstream::pool::set_connect_hook(Some(hook));
             }
             k.sync(&publisher.load()).context("fill kernel maps")?;
             match k.events() {

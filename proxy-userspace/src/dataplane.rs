@@ -596,9 +596,24 @@ impl Kernel {
         }
     }
 
-    /// Whether the sk_msg splice is on (`--sockmap`).
-    pub fn splices(&self) -> bool {
-        self.splice.is_some()
+    /// With the sk_msg splice on (`--sockmap`): the pool's hook that offers each new upstream
+    /// connection to [`Kernel::splice_upstream`]. It holds the kernel weakly, so it does nothing
+    /// once the data path is gone.
+    pub fn splice_hook(self: &std::sync::Arc<Self>) -> Option<crate::upstream::pool::ConnectHook> {
+        self.splice.as_ref()?;
+        let weak = std::sync::Arc::downgrade(self);
+        Some(std::sync::Arc::new(move |stream, first| {
+            if let (Some(k), Ok(local), Ok(peer)) =
+                (weak.upgrade(), stream.local_addr(), stream.peer_addr())
+            {
+                k.splice_upstream(
+                    stream,
+                    local,
+                    peer,
+                    first == crate::upstream::pool::FirstByte::Proxy,
+                );
+            }
+        }))
     }
 
     /// A new upstream connection of the proxy, before its first byte: if its accepting end is a

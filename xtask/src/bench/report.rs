@@ -379,7 +379,6 @@ fn peer_ratio_row(
 /// under `--only`, are left out).
 pub fn targets(ms: &[Measurement]) -> String {
     let mut rows: Vec<[String; 4]> = Vec::new();
-    let met = yes_no;
     let rps = |r: &Row| Some(r.rps);
     let cpu = |r: &Row| r.cpu;
     let p99 = |r: &Row| r.p99;
@@ -441,7 +440,7 @@ pub fn targets(ms: &[Measurement]) -> String {
                 format!("fast path vs direct, {label}"),
                 "≥ 0.97".into(),
                 format!("{r:.2} ({fast:.0} vs {d:.0})"),
-                met(r >= 0.97),
+                yes_no(r >= 0.97),
             ]);
         }
         if let (Some(c), Some(e)) = (
@@ -453,7 +452,7 @@ pub fn targets(ms: &[Measurement]) -> String {
                 format!("capture vs `--capture none`, {label}"),
                 "within 3%".into(),
                 format!("{r:.2} ({c:.0} vs {e:.0})"),
-                met((r - 1.0).abs() <= 0.03),
+                yes_no((r - 1.0).abs() <= 0.03),
             ]);
         }
     }
@@ -464,7 +463,7 @@ pub fn targets(ms: &[Measurement]) -> String {
             "10k services load + analyze + compile".into(),
             "< 1 s".into(),
             format!("{:.2} s", ms10k / 1000.0),
-            met(ms10k < 1000.0),
+            yes_no(ms10k < 1000.0),
         ]);
     }
     // The goal is that size costs nothing: 10k services better than 10 by more than 5% is
@@ -486,7 +485,7 @@ pub fn targets(ms: &[Measurement]) -> String {
                 if worse < -0.05 {
                     "yes (better at 10k: noise between repetitions)".into()
                 } else {
-                    met(worse <= 0.05)
+                    yes_no(worse <= 0.05)
                 },
             ]);
         }
@@ -497,7 +496,7 @@ pub fn targets(ms: &[Measurement]) -> String {
             "RSS per idle proxied connection".into(),
             "≤ 16 KiB".into(),
             format!("{k:.1} KiB"),
-            met(k <= 16.0),
+            yes_no(k <= 16.0),
         ]);
     }
     if rows.is_empty() {
