@@ -4,7 +4,7 @@
 #
 #   deploy/image/build.sh [--install-deps] [--profile release|dev] [--out DIR]
 #
-# --install-deps  apt-get the build dependencies (clang-19, llvm-19, libbpf-dev; idempotent)
+# --install-deps  install the build dependencies first (`cargo xtask setup build`; idempotent)
 # --profile       cargo profile (default release; CI uses dev to reuse the test build)
 # --out           root of the image file system (default target/image/rootfs)
 set -euo pipefail
@@ -24,15 +24,7 @@ while [ $# -gt 0 ]; do
 done
 
 if [ "$deps" = 1 ]; then
-  need=()
-  for pkg in clang-19 llvm-19 libbpf-dev; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
-  done
-  if [ "${#need[@]}" -gt 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need[@]}"
-  fi
+  cargo xtask setup build
 fi
 
 echo "build.sh: cargo build --locked -p nodeproxy --profile $profile"

@@ -53,6 +53,27 @@ fn json<T: Serialize>(v: &T) -> Response<Full<Bytes>> {
     }
 }
 
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// A log filter an operator meant: every directive names a level, alone (`debug`) or for a
+/// target (`nodeproxy::access=off`). tracing's own syntax also takes a bare word as "every
+/// level of target `word`", which turns `level=bogus` into a silent no-op; refuse it.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    if filter.is_empty() {
+        return Err("empty".into());
+    }
+    for directive in filter.split(',') {
+        let level = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
+            return Err(format!(
+                "`{directive}` names no level (one of {}, alone or as target=level)",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
@@ -337,6 +358,12 @@ impl Admin {
             .replace("%2C", ",")
             .replace("%3D", "=")
             .replace("%3A", ":");
+        if let Err(e) = check_log_filter(&level) {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("invalid log filter `{level}`: {e}\n"),
+            );
+        }
         match log(&level) {
             Ok(()) => text(StatusCode::OK, format!("log level: {level}\n")),
             Err(e) => text(
@@ -349,8 +376,14 @@ impl Admin {
     /// Serve on `listener` until the task is dropped.
     pub async fn serve(self, listener: TcpListener) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and the like: back off as the data path does, never spin.
+                    tracing::warn!(error = %e, "admin accept");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             };
             let admin = self.clone();
             tokio::spawn(async move {
@@ -390,4 +423,25 @@ pub fn spawn_admin(addr: SocketAddr, admin: Admin) -> std::io::Result<SocketAddr
             });
         })?;
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_log_filter;
+
+    #[test]
+    fn log_filters_must_name_a_level() {
+        for ok in [
+            "debug",
+            "INFO",
+            "info,nodeproxy::access=off",
+            "nodeproxy=trace",
+            "off",
+        ] {
+            assert_eq!(check_log_filter(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "bogus", "info,bogus", "nodeproxy=loud", "debug,"] {
+            assert!(check_log_filter(bad).is_err(), "{bad}");
+        }
+    }
 }

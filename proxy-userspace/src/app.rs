@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use crate::admin::{Admin, spawn_admin};
 use crate::inspect::diagnostics_text;
 use crate::proxy::{ProxyOptions, Shared, listener};
-use crate::publish::{FileSource, Publisher, WatchGuard};
+use crate::publish::{FileSource, Publisher, Reload, WatchGuard};
 
 /// What to run.
 #[derive(Clone)]
@@ -102,8 +102,8 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     let publisher = Publisher::new();
     let mut watch = None;
     if opts.kubernetes.is_none() {
-        let source = FileSource::new(opts.config.clone(), publisher.clone());
-        if let Err(diags) = source.reload("startup") {
+        let mut source = FileSource::new(opts.config.clone(), publisher.clone());
+        if let Reload::Rejected(diags) = source.reload(crate::publish::STARTUP) {
             bail!(
                 "configuration rejected, nothing to serve:\n{}",
                 diagnostics_text(&diags)

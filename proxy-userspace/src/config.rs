@@ -221,27 +221,22 @@ impl ConfigSet {
     /// Returns what could be loaded and the diagnostics; an unreadable path is an error
     /// diagnostic, never a panic.
     pub fn load(paths: &[PathBuf]) -> (ConfigSet, Vec<Diagnostic>) {
+        let (texts, mut diags) = read_files(paths);
+        let (set, load_diags) = ConfigSet::load_texts(&texts);
+        diags.extend(load_diags);
+        (set, diags)
+    }
+
+    /// Load files already read (`(path, text)` in order), as [`ConfigSet::load`] does.
+    pub fn load_texts(texts: &[(PathBuf, String)]) -> (ConfigSet, Vec<Diagnostic>) {
         let mut diags = Vec::new();
-        let mut texts: Vec<(PathBuf, String)> = Vec::new();
-        for path in paths {
-            match collect_files(path) {
-                Ok(files) => {
-                    for file in files {
-                        match std::fs::read_to_string(&file) {
-                            Ok(text) => texts.push((file, text)),
-                            Err(e) => diags.push(read_error(&file, &e)),
-                        }
-                    }
-                }
-                Err(e) => diags.push(read_error(path, &e)),
-            }
-        }
         // Documents are independent: parse them on every core (10k services are 20k documents),
         // then merge in file and document order so objects and diagnostics keep that order.
         let docs: Vec<(Source, &str)> = texts
             .iter()
             .flat_map(|(file, text)| {
-                split_documents(text)
+                // A UTF-8 byte-order mark (Windows editors) is not part of the first document.
+                split_documents(text.strip_prefix('\u{feff}').unwrap_or(text))
                     .into_iter()
                     .enumerate()
                     .map(move |(document, (line, doc))| {
@@ -616,8 +611,62 @@ fn split_documents(text: &str) -> Vec<(usize, &str)> {
     docs
 }
 
-/// Files under `path`: the file itself, or every `.yaml`/`.yml` below a directory, sorted.
-fn collect_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+/// Read every file under `paths` (see [`collect_files`]), in order; unreadable ones are error
+/// diagnostics.
+pub fn read_files(paths: &[PathBuf]) -> (Vec<(PathBuf, String)>, Vec<Diagnostic>) {
+    let mut diags = Vec::new();
+    let mut texts = Vec::new();
+    for path in paths {
+        match collect_files(path) {
+            Ok(files) => {
+                for file in files {
+                    match std::fs::read_to_string(&file) {
+                        Ok(text) => texts.push((file, text)),
+                        Err(e) => diags.push(read_error(&file, &e)),
+                    }
+                }
+            }
+            Err(e) => diags.push(read_error(path, &e)),
+        }
+    }
+    (texts, diags)
+}
+
+/// How many documents of a YAML text hold anything but blank lines and comments: the number
+/// of objects the file declares (a document that fails to parse still counts).
+pub fn document_count(text: &str) -> usize {
+    split_documents(text.strip_prefix('\u{feff}').unwrap_or(text))
+        .iter()
+        .filter(|(_, doc)| {
+            doc.lines().any(|l| {
+                let l = l.trim();
+                !l.is_empty() && !l.starts_with('#') && l != "..."
+            })
+        })
+        .count()
+}
+
+/// Whether a directory entry is configuration: `.yaml`/`.yml`, and not hidden. Hidden names
+/// are editors' lock and swap files (`.#canary.yaml`) and the versioned directories of a
+/// Kubernetes ConfigMap mount (`..2026_12_07_…/`, `..data`), whose files are reached through
+/// the visible links beside them; reading both would load every object twice.
+pub fn is_config_name(name: &std::ffi::OsStr) -> bool {
+    let name = name.to_string_lossy();
+    !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
+}
+
+/// Files under `path`: the file itself, or every `.yaml`/`.yml` below a directory, sorted
+/// (hidden entries skipped: [`is_config_name`]).
+pub fn collect_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    collect_below(path, 0)
+}
+
+fn collect_below(path: &Path, depth: usize) -> std::io::Result<Vec<PathBuf>> {
+    if depth > 16 {
+        return Err(std::io::Error::other(
+            "more than 16 directory levels (a link loop?)",
+        ));
+    }
     let meta = std::fs::metadata(path)?;
     if !meta.is_dir() {
         return Ok(vec![path.to_path_buf()]);
@@ -627,9 +676,13 @@ fn collect_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
         let p = entry.path();
-        if entry.file_type()?.is_dir() {
-            out.extend(collect_files(&p)?);
-        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        // Follows links: a link to a directory is read as the directory.
+        if std::fs::metadata(&p).is_ok_and(|m| m.is_dir()) {
+            out.extend(collect_below(&p, depth + 1)?);
+        } else if is_config_name(&entry.file_name()) {
             out.push(p);
         }
     }

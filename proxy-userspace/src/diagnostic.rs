@@ -101,6 +101,17 @@ pub mod codes {
         id: "NP0005",
         name: "DuplicateObject",
     };
+    /// A watched file that declared objects and is now empty (truncated, or replaced by an
+    /// empty file): the reload is refused; deleting the file is how its objects are removed.
+    pub const EMPTIED_FILE: Code = Code {
+        id: "NP0006",
+        name: "FileEmptied",
+    };
+    /// A configuration file with no objects in it.
+    pub const EMPTY_FILE: Code = Code {
+        id: "NP0007",
+        name: "EmptyFile",
+    };
     /// attempts x perTryTimeout exceeds the route timeout.
     pub const RETRY_EXCEEDS_TIMEOUT: Code = Code {
         id: "NP1001",

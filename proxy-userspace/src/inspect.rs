@@ -273,6 +273,41 @@ pub struct SimResult {
     pub matched: Option<String>,
 }
 
+/// Why no route table takes `host` on `port`: no service has the host at all, or it has no
+/// HTTP route table on that port (with the ports that do).
+fn unknown_host(snap: &Snapshot, host: &str, port: u16) -> String {
+    let ports: Vec<String> = snap
+        .http_tables
+        .iter()
+        .filter(|t| t.vhost(host).is_some())
+        .map(|t| t.name.clone())
+        .collect();
+    if ports.is_empty() {
+        let mut known: Vec<&str> = snap
+            .http_tables
+            .iter()
+            .flat_map(|t| t.vhosts.iter().flat_map(|v| v.domains.iter()))
+            .map(String::as_str)
+            .filter(|d| d.contains('.') && !d.contains(':'))
+            .collect();
+        known.sort_unstable();
+        known.dedup();
+        known.truncate(10);
+        return format!(
+            "no service has host `{host}` (HTTP hosts in this configuration: {})",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        );
+    }
+    format!(
+        "`{host}` has no HTTP route table on port {port}; it has one on {} (use --port)",
+        ports.join(", ")
+    )
+}
+
 /// Evaluate a request against the snapshot without sending anything.
 pub fn simulate(snap: &Snapshot, req: &SimRequest) -> Result<SimResult, String> {
     let mut headers = HeaderMap::new();
@@ -302,14 +337,7 @@ pub fn simulate(snap: &Snapshot, req: &SimRequest) -> Result<SimResult, String> 
                 .map(|i| &snap.http_tables[i])
         });
     let Some(table) = table else {
-        return Ok(SimResult {
-            table: None,
-            virtual_host: None,
-            outcome: format!("no HTTP route table for port {port}"),
-            rule: None,
-            rule_index: None,
-            matched: None,
-        });
+        return Err(unknown_host(snap, &req.host, port));
     };
     let Some(vi) = table.vhost(&req.host) else {
         return Ok(SimResult {

@@ -20,6 +20,6 @@ pub mod kubernetes;
 pub mod proxy;
 pub mod publish;
 pub mod telemetry;
-#[cfg(any(test, feature = "test-util"))]
+#[doc(hidden)]
 pub mod test_util;
 pub mod upstream;

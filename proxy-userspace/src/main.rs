@@ -142,8 +142,8 @@ enum Command {
         /// What to show.
         #[arg(value_enum)]
         what: ProxyConfigKind,
-        /// Admin API address.
-        #[arg(long, default_value = nodeproxy::admin::DEFAULT_ADMIN_ADDR)]
+        /// Admin API address of the running proxy.
+        #[arg(long, env = "NODEPROXY_ADMIN", default_value = nodeproxy::admin::DEFAULT_ADMIN_ADDR)]
         admin: String,
         /// Output format.
         #[arg(long, short, value_enum, default_value = "text")]
@@ -151,9 +151,9 @@ enum Command {
     },
     /// Run the proxy.
     Run {
-        /// Files or directories of Istio YAML (watched; SIGHUP reloads). Needed with
-        /// `--source files`.
-        #[arg(long = "config")]
+        /// Files or directories of Istio YAML (watched; SIGHUP reloads), several after one
+        /// `--config` or the flag repeated. Needed with `--source files`.
+        #[arg(long = "config", value_name = "PATH", num_args = 1..)]
         config: Vec<PathBuf>,
         /// Where configuration comes from: `files` (--config) or `kubernetes` (the API server:
         /// in-cluster service account, else KUBECONFIG).
@@ -198,7 +198,8 @@ enum Command {
         /// Data-plane threads, each a single-threaded runtime (default: one per core).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
         workers: Option<u16>,
-        /// Data-plane threads' CPUs: float (default) or one CPU each from the process's CPU set.
+        /// Data-plane threads' CPUs: `none` (the scheduler places them) or `auto` (thread `i`
+        /// pinned to the `i`-th CPU of the process's CPU set).
         #[arg(long, value_enum, default_value_t = CpuAffinity::None)]
         cpu_affinity: CpuAffinity,
         /// Splice node-local bytes in the kernel with sockops + sk_msg: captured client<->proxy,
@@ -265,7 +266,12 @@ fn main() -> ExitCode {
     use tracing_subscriber::util::SubscriberInitExt;
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colour only for a terminal: a log file or a pipe gets plain text.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .init();
     let log: nodeproxy::admin::LogControl = std::sync::Arc::new(move |level: &str| {
         let f = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;

@@ -6,7 +6,7 @@
 //! events, and publishes each good set; a set with errors is rejected whole, its diagnostics are
 //! logged and kept, and the last good snapshot stays in force.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -19,8 +19,14 @@ use crate::compile::{Snapshot, compile};
 use crate::config::ConfigSet;
 use crate::diagnostic::{Diagnostic, Severity, has_errors};
 
+mod files;
+pub use files::{FileSource, Reload, SETTLE, WRITE_WAIT, WatchGuard};
+
 /// How long to wait for more file events before reloading (editors write in bursts).
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// The source name of the first load, whose rejection stops the process.
+pub const STARTUP: &str = "startup";
 
 /// Result of building a config set.
 #[derive(Debug)]
@@ -153,18 +159,21 @@ impl Publisher {
                 Some(v)
             }
             None => {
-                for d in built
-                    .diagnostics
-                    .iter()
-                    .filter(|d| d.severity == Severity::Error)
-                {
-                    tracing::error!("{d}");
+                // At startup the caller refuses to start and prints the diagnostics itself.
+                if source != STARTUP {
+                    for d in built
+                        .diagnostics
+                        .iter()
+                        .filter(|d| d.severity == Severity::Error)
+                    {
+                        tracing::error!("{d}");
+                    }
+                    tracing::error!(
+                        source,
+                        version = status.version,
+                        "configuration rejected, previous snapshot stays in force"
+                    );
                 }
-                tracing::error!(
-                    source,
-                    version = status.version,
-                    "configuration rejected, previous snapshot stays in force"
-                );
                 status.rejected = Some(Rejected {
                     at: SystemTime::now(),
                     source: source.to_string(),
@@ -173,150 +182,6 @@ impl Publisher {
                 status.rejections += 1;
                 None
             }
-        }
-    }
-}
-
-/// Watches configuration files and directories and republishes on change or SIGHUP.
-pub struct FileSource {
-    paths: Vec<PathBuf>,
-    publisher: Arc<Publisher>,
-    debounce: Duration,
-}
-
-impl FileSource {
-    /// A source for `paths` publishing into `publisher`.
-    pub fn new(paths: Vec<PathBuf>, publisher: Arc<Publisher>) -> Self {
-        FileSource {
-            paths,
-            publisher,
-            debounce: DEFAULT_DEBOUNCE,
-        }
-    }
-
-    /// Build and publish once. Returns the diagnostics when the set is rejected.
-    pub fn reload(&self, source: &str) -> Result<u64, Vec<Diagnostic>> {
-        let built = build(&self.paths);
-        let diags = built.diagnostics.clone();
-        self.publisher.publish(built, source).ok_or(diags)
-    }
-
-    /// Watch on a thread of its own (off the data-plane runtime). The thread ends when the
-    /// returned guard is dropped.
-    pub fn spawn_watch(self) -> std::io::Result<WatchGuard> {
-        use notify::{RecursiveMode, Watcher};
-        let (tx, rx) = std::sync::mpsc::channel::<&'static str>();
-        let watched: Vec<PathBuf> = self
-            .paths
-            .iter()
-            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
-            .collect();
-        let files = watched.clone();
-        let ev_tx = tx.clone();
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if let Ok(ev) = res {
-                if ev.kind.is_access() {
-                    return;
-                }
-                let relevant = ev
-                    .paths
-                    .iter()
-                    .any(|p| files.iter().any(|w| p.starts_with(w) || p == w));
-                if relevant {
-                    let _ = ev_tx.send("file change");
-                }
-            }
-        })
-        .map_err(std::io::Error::other)?;
-        for p in &watched {
-            // Watch a file's directory: editors replace files by rename, which would end a
-            // watch on the file itself.
-            let (target, mode) = if p.is_dir() {
-                (p.as_path(), RecursiveMode::Recursive)
-            } else {
-                (
-                    p.parent().unwrap_or(Path::new("/")),
-                    RecursiveMode::NonRecursive,
-                )
-            };
-            watcher.watch(target, mode).map_err(std::io::Error::other)?;
-        }
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stop2 = stop.clone();
-        spawn_sighup(tx.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name("config-watch".into())
-            .spawn(move || {
-                let _watcher = watcher;
-                while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-                    let Ok(mut reason) = rx.recv_timeout(Duration::from_millis(200)) else {
-                        continue;
-                    };
-                    // Debounce: keep draining until the burst is over.
-                    while let Ok(r) = rx.recv_timeout(self.debounce) {
-                        if r == "SIGHUP" {
-                            reason = r;
-                        }
-                    }
-                    if let Err(diags) = self.reload(reason) {
-                        tracing::warn!(
-                            errors = diags.iter().filter(|d| d.is_error()).count(),
-                            "reload rejected"
-                        );
-                    }
-                }
-            })?;
-        Ok(WatchGuard {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-fn spawn_sighup(
-    tx: std::sync::mpsc::Sender<&'static str>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) {
-    let _ = std::thread::Builder::new()
-        .name("config-sighup".into())
-        .spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let Ok(mut hup) =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-                else {
-                    return;
-                };
-                loop {
-                    tokio::select! {
-                        r = hup.recv() => {
-                            if r.is_none() || tx.send("SIGHUP").is_err() { return; }
-                        }
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                            if stop.load(std::sync::atomic::Ordering::Relaxed) { return; }
-                        }
-                    }
-                }
-            });
-        });
-}
-
-/// Stops the watch thread when dropped.
-pub struct WatchGuard {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for WatchGuard {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
     }
 }
@@ -334,8 +199,8 @@ mod tests {
         let file = dir.join("c.yaml");
         std::fs::write(&file, GOOD).unwrap();
         let publisher = Publisher::new();
-        let source = FileSource::new(vec![file.clone()], publisher.clone());
-        assert_eq!(source.reload("startup").expect("good config"), 1);
+        let mut source = FileSource::new(vec![file.clone()], publisher.clone());
+        assert!(matches!(source.reload("startup"), Reload::Published(1)));
         let mut versions = publisher.subscribe();
         let _guard = source.spawn_watch().expect("watch");
 

@@ -1,4 +1,4 @@
-//! Helpers for tests (unit tests here; `tests/` enables the `test-util` feature).
+//! Helpers for tests (unit tests here and the suites in `tests/`); not part of the API.
 
 /// For tests that need root: true when root. Without root, panics when `CI` is set (a skip would
 /// look like a pass) and otherwise prints `skipped: needs root` and returns false.

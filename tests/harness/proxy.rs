@@ -1,6 +1,7 @@
 //! Run nodeproxy in process on a test-unique loopback /24, with a scenario from `config/`
 //! rewritten to that network, and send requests through it.
 
+#[cfg(feature = "in-process")]
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -123,11 +124,13 @@ impl Drop for TempDir {
     }
 }
 
+#[cfg(feature = "in-process")]
 /// Start nodeproxy in process on the scenario.
 pub async fn start(s: &Scenario, gateway_ip: Option<&str>) -> nodeproxy::app::Running {
     start_with(s, gateway_ip, s.path.parent().expect("dir").to_path_buf()).await
 }
 
+#[cfg(feature = "in-process")]
 /// Start with a credentials directory for Gateway TLS.
 pub async fn start_with(
     s: &Scenario,
@@ -137,6 +140,7 @@ pub async fn start_with(
     start_custom(s, gateway_ip, credentials_dir, |_| {}).await
 }
 
+#[cfg(feature = "in-process")]
 /// Start with options adjusted by `f`.
 pub async fn start_custom(
     s: &Scenario,
@@ -174,6 +178,7 @@ pub async fn start_custom(
     running
 }
 
+#[cfg(feature = "in-process")]
 /// Wait until the data plane has applied snapshot `version`. Publication alone is not enough:
 /// the primary runtime installs a published snapshot a moment later.
 pub async fn applied(p: &nodeproxy::app::Running, version: u64) {

@@ -8,4 +8,5 @@ mod kube_watch;
 mod kubernetes;
 mod l4;
 mod ops;
+mod reload;
 mod traffic;

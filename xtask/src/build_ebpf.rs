@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
-use crate::cargo;
+use xtask::cargo;
 
 /// Run the task.
 pub fn run() -> anyhow::Result<()> {

@@ -1,14 +1,17 @@
 //! `cargo xtask`: project tasks that are more than one cargo command.
+//!
+//! This binary is light on purpose: it checks (and installs) what the machine needs before
+//! anything that needs it is compiled. The tasks that drive a built node (demo, bench) live in
+//! the `xtask-node` package, which this one runs once the machine is ready.
 
-use std::process::{Command, ExitCode};
+use std::ffi::OsString;
+use std::process::{Command, ExitCode, Stdio};
 
-mod bench;
-mod build_ebpf;
-mod demo;
-mod demo_node;
-
-use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use xtask::setup::{self, For, Host};
+use xtask::{cargo, exec, repo_root};
+
+mod build_ebpf;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "nodeproxy project tasks")]
@@ -19,42 +22,103 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Run the test suites as CI does: unit, integration, (as root) end-to-end, then the
-    /// Kubernetes manifests and image build steps (tests/kind/validate.sh).
+    /// Everything CI runs: set-up, `cargo fmt --check`, clippy (warnings are errors), the test
+    /// suites (unit, integration, end-to-end as root), the Kubernetes manifests and image
+    /// build steps (tests/kind/validate.sh).
     Test,
     /// Build the eBPF objects into target/bpf/ and list their programs and maps.
     BuildEbpf,
     /// Benchmark nodeproxy side by side with HAProxy, nginx and direct (not part of CI).
-    Bench(bench::Options),
+    /// `cargo xtask bench --help` lists its options.
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Options of the bench.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// nodeproxy on one machine: the tutorials' 80/20 canary with live traffic, a routing
     /// simulation, and the missing-DestinationRule outage caught by validation.
     Demo,
+    /// Check what a task needs from this machine and install what is missing (root), or print
+    /// the command to run. Every other task runs this first.
+    Setup {
+        /// The task to set up for.
+        #[arg(value_enum, default_value = "test")]
+        task: For,
+    },
 }
 
-/// Run a command; fail with its full command line.
-fn exec(cmd: &mut Command) -> anyhow::Result<()> {
-    let line = format!("{cmd:?}");
-    let status = cmd.status().with_context(|| format!("start {line}"))?;
-    if !status.success() {
-        bail!("{line} failed: {status}");
-    }
-    Ok(())
+/// Run `xtask-node` (demo, bench) with these arguments.
+fn node(args: &[OsString]) -> anyhow::Result<()> {
+    exec(
+        cargo()
+            .args(["run", "--quiet", "--package", "xtask-node", "--"])
+            .args(args)
+            .current_dir(repo_root()),
+    )
 }
 
-fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+/// `cargo xtask test`: what CI runs, in order, stopping at the first failure.
+fn test() -> anyhow::Result<()> {
+    let root = repo_root();
+    exec(
+        cargo()
+            .args(["fmt", "--all", "--", "--check"])
+            .current_dir(&root),
+    )?;
+    exec(
+        cargo()
+            .args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .current_dir(&root),
+    )?;
+    // The bench's command line parses (the bench itself is not part of CI).
+    exec(
+        cargo()
+            .args([
+                "run",
+                "--quiet",
+                "--package",
+                "xtask-node",
+                "--",
+                "bench",
+                "--help",
+            ])
+            .current_dir(&root)
+            .stdout(Stdio::null()),
+    )?;
+    exec(
+        cargo()
+            .args(["test", "--workspace", "--all-targets"])
+            .current_dir(&root),
+    )?;
+    exec(Command::new("bash").arg(root.join("tests/kind/validate.sh")))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let host = Host::current();
     let result = match cli.command {
-        Task::Test => exec(cargo().args(["test", "--workspace", "--all-targets"])).and_then(|()| {
-            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-            exec(Command::new("bash").arg(root.join("tests/kind/validate.sh")))
-        }),
-        Task::Demo => demo::run(),
-        Task::BuildEbpf => build_ebpf::run(),
-        Task::Bench(o) => bench::run(o),
+        Task::Setup { task } => setup::ensure(task, &host),
+        Task::Test => setup::ensure(For::Test, &host).and_then(|()| test()),
+        Task::Demo => setup::ensure(For::Demo, &host).and_then(|()| node(&["demo".into()])),
+        Task::BuildEbpf => setup::ensure(For::BuildEbpf, &host).and_then(|()| build_ebpf::run()),
+        Task::Bench { args } => {
+            let help = args.iter().any(|a| a == "--help" || a == "-h");
+            // `bench --help` only needs the build.
+            let task = if help { For::Build } else { For::Bench };
+            setup::ensure(task, &host).and_then(|()| {
+                let mut all = vec![OsString::from("bench")];
+                all.extend(args);
+                node(&all)
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

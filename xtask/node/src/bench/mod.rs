@@ -19,7 +19,7 @@ use clap::Args;
 use self::load::LoadResult;
 use self::procs::{Proc, write};
 use self::report::Measurement;
-use crate::{cargo, exec};
+use xtask::{cargo, exec, repo_root};
 
 /// Options of `cargo xtask bench`.
 #[derive(Args, Debug, Clone)]
@@ -144,55 +144,6 @@ impl Ctx {
     }
 }
 
-/// Packages the bench needs, from Debian.
-const PACKAGES: [(&str, &str); 6] = [
-    ("haproxy", "haproxy"),
-    ("nginx", "nginx-light"),
-    ("wrk", "wrk"),
-    ("h2load", "nghttp2-client"),
-    ("", "libnginx-mod-stream"),
-    ("", "fonts-dejavu-core"),
-];
-
-fn install() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .filter(|(bin, pkg)| {
-            if bin.is_empty() {
-                !Command::new("dpkg")
-                    .args(["-s", pkg])
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-            } else {
-                !Command::new("sh")
-                    .arg("-c")
-                    .arg(format!("command -v {bin} || test -x /usr/sbin/{bin}"))
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-            }
-        })
-        .map(|(_, p)| *p)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !nix::unistd::geteuid().is_root() {
-        bail!(
-            "missing packages {}: run as root (the bench installs them) or `apt-get install {}`",
-            missing.join(" "),
-            missing.join(" ")
-        );
-    }
-    println!("installing {} ...", missing.join(" "));
-    exec(Command::new("apt-get").arg("update").arg("-qq"))?;
-    exec(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-}
-
 /// Raise the open-files limit (inherited by every process the bench starts); returns it.
 fn raise_nofile() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -314,11 +265,8 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
         bail!("unknown workload `{w}` (one of {})", WORKLOADS.join(", "));
     }
     let started = Instant::now();
-    install()?;
     let nofile = raise_nofile();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()?;
+    let root = repo_root().canonicalize()?;
     println!("building nodeproxy (release) ...");
     exec(cargo().args(["build", "--release", "--quiet", "--package", "nodeproxy"]))?;
     let stamp = Command::new("date")

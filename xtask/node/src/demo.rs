@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::{cargo, exec};
+use xtask::{cargo, exec, repo_root};
 
 struct Kill(Child);
 
@@ -71,7 +71,7 @@ fn get(addr: &str) -> anyhow::Result<String> {
 /// Run the demo: the eBPF node demo as root (through sudo when available), else on loopback.
 pub fn run() -> anyhow::Result<()> {
     exec(cargo().args(["build", "--quiet", "--package", "nodeproxy"]))?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = repo_root();
     let is_root = Command::new("id")
         .arg("-u")
         .output()
