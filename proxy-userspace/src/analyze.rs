@@ -13,6 +13,10 @@ use crate::compile::{
 use crate::config::{self, ConfigSet, Destination, Object, Percent, VirtualService, labels_match};
 use crate::diagnostic::{Code, Diagnostic, Severity, codes};
 
+/// Envoy's largest hash ring (`RingHashLbConfig.maximum_ring_size`'s bound, 8M entries): a
+/// larger `minimumRingSize` would allocate without limit on the request path.
+const MAX_RING_SIZE: u64 = 8 * 1024 * 1024;
+
 /// Analyze a whole config set.
 pub fn analyze(set: &ConfigSet) -> Vec<Diagnostic> {
     let registry = Registry::build(set);
@@ -385,6 +389,7 @@ impl Analyzer<'_> {
         base: &str,
         weights: Vec<Option<i64>>,
     ) {
+        let max = i64::from(i32::MAX);
         for (k, w) in weights.iter().enumerate() {
             if w.is_some_and(|w| w < 0) {
                 out.push(e.d(
@@ -393,9 +398,29 @@ impl Analyzer<'_> {
                     format!("{base}.route[{k}].weight"),
                     "weight must not be negative",
                 ));
+            } else if let Some(w) = w.filter(|w| *w > max) {
+                out.push(e.d(
+                    codes::SCHEMA,
+                    Severity::Error,
+                    format!("{base}.route[{k}].weight"),
+                    format!("weight {w} is out of range: weights are int32 (at most {max})"),
+                ));
             }
         }
-        if weights.len() > 1 && weights.iter().map(|w| w.unwrap_or(0).max(0)).sum::<i64>() == 0 {
+        // i128: the YAML takes any i64, and a sum of them must not overflow here either.
+        let sum: i128 = weights
+            .iter()
+            .map(|w| i128::from(w.unwrap_or(0).max(0)))
+            .sum();
+        if weights.len() > 1 && sum > i128::from(max) {
+            out.push(e.d(
+                codes::SCHEMA,
+                Severity::Error,
+                format!("{base}.route"),
+                format!("route weights sum to {sum}, above {max}: the total must fit an int32"),
+            ));
+        }
+        if weights.len() > 1 && sum == 0 {
             out.push(e.d(
                 codes::SCHEMA,
                 Severity::Error,
@@ -550,6 +575,14 @@ impl Analyzer<'_> {
         }
         if let Some(rt) = &r.retries {
             let f = format!("{base}.retries");
+            if rt.attempts > i64::from(i32::MAX) {
+                out.push(e.d(
+                    codes::SCHEMA,
+                    Severity::Error,
+                    format!("{f}.attempts"),
+                    format!("attempts {} is out of range: it is an int32", rt.attempts),
+                ));
+            }
             if rt.attempts < 0 {
                 out.push(e.d(
                     codes::SCHEMA,
@@ -574,8 +607,10 @@ impl Analyzer<'_> {
                 out.push(e.d(codes::SCHEMA, Severity::Error, format!("{f}.retryOn"), msg));
             }
             if let (Some(per), Some(total)) = (rt.per_try_timeout, r.timeout) {
-                let tries = 1 + rt.attempts.max(0) as u32;
-                if per.get() * tries > total.get() {
+                let tries = u32::try_from(rt.attempts.max(0))
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(1);
+                if per.get().saturating_mul(tries) > total.get() {
                     out.push(e.d(
                         codes::RETRY_EXCEEDS_TIMEOUT,
                         Severity::Warning,
@@ -980,6 +1015,19 @@ impl Analyzer<'_> {
                             Severity::Error,
                             format!("{cf}.maglev.tableSize"),
                             format!("maglev table size {t} must be a prime below 5000011"),
+                        ));
+                    }
+                    let ring = ch
+                        .ring_hash
+                        .as_ref()
+                        .and_then(|r| r.minimum_ring_size)
+                        .or(ch.minimum_ring_size);
+                    if let Some(n) = ring.filter(|n| *n > MAX_RING_SIZE) {
+                        out.push(e.d(
+                            codes::SCHEMA,
+                            Severity::Error,
+                            format!("{cf}.ringHash.minimumRingSize"),
+                            format!("ring size {n} is above Envoy's maximum of {MAX_RING_SIZE}"),
                         ));
                     }
                     if ch.minimum_ring_size.is_some()

@@ -830,15 +830,12 @@ impl<'a> Compiler<'a> {
             name: None,
             origin: "default".into(),
             matches: Vec::new(),
-            action: HttpAction::Route(WeightedClusters {
-                clusters: vec![WeightedCluster {
-                    cluster,
-                    name,
-                    weight: 1,
-                    headers: HeaderRules::default(),
-                }],
-                total: 1,
-            }),
+            action: HttpAction::Route(WeightedClusters::new(vec![WeightedCluster {
+                cluster,
+                name,
+                weight: 1,
+                headers: HeaderRules::default(),
+            }])),
             fault: None,
             timeout: None,
             retry: RetryPolicy::default(),
@@ -969,11 +966,7 @@ impl<'a> Compiler<'a> {
             let single = r.route.len() == 1;
             let mut clusters = Vec::new();
             for (k, d) in r.route.iter().enumerate() {
-                let weight = if single {
-                    1
-                } else {
-                    d.weight.unwrap_or(0).max(0) as u32
-                };
+                let weight = if single { 1 } else { route::weight(d.weight) };
                 if weight == 0 {
                     continue;
                 }
@@ -993,8 +986,7 @@ impl<'a> Compiler<'a> {
                     "no destination with a weight above 0".into(),
                 ));
             }
-            let total = clusters.iter().map(|c| c.weight).sum();
-            HttpAction::Route(WeightedClusters { clusters, total })
+            HttpAction::Route(WeightedClusters::new(clusters))
         };
         let fault = r
             .fault
@@ -1012,7 +1004,7 @@ impl<'a> Compiler<'a> {
                     _ => RetryOn::parse(DEFAULT_RETRY_ON).expect("default parses"),
                 };
                 RetryPolicy {
-                    num_retries: rt.attempts.max(0) as u32,
+                    num_retries: u32::try_from(rt.attempts.max(0)).unwrap_or(u32::MAX),
                     per_try_timeout: rt.per_try_timeout.map(|d| d.get()),
                     retry_on,
                     backoff_base: rt
@@ -1143,11 +1135,7 @@ impl<'a> Compiler<'a> {
             let clusters: Vec<WeightedCluster> = route
                 .iter()
                 .filter_map(|d| {
-                    let weight = if single {
-                        1
-                    } else {
-                        d.weight.unwrap_or(0).max(0) as u32
-                    };
+                    let weight = if single { 1 } else { route::weight(d.weight) };
                     (weight > 0).then(|| {
                         let (cluster, name) =
                             self.destination(&d.destination, &vs.namespace, scope);
@@ -1163,11 +1151,10 @@ impl<'a> Compiler<'a> {
             if clusters.is_empty() {
                 continue;
             }
-            let total = clusters.iter().map(|c| c.weight).sum();
             out.push(L4Rule {
                 origin: format!("VirtualService/{}/{}", vs.namespace, vs.name),
                 matches,
-                route: WeightedClusters { clusters, total },
+                route: WeightedClusters::new(clusters),
             });
         }
         out

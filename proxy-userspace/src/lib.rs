@@ -23,3 +23,6 @@ pub mod telemetry;
 #[doc(hidden)]
 pub mod test_util;
 pub mod upstream;
+
+#[cfg(test)]
+mod panic_free_tests;

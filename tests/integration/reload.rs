@@ -326,3 +326,56 @@ async fn deleting_objects_by_a_finished_edit_applies_after_it_settles() {
     proxy::applied(&t.p, 2).await;
     assert!(started.elapsed() >= Duration::from_millis(500));
 }
+
+/// A snapshot that breaks an invariant the compiler guarantees (a weighted route with nothing
+/// to pick): the request that meets it panics inside the proxy. That request fails alone; the
+/// listener, other connections and the process go on, and a good snapshot serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_request_fails_alone_and_the_listener_lives() {
+    use nodeproxy::compile::{HttpAction, WeightedClusters};
+    let t = setup().await;
+    let good = t.p.publisher.load();
+    let mut bad = (*good).clone();
+    for table in &mut bad.http_tables {
+        for vh in &mut table.vhosts {
+            for rule in &mut vh.rules {
+                rule.action = HttpAction::Route(WeightedClusters {
+                    clusters: Vec::new(),
+                    total: 0,
+                });
+            }
+        }
+    }
+    let built = |s| nodeproxy::publish::Built {
+        snapshot: Some(s),
+        diagnostics: Vec::new(),
+    };
+    let v = t.p.publisher.publish(built(bad), "test").unwrap();
+    proxy::applied(&t.p, v).await;
+    for _ in 0..20 {
+        // Each attempt is one request on a new connection: it fails (closed or 5xx), nothing
+        // else does.
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            client().request(
+                http::Request::get(format!("http://{}/", t.s.vip()))
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap(),
+            ),
+        )
+        .await
+        .expect("an answer or a close, never a hang");
+        if let Ok(resp) = r {
+            assert!(resp.status().is_server_error(), "{}", resp.status());
+        }
+    }
+    let v =
+        t.p.publisher
+            .publish(built((*good).clone()), "test")
+            .unwrap();
+    proxy::applied(&t.p, v).await;
+    let c = client();
+    for _ in 0..20 {
+        assert_eq!(get(&c, &t.s.vip(), "/", &[]).await.status, 200);
+    }
+}

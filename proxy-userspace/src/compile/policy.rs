@@ -252,6 +252,8 @@ fn lb_policy(lb: Option<&LoadBalancerSettings>) -> LbPolicy {
                     .as_ref()
                     .and_then(|r| r.minimum_ring_size)
                     .or(ch.minimum_ring_size)
+                    // proto3: 0 is "not set", Envoy's default applies.
+                    .filter(|n| *n > 0)
                     .unwrap_or(1024),
             },
         }

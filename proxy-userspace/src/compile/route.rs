@@ -511,6 +511,21 @@ pub struct RetryPolicy {
     pub ignore_previous_hosts: bool,
 }
 
+impl RetryPolicy {
+    /// The wait before try `attempt` (2, 3, ...): Envoy's fully jittered exponential back-off,
+    /// uniform in `[0, (2^n - 1) × base)` with `n = attempt - 1`, capped at 10 × base.
+    /// `draw(k)` returns a uniform value in `[0, k)`, `k > 0`. Saturating: no base overflows.
+    pub fn backoff(&self, attempt: u32, draw: impl FnOnce(u64) -> u64) -> Duration {
+        let n = attempt.saturating_sub(1).clamp(1, 16);
+        let cap = self.backoff_base.saturating_mul(10);
+        let upper = self.backoff_base.saturating_mul((1u32 << n) - 1).min(cap);
+        match u64::try_from(upper.as_nanos()).unwrap_or(u64::MAX) {
+            0 => Duration::ZERO,
+            nanos => Duration::from_nanos(draw(nanos)),
+        }
+    }
+}
+
 impl Default for RetryPolicy {
     /// Istio's default policy: 2 retries on connect-failure, refused-stream, unavailable,
     /// cancelled; 25 ms back-off; other hosts preferred.
@@ -667,6 +682,12 @@ pub enum ClusterRef {
     Missing(String),
 }
 
+/// A route weight as Envoy takes it: an int32 at least 0 (analysis rejects the rest with a
+/// diagnostic; this only keeps an unchecked set from wrapping).
+pub fn weight(w: Option<i64>) -> u32 {
+    w.unwrap_or(0).clamp(0, i64::from(i32::MAX)) as u32
+}
+
 /// One weighted destination.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -687,16 +708,22 @@ pub struct WeightedCluster {
 pub struct WeightedClusters {
     /// Destinations with weight > 0 (or the single destination).
     pub clusters: Vec<WeightedCluster>,
-    /// Sum of weights.
-    pub total: u32,
+    /// Sum of weights (in 64 bits: no set of `u32` weights can overflow it).
+    pub total: u64,
 }
 
 impl WeightedClusters {
+    /// The destinations (weights above 0) and their total.
+    pub fn new(clusters: Vec<WeightedCluster>) -> Self {
+        let total = clusters.iter().map(|c| u64::from(c.weight)).sum();
+        WeightedClusters { clusters, total }
+    }
+
     /// Pick with `r` uniform in `[0, total)`.
-    pub fn pick(&self, r: u32) -> &WeightedCluster {
-        let mut acc = 0;
+    pub fn pick(&self, r: u64) -> &WeightedCluster {
+        let mut acc = 0u64;
         for c in &self.clusters {
-            acc += c.weight;
+            acc += u64::from(c.weight);
             if r < acc {
                 return c;
             }

@@ -66,15 +66,12 @@ fn fast_path(snap: &Snapshot, l: &crate::compile::Listener) -> KernelService {
         Some(r) if r.matches.is_empty() => r.route.clone(),
         Some(_) => return KernelService::proxy("tcp rules with match conditions"),
         None => match l.default_cluster {
-            Some(id) => WeightedClusters {
-                clusters: vec![crate::compile::WeightedCluster {
-                    cluster: ClusterRef::Cluster(id),
-                    name: String::new(),
-                    weight: 1,
-                    headers: Default::default(),
-                }],
-                total: 1,
-            },
+            Some(id) => WeightedClusters::new(vec![crate::compile::WeightedCluster {
+                cluster: ClusterRef::Cluster(id),
+                name: String::new(),
+                weight: 1,
+                headers: Default::default(),
+            }]),
             None => return KernelService::proxy("no cluster"),
         },
     };

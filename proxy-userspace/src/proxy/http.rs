@@ -1137,15 +1137,7 @@ async fn forward(
     loop {
         attempt += 1;
         if attempt > 1 {
-            // Fully jittered exponential back-off: uniform [0, (2^n - 1) * base), capped 10x base.
-            let n = (attempt - 1).min(16);
-            let cap = retry.backoff_base * 10;
-            let upper = (retry.backoff_base * ((1u32 << n) - 1)).min(cap);
-            let sleep = if upper.is_zero() {
-                Duration::ZERO
-            } else {
-                Duration::from_nanos(rand::rng().random_range(0..upper.as_nanos() as u64))
-            };
+            let sleep = retry.backoff(attempt, |k| rand::rng().random_range(0..k));
             if let Some(d) = deadline
                 && Instant::now() + sleep >= d
             {

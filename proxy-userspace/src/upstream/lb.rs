@@ -106,7 +106,8 @@ pub fn pick(
             let Some(h) = hash else {
                 return Some(weighted_random(&mut rng));
             };
-            let ring = tables(state, set, *min_ring_size, 0).1;
+            // At least one entry per endpoint whatever the configured size (0 included).
+            let ring = tables(state, set, (*min_ring_size).max(1), 0).1;
             let i = ring.partition_point(|(k, _)| *k < h);
             Some(set[ring[if i == ring.len() { 0 } else { i }].1].clone())
         }
