@@ -1,6 +1,7 @@
 //! Admin HTTP server (default 127.0.0.1:15000), on its own thread and runtime, off the data
 //! plane: `/ready`, `/healthz`, `/config_dump` (snapshot with version and last change),
-//! `/diagnostics` (last analysis, including a rejected set and why), `/routes`, `/clusters`,
+//! `/diagnostics` (last analysis, including a rejected set and why, and listeners that are not
+//! bound), `/listeners`, `/routes`, `/clusters`,
 //! `/endpoints` (health, ejection and until when, active requests and connections, weight),
 //! `/metrics` (Prometheus), `/logging?level=` (run-time log level), `/kernel` and `/enroll`
 //! (eBPF capture).
@@ -51,6 +52,14 @@ fn json<T: Serialize>(v: &T) -> Response<Full<Bytes>> {
             format!("serialize: {e}\n"),
         ),
     }
+}
+
+/// A listener and, when it is not bound, why.
+#[derive(Serialize)]
+struct ListenerState {
+    address: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
@@ -132,7 +141,8 @@ impl Admin {
             (&Method::GET, "/ready") => self.handle_ready(),
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/config_dump") => self.handle_config_dump(),
-            (&Method::GET, "/diagnostics") => json(&self.publisher.status()),
+            (&Method::GET, "/diagnostics") => self.handle_diagnostics(),
+            (&Method::GET, "/listeners") => json(&self.listeners()),
             (&Method::GET, "/routes") => self.handle_routes(),
             (&Method::GET, "/clusters") => self.handle_clusters(),
             (&Method::GET, "/endpoints") => json(&self.endpoints()),
@@ -203,6 +213,17 @@ impl Admin {
     fn handle_ready(&self) -> Response<Full<Bytes>> {
         if self.shared.as_ref().is_some_and(|s| s.draining()) {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        } else if let Some(unbound) = self
+            .shared
+            .as_ref()
+            .map(|s| s.unbound_listeners())
+            .filter(|u| !u.is_empty())
+        {
+            let list: Vec<String> = unbound.iter().map(|(a, e)| format!("{a} ({e})")).collect();
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not listening on {}\n", list.join(", ")),
+            )
         } else if match &self.shared {
             // Ready once the data plane serves a snapshot (listeners bound, kernel maps filled),
             // not merely once one is published.
@@ -216,6 +237,50 @@ impl Admin {
                 "no configuration published yet\n",
             )
         }
+    }
+
+    /// The configuration's status, and what the data plane could not do with it.
+    fn handle_diagnostics(&self) -> Response<Full<Bytes>> {
+        #[derive(Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Diagnostics {
+            #[serde(flatten)]
+            status: crate::publish::Status,
+            /// Listeners of the snapshot in force that are not bound, with why.
+            unbound_listeners: Vec<ListenerState>,
+        }
+        json(&Diagnostics {
+            status: self.publisher.status(),
+            unbound_listeners: self
+                .listeners()
+                .into_iter()
+                .filter(|l| l.error.is_some())
+                .collect(),
+        })
+    }
+
+    /// Every listener the snapshot in force asks for, bound or not.
+    fn listeners(&self) -> Vec<ListenerState> {
+        let Some(shared) = &self.shared else {
+            return Vec::new();
+        };
+        let unbound = shared.unbound_listeners();
+        let snap = self.publisher.load();
+        let mut out: Vec<ListenerState> = crate::proxy::listener::desired(&snap, shared)
+            .into_iter()
+            .map(|(addr, _)| ListenerState {
+                address: addr.to_string(),
+                error: unbound.get(&addr).cloned(),
+            })
+            .collect();
+        if let Some(k) = &shared.kernel {
+            out.push(ListenerState {
+                address: k.capture().to_string(),
+                error: unbound.get(&k.capture()).cloned(),
+            });
+        }
+        out.sort_by(|a, b| a.address.cmp(&b.address));
+        out
     }
 
     fn handle_config_dump(&self) -> Response<Full<Bytes>> {

@@ -5,13 +5,16 @@
 //!
 //! Lifecycle: shared maps are pinned by name under `<bpffs>/nodeproxy` (the two socket objects
 //! share them through the pins); links are not pinned, so programs detach when the process exits
-//! — also after SIGKILL. A start removes pins left by a killed predecessor before loading; a clean
-//! exit (drop) removes them too. While no proxy runs, enrolled pods' connects to mesh service
+//! — also after SIGKILL. One instance per pin directory: a start takes an exclusive `flock` on
+//! the directory first (`pinlock.rs`; a second instance fails naming the holder's pid), then
+//! removes pins left by a killed predecessor before loading; a clean exit (drop) removes them
+//! too. While no proxy runs, enrolled pods' connects to mesh service
 //! addresses are no longer rewritten: service VIPs are virtual, so those connects fail (fail
 //! closed), while traffic to real pod IPs is untouched (fail open). Nothing stale is left behind.
 
 pub mod abi;
 pub mod netns;
+pub mod pinlock;
 pub mod services;
 
 use std::collections::BTreeMap;
@@ -51,6 +54,9 @@ pub enum Error {
         "--capture ebpf needs root (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN) to load eBPF programs and attach them to the cgroup root; run as root or use --capture none"
     )]
     NotRoot,
+    /// Another instance serves this pin directory.
+    #[error(transparent)]
+    PinLock(#[from] pinlock::LockError),
     /// No cgroup v2.
     #[error(
         "no cgroup2 mount in /proc/mounts: --capture ebpf needs the unified cgroup hierarchy (cgroup v2)"
@@ -172,6 +178,9 @@ pub struct Kernel {
     attached: Vec<String>,
     /// The sk_msg splice's maps (`--sockmap`).
     splice: Option<Splice>,
+    /// The pin directory's lock: the last field, so it is released after the programs are
+    /// detached and the pins removed.
+    _lock: pinlock::PinLock,
 }
 
 /// The maps of the sk_msg splice.
@@ -240,6 +249,19 @@ fn ensure_bpffs(path: &Path) -> Result<(), Error> {
     .map_err(|e| err(std::io::Error::from(e)))
 }
 
+/// Remove everything inside `dir`, keeping `dir`.
+fn clear_dir(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if std::fs::symlink_metadata(&path)?.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
 fn map_err(
     name: &'static str,
     what: impl Into<String>,
@@ -257,15 +279,12 @@ impl Kernel {
         let cgroup = cgroup2_root().ok_or(Error::NoCgroup2)?;
         ensure_bpffs(&opts.bpffs)?;
         let pin_dir = opts.bpffs.join("nodeproxy");
+        // One instance per pin directory: lock before touching anything in it.
+        let lock = pinlock::PinLock::acquire(&pin_dir)?;
         // Pins left by a predecessor that was killed: remove before loading, so no stale entry
-        // (services, original destinations) survives into this run.
-        if pin_dir.exists() {
-            std::fs::remove_dir_all(&pin_dir).map_err(|source| Error::Bpffs {
-                path: pin_dir.clone(),
-                source,
-            })?;
-        }
-        std::fs::create_dir_all(&pin_dir).map_err(|source| Error::Bpffs {
+        // (services, original destinations) survives into this run. The directory itself
+        // stays: it is what the lock is held on.
+        clear_dir(&pin_dir).map_err(|source| Error::Bpffs {
             path: pin_dir.clone(),
             source,
         })?;
@@ -446,6 +465,7 @@ impl Kernel {
             capture: opts.capture,
             attached,
             splice,
+            _lock: lock,
         };
         for p in &opts.enroll {
             kernel.enroll(p)?;

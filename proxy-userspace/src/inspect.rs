@@ -604,6 +604,21 @@ pub fn endpoints_table(v: &serde_json::Value) -> String {
     render(&rows)
 }
 
+/// `nodeproxy proxy-config listeners` table from `/listeners` JSON.
+pub fn listeners_table(v: &serde_json::Value) -> String {
+    let mut rows = vec![["LISTENER".to_string(), "STATE".into()]];
+    for l in v.as_array().into_iter().flatten() {
+        rows.push([
+            l["address"].as_str().unwrap_or("").to_string(),
+            match l["error"].as_str() {
+                Some(e) => format!("NOT BOUND: {e} (retrying)"),
+                None => "listening".into(),
+            },
+        ]);
+    }
+    render(&rows)
+}
+
 /// `nodeproxy proxy-config clusters` table from `/clusters` JSON.
 pub fn clusters_table(v: &serde_json::Value) -> String {
     let mut rows = vec![[

@@ -40,6 +40,8 @@ enum ProxyConfigKind {
     Clusters,
     /// Endpoints with health, ejection and load.
     Endpoints,
+    /// Listeners, and why one is not bound.
+    Listeners,
     /// eBPF programs, maps and counters.
     Kernel,
 }
@@ -380,6 +382,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                 ProxyConfigKind::Routes => "/routes",
                 ProxyConfigKind::Clusters => "/clusters",
                 ProxyConfigKind::Endpoints => "/endpoints",
+                ProxyConfigKind::Listeners => "/listeners",
                 ProxyConfigKind::Kernel => "/kernel",
             };
             let body = inspect::admin_get(&admin, path).map_err(anyhow::Error::msg)?;
@@ -394,6 +397,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                 match what {
                     ProxyConfigKind::Routes => inspect::routes_table(&v),
                     ProxyConfigKind::Clusters => inspect::clusters_table(&v),
+                    ProxyConfigKind::Listeners => inspect::listeners_table(&v),
                     _ => inspect::endpoints_table(&v),
                 }
             );

@@ -163,6 +163,8 @@ pub struct Shared {
     draining: std::sync::atomic::AtomicBool,
     /// Snapshot version the data plane (listeners, kernel maps) has applied.
     applied: std::sync::atomic::AtomicU64,
+    /// Listeners the snapshot asks for that could not be bound, with why (retried).
+    unbound: std::sync::Mutex<std::collections::BTreeMap<SocketAddr, String>>,
 }
 
 /// Counts a downstream connection while it is served.
@@ -196,6 +198,7 @@ impl Shared {
             active: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             draining: std::sync::atomic::AtomicBool::new(false),
             applied: std::sync::atomic::AtomicU64::new(0),
+            unbound: std::sync::Mutex::default(),
         })
     }
 
@@ -223,6 +226,17 @@ impl Shared {
     /// The snapshot version the data plane has applied (0: none yet).
     pub fn applied_version(&self) -> u64 {
         self.applied.load(Ordering::Acquire)
+    }
+
+    /// Listeners the snapshot asks for that are not bound, with the reason; empty when every
+    /// one is. The proxy is not ready while any is missing.
+    pub fn unbound_listeners(&self) -> std::collections::BTreeMap<SocketAddr, String> {
+        self.unbound.lock().expect("unbound lock").clone()
+    }
+
+    /// Record the listeners that failed to bind (the whole set, replacing the last).
+    fn set_unbound(&self, unbound: std::collections::BTreeMap<SocketAddr, String>) {
+        *self.unbound.lock().expect("unbound lock") = unbound;
     }
 
     /// Is the proxy draining?

@@ -715,3 +715,64 @@ async fn sockmap_splice_carries_captured_traffic() {
         "the echo pod's ends joined the sockhash"
     );
 }
+
+/// A second `--capture ebpf` instance on the same pin directory refuses at once, naming the
+/// first; the first keeps its programs, pins and captured traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_instance_on_the_pin_directory_refuses_and_the_first_serves_on() {
+    if !require_root("a_second_instance_on_the_pin_directory_refuses_and_the_first_serves_on") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let s = std::sync::Arc::new(scene("pinlock").await);
+    let first = s.start_proxy();
+    let cfg = s.dir.0.join("mesh.yaml");
+    let capture = format!("{}:15002", s.node.ip());
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", s.node.ns.path().display()))
+        .arg(nodeproxy_tests::nodeproxy_bin())
+        .args([
+            "run",
+            "--capture",
+            "ebpf",
+            "--capture-listen",
+            &capture,
+            "--admin",
+            "127.0.0.1:15003",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .output()
+        .expect("run a second instance");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the second instance must fail: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "another nodeproxy (pid {}) holds the pin directory",
+            first.pid()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        std::path::Path::new("/sys/fs/bpf/nodeproxy/np_svc").exists(),
+        "the first instance's pins are intact"
+    );
+    let vip = s.vip(1, 80);
+    let s2 = s.clone();
+    let codes = blocking(move || {
+        (0..50)
+            .map(|_| {
+                s2.node.pods[s2.client]
+                    .http_get(vip, "/", &[])
+                    .map(|(c, _)| c)
+                    .unwrap_or(0)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
+    drop(first);
+}

@@ -379,3 +379,40 @@ async fn a_panicking_request_fails_alone_and_the_listener_lives() {
         assert_eq!(get(&c, &t.s.vip(), "/", &[]).await.status, 200);
     }
 }
+
+/// A service address another socket holds: not ready (and why) until it is free, then the
+/// proxy binds it by itself and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_every_listener_and_binding_is_retried() {
+    let s = Scenario::from_config("canary.yaml");
+    let _b1 = Backend::start(&format!("{}:8080", s.ip(11)), "v1").await;
+    let _b2 = Backend::start(&format!("{}:8080", s.ip(12)), "v2").await;
+    let holder = std::net::TcpListener::bind(s.vip()).expect("hold the service address");
+    let p = proxy::start(&s, None).await;
+    let admin = p.admin_addr.to_string();
+    let (status, body) = nodeproxy_tests::http_get(&admin, "/ready").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains(&s.vip()) && body.contains("in use"), "{body}");
+    let (_, diag) = nodeproxy_tests::http_get(&admin, "/diagnostics").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&diag).unwrap();
+    assert_eq!(v["unboundListeners"][0]["address"], s.vip(), "{diag}");
+    let out = nodeproxy_tests::nodeproxy(&["proxy-config", "listeners", "--admin", &admin]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("NOT BOUND"), "{table}");
+
+    drop(holder);
+    let freed = Instant::now();
+    nodeproxy_tests::eventually("ready", Duration::from_secs(5), || {
+        let (status, _) = nodeproxy_tests::http_get(&admin, "/ready")?;
+        (status == 200).then_some(())
+    });
+    assert!(
+        freed.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        freed.elapsed()
+    );
+    let c = client();
+    for _ in 0..20 {
+        assert_eq!(get(&c, &s.vip(), "/", &[]).await.status, 200);
+    }
+}

@@ -19,6 +19,9 @@ use crate::compile::{ListenerKind, Protocol, Snapshot};
 use crate::publish::Publisher;
 use crate::upstream::outlier;
 
+/// How often a listener that could not be bound is tried again.
+const BIND_RETRY: Duration = Duration::from_millis(500);
+
 /// Addresses to listen on for a snapshot in `--capture none` mode.
 pub fn desired(snap: &Snapshot, shared: &Shared) -> Vec<(SocketAddr, ListenerRef)> {
     let mut out = Vec::new();
@@ -52,7 +55,10 @@ struct Listeners {
 impl Listeners {
     /// Bind what `snap` asks for and stop accepting on what it no longer has (accepted
     /// connections run to completion).
+    /// Binding failures (port in use, no permission) are recorded in `shared` and retried by
+    /// the next call.
     fn apply(&mut self, shared: &Arc<Shared>, snap: &Snapshot) {
+        let mut unbound = std::collections::BTreeMap::new();
         if self.capture.is_none()
             && let Some(k) = &shared.kernel
         {
@@ -62,7 +68,8 @@ impl Listeners {
                     self.capture = Some(tokio::spawn(capture_loop(shared.clone(), k.clone(), l)));
                 }
                 Err(e) => {
-                    tracing::error!(addr = %k.capture(), error = %e, "cannot listen on the capture address")
+                    tracing::error!(addr = %k.capture(), error = %e, "cannot listen on the capture address; retrying");
+                    unbound.insert(k.capture(), format!("capture listener: {e}"));
                 }
             }
         }
@@ -75,19 +82,35 @@ impl Listeners {
             }
             keep
         });
+        let before = shared.unbound_listeners();
         for (addr, lref) in want {
             if self.active.contains_key(&addr) {
                 continue;
             }
             match bind(addr) {
                 Ok(l) => {
-                    tracing::debug!(%addr, "listening");
+                    if before.contains_key(&addr) {
+                        tracing::info!(%addr, "listening (bound after retries)");
+                    } else {
+                        tracing::debug!(%addr, "listening");
+                    }
                     self.active
                         .insert(addr, tokio::spawn(accept_loop(shared.clone(), l, lref)));
                 }
-                Err(e) => tracing::error!(%addr, error = %e, "cannot listen"),
+                Err(e) => {
+                    // Once per address, not once per retry.
+                    if !before.contains_key(&addr) {
+                        tracing::error!(%addr, error = %e, "cannot listen; not ready, retrying");
+                    }
+                    let what = match lref {
+                        ListenerRef::Mesh(_) => "service listener",
+                        ListenerRef::Gateway(_) => "gateway listener",
+                    };
+                    unbound.insert(addr, format!("{what}: {e}"));
+                }
             }
         }
+        shared.set_unbound(unbound);
     }
 }
 
@@ -119,7 +142,15 @@ pub async fn run(shared: Arc<Shared>, publisher: Arc<Publisher>) {
         }
         listeners.apply(&shared, &snap);
         shared.set_applied(snap.version);
-        if versions.changed().await.is_err() {
+        // Until the next snapshot, retry what could not be bound.
+        let next = loop {
+            let retry = !shared.unbound_listeners().is_empty();
+            tokio::select! {
+                changed = versions.changed() => break changed,
+                () = tokio::time::sleep(BIND_RETRY), if retry => listeners.apply(&shared, &snap),
+            }
+        };
+        if next.is_err() {
             break;
         }
     }
