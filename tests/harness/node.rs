@@ -38,6 +38,12 @@ pub fn in_netns<T: Send>(ns: &Path, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
+/// Where the proxy mounts bpffs by default.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// The proxy's pin directory under the default bpffs.
+pub const PIN_DIR: &str = "/sys/fs/bpf/nodeproxy";
+
 /// A network namespace removed on drop.
 pub struct Netns {
     /// Name under /run/netns.
@@ -260,13 +266,27 @@ impl Node {
 
     /// As [`Node::spawn_proxy`] with a given binary (e.g. a release build).
     pub fn spawn_proxy_bin(&self, bin: &Path, args: &[&str]) -> ProxyGuard {
+        self.spawn_proxy_io(bin, args, Stdio::inherit())
+    }
+
+    /// As [`Node::spawn_proxy`], its log (stderr) appended to `log` instead of this process's.
+    pub fn spawn_proxy_logged(&self, args: &[&str], log: &Path) -> ProxyGuard {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open the proxy log");
+        self.spawn_proxy_io(crate::nodeproxy_bin(), args, Stdio::from(file))
+    }
+
+    fn spawn_proxy_io(&self, bin: &Path, args: &[&str], stderr: Stdio) -> ProxyGuard {
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.ns.path().display()))
             .arg(bin)
             .args(args)
             .current_dir(crate::repo_root())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn nodeproxy in the node netns");
         ProxyGuard(ChildGuard(child))
@@ -316,7 +336,7 @@ impl Drop for ProxyGuard {
         if matches!(self.0.0.try_wait(), Ok(None)) {
             self.terminate();
         }
-        let _ = std::fs::remove_dir_all("/sys/fs/bpf/nodeproxy");
+        let _ = std::fs::remove_dir_all(PIN_DIR);
     }
 }
 

@@ -77,8 +77,7 @@ pub fn run() -> anyhow::Result<()> {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
     if is_root {
-        crate::demo_node::run(&root)?;
-        return validate_demo(&root);
+        return crate::demo_node::run(&root);
     }
     if Command::new("sudo")
         .arg("-n")
@@ -112,15 +111,18 @@ pub fn run() -> anyhow::Result<()> {
 
     println!("== 2. nodeproxy run --config config/canary.yaml  (VirtualService: 80% v1, 20% v2)");
     let admin = "127.0.0.1:15990";
-    let _proxy = Kill(
+    // The proxy logs to a file, so its lines never land between the demo's steps.
+    let log = std::env::temp_dir().join(format!("nodeproxy-demo-{}.log", std::process::id()));
+    let proxy = Kill(
         Command::new(&bin)
             .args(["run", "--capture", "none", "--admin", admin, "--config"])
             .arg(&cfg)
-            .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).context("create the proxy log")?)
             .spawn()
             .context("start nodeproxy")?,
     );
+    println!("   (proxy log: {})", log.display());
     let vip = "127.0.10.1:10080";
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(vip).is_err() {
@@ -148,7 +150,10 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     validate_demo(&root)?;
-    let _ = std::fs::remove_dir_all(&dir);
+    println!("\n== tearing down");
+    drop(proxy);
+    std::fs::remove_dir_all(&dir)?;
+    println!("   nodeproxy stopped, its config directory removed; nothing else was changed");
     if other > 0 {
         bail!("{other} requests failed");
     }
@@ -156,7 +161,7 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 /// The analysis part of the demo.
-fn validate_demo(root: &Path) -> anyhow::Result<()> {
+pub(crate) fn validate_demo(root: &Path) -> anyhow::Result<()> {
     let bin = root.join("target/debug/nodeproxy");
     println!("\n== nodeproxy simulate: which rule would a request take?");
     exec(

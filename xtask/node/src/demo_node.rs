@@ -30,6 +30,8 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
             .replace("127.0.10.11", &node.pods[v1].ip.to_string())
             .replace("127.0.10.12", &node.pods[v2].ip.to_string())
             .replace("127.0.10.1]", &format!("{vip}]"));
+        // Outlives the node: the proxy's log stays readable after the teardown.
+        let log = std::env::temp_dir().join(format!("nodeproxy-demo-{}.log", std::process::id()));
         let dir = nodeproxy_tests::proxy::TempDir::new();
         let cfg = dir.0.join("canary.yaml");
         std::fs::write(&cfg, canary)?;
@@ -38,10 +40,12 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         println!("== 2. nodeproxy run --capture ebpf --enroll-netns <client pod>  (config/canary.yaml: 80% v1, 20% v2)");
         let capture = format!("{}:15001", node.ip());
         let client_ns = node.pods[client].path();
-        let _proxy = node.spawn_proxy(&[
+        // The proxy logs to a file, so its lines never land between the demo's steps.
+        let proxy = node.spawn_proxy_logged(&[
             "run", "--capture", "ebpf", "--capture-listen", &capture, "--admin", ADMIN, "--config", cfg.to_str().context("path")?,
             "--enroll-netns", client_ns.to_str().context("path")?, "--access-log", "off",
-        ]);
+        ], &log);
+        println!("   (proxy log: {})", log.display());
         let deadline = Instant::now() + Duration::from_secs(30);
         while node.http_get(ADMIN, "/ready").is_none_or(|(s, _)| s != 200) {
             if Instant::now() > deadline {
@@ -75,10 +79,50 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
                 println!("   attached: {}", a.as_str().unwrap_or(""));
             }
         }
+        crate::demo::validate_demo(root)?;
         println!("\n== 5. tearing the node down");
+        let names: Vec<String> = std::iter::once(node.ns.name.clone())
+            .chain(node.pods.iter().map(|p| p.ns.name.clone()))
+            .collect();
+        drop(proxy); // SIGTERM: drain, detach the programs, remove the pins
+        drop(node); // the pods' and the node's namespaces
+        teardown_report(&names)?;
         if errors > 0 {
             bail!("{errors} requests failed");
         }
         anyhow::Ok(())
     })
+}
+
+/// Check that nothing the demo made is left, and say what stays.
+fn teardown_report(namespaces: &[String]) -> anyhow::Result<()> {
+    let netns = std::process::Command::new("ip").args(["netns", "list"]).output()?;
+    let listed = String::from_utf8_lossy(&netns.stdout);
+    let left: Vec<&String> = namespaces
+        .iter()
+        .filter(|n| listed.lines().any(|l| l.split_whitespace().next() == Some(n.as_str())))
+        .collect();
+    if !left.is_empty() {
+        bail!("network namespaces left behind: {left:?}");
+    }
+    println!("   network namespaces: {} removed", namespaces.len());
+    let progs = std::process::Command::new("bpftool").args(["prog", "show"]).output();
+    match progs {
+        Ok(o) if String::from_utf8_lossy(&o.stdout).contains("np_") => {
+            bail!("nodeproxy programs still loaded (bpftool prog show)")
+        }
+        Ok(_) => println!("   eBPF programs: none of nodeproxy's loaded (bpftool prog show)"),
+        Err(_) => println!("   eBPF programs: detached with the proxy (bpftool not installed to check)"),
+    }
+    let pins = Path::new(nodeproxy_tests::node::PIN_DIR);
+    if pins.exists() {
+        bail!("pinned maps left in {}", pins.display());
+    }
+    println!("   pinned maps: {} removed", pins.display());
+    println!(
+        "   left in place: the bpffs mount at {} (a system mount other eBPF tools share; `umount {}` if you want it gone)",
+        nodeproxy_tests::node::BPFFS,
+        nodeproxy_tests::node::BPFFS
+    );
+    Ok(())
 }
