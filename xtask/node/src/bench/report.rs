@@ -375,7 +375,7 @@ fn peer_ratio_row(
     })
 }
 
-/// Issue 6's goals for nodeproxy, checked against this run's medians (rows without data, e.g.
+/// The benchmark goals for nodeproxy, checked against this run's medians (rows without data, e.g.
 /// under `--only`, are left out).
 pub fn targets(ms: &[Measurement]) -> String {
     let mut rows: Vec<[String; 4]> = Vec::new();
@@ -503,7 +503,7 @@ pub fn targets(ms: &[Measurement]) -> String {
         return String::new();
     }
     let mut out = String::from(
-        "## Against the targets (issue 6)\n\n| target | goal | measured (medians) | met |\n|---|---|---|---|\n",
+        "## Against the targets\n\n| target | goal | measured (medians) | met |\n|---|---|---|---|\n",
     );
     for [a, b, c, d] in rows {
         let _ = writeln!(out, "| {a} | {b} | {c} | {d} |");
