@@ -253,13 +253,16 @@ impl Plan {
 
     /// One line: what, and why.
     fn describe(&self) -> String {
-        self.apt
-            .iter()
-            .chain(&self.pip)
-            .map(|(p, why)| format!("{p} ({why})"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        describe(self.apt.iter().chain(&self.pip))
     }
+}
+
+fn describe<'a>(needs: impl IntoIterator<Item = &'a (&'static str, &'static str)>) -> String {
+    needs
+        .into_iter()
+        .map(|(p, why)| format!("{p} ({why})"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// What `task` lacks on `host`.
@@ -315,11 +318,7 @@ pub fn ensure(task: For, host: &Host) -> anyhow::Result<()> {
                 plan.describe()
             );
         }
-        println!(
-            "xtask: installing {} with apt-get: {}",
-            plan.apt_names().join(" "),
-            plan.describe()
-        );
+        println!("xtask: installing with apt-get: {}", describe(&plan.apt));
         run(host.command("apt-get").args(["update", "-qq"]))?;
         run(host
             .command("apt-get")
@@ -328,11 +327,7 @@ pub fn ensure(task: For, host: &Host) -> anyhow::Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     if !plan.pip.is_empty() {
-        println!(
-            "xtask: installing {} with pip: {}",
-            plan.pip_names().join(" "),
-            plan.describe()
-        );
+        println!("xtask: installing with pip: {}", describe(&plan.pip));
         run(host
             .command("python3")
             .args(["-m", "pip", "install", "-q", "--root-user-action=ignore"])
