@@ -3,6 +3,7 @@
 //! to the cgroup root at once.
 
 mod capture;
+mod demo;
 mod kubernetes;
 
 /// One proxy attaches to the cgroup root at a time.

@@ -8,5 +8,6 @@ mod kube_watch;
 mod kubernetes;
 mod l4;
 mod ops;
+mod readme;
 mod reload;
 mod traffic;

@@ -96,23 +96,33 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
 
 /// Check that nothing the demo made is left, and say what stays.
 fn teardown_report(namespaces: &[String]) -> anyhow::Result<()> {
-    let netns = std::process::Command::new("ip").args(["netns", "list"]).output()?;
+    let netns = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()?;
     let listed = String::from_utf8_lossy(&netns.stdout);
     let left: Vec<&String> = namespaces
         .iter()
-        .filter(|n| listed.lines().any(|l| l.split_whitespace().next() == Some(n.as_str())))
+        .filter(|n| {
+            listed
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(n.as_str()))
+        })
         .collect();
     if !left.is_empty() {
         bail!("network namespaces left behind: {left:?}");
     }
     println!("   network namespaces: {} removed", namespaces.len());
-    let progs = std::process::Command::new("bpftool").args(["prog", "show"]).output();
+    let progs = std::process::Command::new("bpftool")
+        .args(["prog", "show"])
+        .output();
     match progs {
         Ok(o) if String::from_utf8_lossy(&o.stdout).contains("np_") => {
             bail!("nodeproxy programs still loaded (bpftool prog show)")
         }
         Ok(_) => println!("   eBPF programs: none of nodeproxy's loaded (bpftool prog show)"),
-        Err(_) => println!("   eBPF programs: detached with the proxy (bpftool not installed to check)"),
+        Err(_) => {
+            println!("   eBPF programs: detached with the proxy (bpftool not installed to check)")
+        }
     }
     let pins = Path::new(nodeproxy_tests::node::PIN_DIR);
     if pins.exists() {
