@@ -54,6 +54,9 @@ fn json<T: Serialize>(v: &T) -> Response<Full<Bytes>> {
     }
 }
 
+/// Set by the proxy on every request it forwards (`x-forwarded-proto`).
+const FORWARDED_MARK: &str = "x-forwarded-proto";
+
 /// A listener and, when it is not bound, why.
 #[derive(Serialize)]
 struct ListenerState {
@@ -137,6 +140,14 @@ impl Admin {
     /// Route one admin request.
     pub fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         let query = req.uri().query().unwrap_or("");
+        // A request the proxy forwarded carries the headers it always adds: a mutating
+        // call that arrives that way came from a pod, not from an operator on the node.
+        if req.method() != Method::GET && req.headers().contains_key(FORWARDED_MARK) {
+            return text(
+                StatusCode::FORBIDDEN,
+                "mutating admin requests that arrive through the proxy are refused\n",
+            );
+        }
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/ready") => self.handle_ready(),
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),

@@ -1390,6 +1390,27 @@ impl Analyzer<'_> {
                 "endpoints and workloadSelector are exclusive",
             ));
         }
+        for (i, ep) in s.endpoints.iter().enumerate() {
+            let Ok(ip) = ep.address.parse::<std::net::IpAddr>() else {
+                continue;
+            };
+            let link_local = match ip {
+                std::net::IpAddr::V4(v4) => v4.is_link_local(),
+                std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+            };
+            let own_port = s.ports.iter().any(|p| {
+                let port = p.target_port.unwrap_or(p.number);
+                port == 15000 || port == 15001
+            });
+            if link_local || (ip.is_loopback() && own_port) {
+                out.push(e.d(
+                    codes::NODE_LOCAL_ENDPOINT,
+                    Severity::Warning,
+                    format!("spec.endpoints[{i}].address"),
+                    format!("`{ip}` is {}: with --capture ebpf the proxy runs in the node's network namespace and refuses to dial it for pods (503 UF, counted in nodeproxy_upstream_refused_total) unless --allow-upstream-cidr lets it through", if link_local { "link-local (the node's, e.g. a cloud metadata service)" } else { "the node's loopback on a nodeproxy port (its admin API or capture listener)" }),
+                ));
+            }
+        }
         if resolution == "STATIC" {
             for (i, ep) in s.endpoints.iter().enumerate() {
                 if ep.address.parse::<std::net::IpAddr>().is_err()

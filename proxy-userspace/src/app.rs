@@ -42,6 +42,10 @@ pub struct Options {
     pub cpu_plan: Option<crate::proxy::affinity::CpuPlan>,
     /// Read configuration from the Kubernetes API instead of `config` files.
     pub kubernetes: Option<KubeRun>,
+    /// Downstream HTTP/1 time limits.
+    pub timeouts: crate::proxy::Timeouts,
+    /// Node ranges upstreams may reach with `--capture ebpf` (`--allow-upstream-cidr`).
+    pub allow_upstream: Vec<ipnet::IpNet>,
 }
 
 /// `--source kubernetes`: the client and the source's settings.
@@ -149,6 +153,8 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
             shadow_host_suffix: opts.shadow_host_suffix,
             credentials_dir: opts.credentials_dir.clone(),
             locality: opts.locality.clone(),
+            timeouts: opts.timeouts,
+            allow_upstream: opts.allow_upstream.clone(),
         },
         kernel,
     );
@@ -159,6 +165,8 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     };
     let admin_addr = spawn_admin(opts.admin, admin)
         .with_context(|| format!("bind admin API on {}", opts.admin))?;
+    // Never dial the admin API (a ServiceEntry endpoint pointing at it would hand it to pods).
+    shared.guard.add_base(admin_addr);
     let source = match (&opts.kubernetes, watch) {
         (Some(k), _) => {
             let enrollment = shared.kernel.as_ref().map(|k| {

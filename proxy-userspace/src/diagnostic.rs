@@ -117,6 +117,12 @@ pub mod codes {
         id: "NP1001",
         name: "RetriesExceedTimeout",
     };
+    /// A ServiceEntry endpoint on the node itself (loopback, link-local), which the proxy
+    /// refuses to dial for captured pods.
+    pub const NODE_LOCAL_ENDPOINT: Code = Code {
+        id: "NP1003",
+        name: "NodeLocalEndpoint",
+    };
     /// A fault without a percentage never fires.
     pub const FAULT_NEVER_FIRES: Code = Code {
         id: "NP1002",

@@ -45,6 +45,11 @@ pub struct Fields {
     pub upgrade: bool,
     /// `Transfer-Encoding` present: whether its last coding is `chunked`.
     pub chunked: Option<bool>,
+    /// How many transfer codings all `Transfer-Encoding` fields list together (an empty
+    /// list element counts: `chunked,` is two).
+    pub transfer_codings: u8,
+    /// How many `Host` fields.
+    pub hosts: u8,
     /// `Content-Length`: absent, one consistent value, or invalid/conflicting.
     pub content_length: Option<Result<u64, &'static str>>,
     /// `Expect: 100-continue`.
@@ -89,6 +94,11 @@ impl Fields {
             self.chunked = tokens()
                 .next_back()
                 .map(|t| t.eq_ignore_ascii_case(b"chunked"));
+            self.transfer_codings = self
+                .transfer_codings
+                .saturating_add(tokens().count().min(255) as u8);
+        } else if *name == header::HOST {
+            self.hosts = self.hosts.saturating_add(1);
         } else if *name == header::EXPECT {
             self.expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
         } else if *name == header::UPGRADE {
@@ -165,29 +175,23 @@ pub const MAX_LINE: usize = 8 * 1024;
 pub fn chunk_step(buf: &mut BytesMut, state: Chunk) -> Result<Step, &'static str> {
     match state {
         Chunk::Size => {
-            let Some(eol) = buf.iter().position(|&b| b == b'\n') else {
-                return if buf.len() > MAX_LINE {
+            // httparse's chunk-size grammar (RFC 9112 §7.1): hex digits first, then optional
+            // whitespace and extensions, then CRLF: `+5`, ` 5`, `5\rX` are errors.
+            match httparse::parse_chunk_size(buf) {
+                Ok(httparse::Status::Complete((n, size))) => {
+                    let _ = buf.split_to(n);
+                    Ok(Step::Next(if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    }))
+                }
+                Ok(httparse::Status::Partial) if buf.len() > MAX_LINE => {
                     Err("chunk size line too long")
-                } else {
-                    Ok(Step::More)
-                };
-            };
-            let line = buf.split_to(eol + 1);
-            let digits = line[..]
-                .split(|&b| b == b';' || b == b'\r' || b == b'\n')
-                .next()
-                .unwrap_or_default()
-                .trim_ascii();
-            let size = std::str::from_utf8(digits)
-                .ok()
-                .filter(|s| !s.is_empty() && s.len() <= 16)
-                .and_then(|s| u64::from_str_radix(s, 16).ok())
-                .ok_or("invalid chunk size")?;
-            Ok(Step::Next(if size == 0 {
-                Chunk::Trailers
-            } else {
-                Chunk::Data(size)
-            }))
+                }
+                Ok(httparse::Status::Partial) => Ok(Step::More),
+                Err(_) => Err("invalid chunk size"),
+            }
         }
         Chunk::Data(rem) => {
             let data = take(buf, rem);

@@ -152,83 +152,101 @@ enum Command {
         output: Output,
     },
     /// Run the proxy.
-    Run {
-        /// Files or directories of Istio YAML (watched; SIGHUP reloads), several after one
-        /// `--config` or the flag repeated. Needed with `--source files`.
-        #[arg(long = "config", value_name = "PATH", num_args = 1..)]
-        config: Vec<PathBuf>,
-        /// Where configuration comes from: `files` (--config) or `kubernetes` (the API server:
-        /// in-cluster service account, else KUBECONFIG).
-        #[arg(long, value_enum, default_value = "files")]
-        source: SourceKind,
-        /// This node's name (pods on it in the ambient mesh are captured; `--source kubernetes`).
-        #[arg(long, env = "NODE_NAME")]
-        node_name: Option<String>,
-        /// Kubernetes cluster domain of service hosts (`<name>.<ns>.svc.<domain>`).
-        #[arg(long, env = "CLUSTER_DOMAIN", default_value = nodeproxy::compile::registry::DEFAULT_CLUSTER_DOMAIN)]
-        cluster_domain: String,
-        /// Traffic capture mode (default: ebpf as root, none otherwise).
-        #[arg(long, value_enum)]
-        capture: Option<Capture>,
-        /// Admin API address.
-        #[arg(long, default_value = nodeproxy::admin::DEFAULT_ADMIN_ADDR)]
-        admin: SocketAddr,
-        /// Address for Gateway server ports.
-        #[arg(long, default_value = "0.0.0.0")]
-        gateway_ip: IpAddr,
-        /// Append `-shadow` to the Host of mirrored requests (Istio <= 1.27 behaviour).
-        #[arg(long)]
-        shadow_host_suffix: bool,
-        /// Directory of Gateway `credentialName` secrets as `<name>.crt` and `<name>.key`.
-        #[arg(long, default_value = nodeproxy::proxy::DEFAULT_CREDENTIALS_DIR)]
-        credentials_dir: PathBuf,
-        /// Allow a non-loopback --admin address.
-        #[arg(long)]
-        admin_public: bool,
-        /// Where captured connections arrive (default: the node's primary address, port 15001).
-        #[arg(long)]
-        capture_listen: Option<SocketAddr>,
-        /// Enroll this network namespace at start (repeatable), e.g. /run/netns/pod1.
-        #[arg(long = "enroll-netns")]
-        enroll_netns: Vec<PathBuf>,
-        /// Guard this uplink interface with the XDP program (repeatable).
-        #[arg(long)]
-        uplink: Vec<String>,
-        /// Source CIDR the XDP guard drops (repeatable, IPv4).
-        #[arg(long = "deny-cidr")]
-        deny_cidr: Vec<ipnet::Ipv4Net>,
-        /// Data-plane threads, each a single-threaded runtime (default: one per core).
-        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
-        workers: Option<u16>,
-        /// Data-plane threads' CPUs: `none` (the scheduler places them) or `auto` (thread `i`
-        /// pinned to the `i`-th CPU of the process's CPU set).
-        #[arg(long, value_enum, default_value_t = CpuAffinity::None)]
-        cpu_affinity: CpuAffinity,
-        /// Splice node-local bytes in the kernel with sockops + sk_msg: captured client<->proxy,
-        /// and proxy<->endpoint when the endpoint is a socket on this node (HTTP/1 upstreams).
-        /// Off by default.
-        #[arg(long)]
-        sockmap: bool,
-        /// The node's locality, `region/zone/subzone` (locality-aware load balancing).
-        #[arg(long)]
-        locality: Option<String>,
-        /// bpffs mount point for the pinned maps (mounted when needed).
-        #[arg(long, default_value = nodeproxy::dataplane::DEFAULT_BPFFS)]
-        bpffs: PathBuf,
-        /// After SIGTERM/SIGINT, how long in-flight connections get to finish (0: stop at once).
-        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-        drain_time: std::time::Duration,
-        /// Access log: `on` (default) or `off`.
-        #[arg(long, value_enum, default_value = "on")]
-        access_log: AccessLogMode,
-        /// Where the access log goes: `/dev/stderr` (default), `/dev/stdout` (Istio's
-        /// `accessLogFile`), or a file path (appended to).
-        #[arg(long, default_value = "/dev/stderr")]
-        access_log_file: nodeproxy::telemetry::access::Destination,
-        /// Access log format.
-        #[arg(long, value_enum, default_value = "text")]
-        access_log_format: AccessLogFormat,
-    },
+    Run(Box<RunArgs>),
+}
+
+/// `nodeproxy run` flags.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Files or directories of Istio YAML (watched; SIGHUP reloads), several after one
+    /// `--config` or the flag repeated. Needed with `--source files`.
+    #[arg(long = "config", value_name = "PATH", num_args = 1..)]
+    config: Vec<PathBuf>,
+    /// Where configuration comes from: `files` (--config) or `kubernetes` (the API server:
+    /// in-cluster service account, else KUBECONFIG).
+    #[arg(long, value_enum, default_value = "files")]
+    source: SourceKind,
+    /// This node's name (pods on it in the ambient mesh are captured; `--source kubernetes`).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Kubernetes cluster domain of service hosts (`<name>.<ns>.svc.<domain>`).
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = nodeproxy::compile::registry::DEFAULT_CLUSTER_DOMAIN)]
+    cluster_domain: String,
+    /// Traffic capture mode (default: ebpf as root, none otherwise).
+    #[arg(long, value_enum)]
+    capture: Option<Capture>,
+    /// Admin API address.
+    #[arg(long, default_value = nodeproxy::admin::DEFAULT_ADMIN_ADDR)]
+    admin: SocketAddr,
+    /// Address for Gateway server ports.
+    #[arg(long, default_value = "0.0.0.0")]
+    gateway_ip: IpAddr,
+    /// Append `-shadow` to the Host of mirrored requests (Istio <= 1.27 behaviour).
+    #[arg(long)]
+    shadow_host_suffix: bool,
+    /// Directory of Gateway `credentialName` secrets as `<name>.crt` and `<name>.key`.
+    #[arg(long, default_value = nodeproxy::proxy::DEFAULT_CREDENTIALS_DIR)]
+    credentials_dir: PathBuf,
+    /// Allow a non-loopback --admin address.
+    #[arg(long)]
+    admin_public: bool,
+    /// Where captured connections arrive (default: the node's primary address, port 15001).
+    #[arg(long)]
+    capture_listen: Option<SocketAddr>,
+    /// Enroll this network namespace at start (repeatable), e.g. /run/netns/pod1.
+    #[arg(long = "enroll-netns")]
+    enroll_netns: Vec<PathBuf>,
+    /// Guard this uplink interface with the XDP program (repeatable).
+    #[arg(long)]
+    uplink: Vec<String>,
+    /// Source CIDR the XDP guard drops (repeatable, IPv4).
+    #[arg(long = "deny-cidr")]
+    deny_cidr: Vec<ipnet::Ipv4Net>,
+    /// Data-plane threads, each a single-threaded runtime (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: Option<u16>,
+    /// Data-plane threads' CPUs: `none` (the scheduler places them) or `auto` (thread `i`
+    /// pinned to the `i`-th CPU of the process's CPU set).
+    #[arg(long, value_enum, default_value_t = CpuAffinity::None)]
+    cpu_affinity: CpuAffinity,
+    /// Splice node-local bytes in the kernel with sockops + sk_msg: captured client<->proxy,
+    /// and proxy<->endpoint when the endpoint is a socket on this node (HTTP/1 upstreams).
+    /// Off by default.
+    #[arg(long)]
+    sockmap: bool,
+    /// The node's locality, `region/zone/subzone` (locality-aware load balancing).
+    #[arg(long)]
+    locality: Option<String>,
+    /// bpffs mount point for the pinned maps (mounted when needed).
+    #[arg(long, default_value = nodeproxy::dataplane::DEFAULT_BPFFS)]
+    bpffs: PathBuf,
+    /// With --capture ebpf, upstream endpoints on the node itself (loopback, link-local,
+    /// the node's addresses) are refused; this lets a range through (repeatable).
+    #[arg(long = "allow-upstream-cidr", value_name = "CIDR")]
+    allow_upstream_cidr: Vec<ipnet::IpNet>,
+    /// HTTP/1: longest time from a connection's accept, or a request's first byte, to its
+    /// complete head (then 408 and close).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    request_head_timeout: std::time::Duration,
+    /// HTTP/1: how long a keep-alive connection may wait for its next request.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: std::time::Duration,
+    /// HTTP/1: longest wait between two reads of a request body (then 408 and close).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    body_idle_timeout: std::time::Duration,
+    /// After SIGTERM/SIGINT, how long in-flight connections get to finish (0: stop at once).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    drain_time: std::time::Duration,
+    /// Access log: `on` (default) or `off`.
+    #[arg(long, value_enum, default_value = "on")]
+    access_log: AccessLogMode,
+    /// Where the access log goes: `/dev/stderr` (default), `/dev/stdout` (Istio's
+    /// `accessLogFile`), or a file path (appended to).
+    #[arg(long, default_value = "/dev/stderr")]
+    access_log_file: nodeproxy::telemetry::access::Destination,
+    /// Access log format.
+    #[arg(long, value_enum, default_value = "text")]
+    access_log_format: AccessLogFormat,
 }
 
 /// Every service port is a listening socket and every proxied connection two more: lift the
@@ -255,10 +273,7 @@ fn main() -> ExitCode {
     let _ = nix::sys::prctl::set_thp_disable(true);
     let cli = Cli::parse();
     let default_filter = match &cli.command {
-        Command::Run {
-            access_log: AccessLogMode::Off,
-            ..
-        } => "info,nodeproxy::access=off",
+        Command::Run(r) if r.access_log == AccessLogMode::Off => "info,nodeproxy::access=off",
         _ => "info",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -403,31 +418,36 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run {
-            config,
-            source,
-            node_name,
-            cluster_domain,
-            capture,
-            admin,
-            gateway_ip,
-            shadow_host_suffix,
-            credentials_dir,
-            admin_public,
-            access_log: _,
-            access_log_file,
-            access_log_format,
-            capture_listen,
-            enroll_netns,
-            uplink,
-            deny_cidr,
-            bpffs,
-            locality,
-            sockmap,
-            workers,
-            cpu_affinity,
-            drain_time,
-        } => {
+        Command::Run(args) => {
+            let RunArgs {
+                config,
+                source,
+                node_name,
+                cluster_domain,
+                capture,
+                admin,
+                gateway_ip,
+                shadow_host_suffix,
+                credentials_dir,
+                admin_public,
+                access_log: _,
+                access_log_file,
+                access_log_format,
+                capture_listen,
+                enroll_netns,
+                uplink,
+                deny_cidr,
+                bpffs,
+                locality,
+                sockmap,
+                workers,
+                cpu_affinity,
+                drain_time,
+                request_head_timeout,
+                idle_timeout,
+                body_idle_timeout,
+                allow_upstream_cidr,
+            } = *args;
             nodeproxy::compile::registry::set_cluster_domain(&cluster_domain)
                 .map_err(|e| anyhow::anyhow!("--cluster-domain: {e}"))?;
             match source {
@@ -530,6 +550,12 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                     locality,
                     workers,
                     cpu_plan,
+                    timeouts: nodeproxy::proxy::Timeouts {
+                        request_head: request_head_timeout,
+                        idle: idle_timeout,
+                        body_idle: body_idle_timeout,
+                    },
+                    allow_upstream: allow_upstream_cidr,
                 })
                 .await?;
                 eprintln!(

@@ -179,7 +179,8 @@ spec:
 /// Every decision the data path takes for a few requests, on every rule of `snap`.
 fn drive(snap: crate::compile::Snapshot, seed: u64) {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    let view = Clusters::new(None).sync(Arc::new(snap));
+    let view = Clusters::new(None, Arc::new(crate::upstream::guard::DialGuard::open()))
+        .sync(Arc::new(snap));
     let snap = &view.snapshot;
     let source = SourceInfo::default();
     for table in &snap.http_tables {

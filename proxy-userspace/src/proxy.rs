@@ -40,6 +40,34 @@ pub struct ProxyOptions {
     pub credentials_dir: std::path::PathBuf,
     /// The node's locality, `region/zone/subzone` (for locality-aware load balancing).
     pub locality: Option<String>,
+    /// How long downstream HTTP/1 connections may take, or stay idle.
+    pub timeouts: Timeouts,
+    /// Node ranges upstream connections may reach although capture refuses them
+    /// (`--allow-upstream-cidr`).
+    pub allow_upstream: Vec<ipnet::IpNet>,
+}
+
+/// Downstream HTTP/1 time limits: what a slow or idle client may hold (a slowloris holds a
+/// connection, a descriptor and a buffer for as long as it is allowed to).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// From a connection's accept, or a request's first byte, to its complete head (Envoy's
+    /// `request_headers_timeout` idea). 408 and close.
+    pub request_head: std::time::Duration,
+    /// A keep-alive connection between requests (Envoy's `idle_timeout`). Closed.
+    pub idle: std::time::Duration,
+    /// Between two reads of a request body. 408 and close.
+    pub body_idle: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            request_head: std::time::Duration::from_secs(10),
+            idle: std::time::Duration::from_secs(60),
+            body_idle: std::time::Duration::from_secs(30),
+        }
+    }
 }
 
 /// Default `--credentials-dir`.
@@ -52,6 +80,8 @@ impl Default for ProxyOptions {
             shadow_host_suffix: false,
             credentials_dir: DEFAULT_CREDENTIALS_DIR.into(),
             locality: None,
+            timeouts: Timeouts::default(),
+            allow_upstream: Vec::new(),
         }
     }
 }
@@ -163,6 +193,8 @@ pub struct Shared {
     draining: std::sync::atomic::AtomicBool,
     /// Snapshot version the data plane (listeners, kernel maps) has applied.
     applied: std::sync::atomic::AtomicU64,
+    /// What upstream connections may dial (SSRF guard).
+    pub guard: Arc<crate::upstream::guard::DialGuard>,
     /// Listeners the snapshot asks for that could not be bound, with why (retried).
     unbound: std::sync::Mutex<std::collections::BTreeMap<SocketAddr, String>>,
 }
@@ -183,7 +215,16 @@ impl Shared {
         options: ProxyOptions,
         kernel: Option<Arc<crate::dataplane::Kernel>>,
     ) -> Arc<Self> {
-        let clusters = Clusters::new(options.locality.clone());
+        let metrics = crate::telemetry::Metrics::new();
+        let guard = Arc::new(crate::upstream::guard::DialGuard::new(
+            kernel.is_some(),
+            options.allow_upstream.clone(),
+            metrics.upstream_refused.clone(),
+        ));
+        if let Some(k) = &kernel {
+            guard.add_base(k.capture());
+        }
+        let clusters = Clusters::new(options.locality.clone(), guard.clone());
         let view = clusters.sync(snapshot);
         Arc::new(Shared {
             view: ArcSwap::from_pointee(view),
@@ -193,7 +234,8 @@ impl Shared {
             tls: tls::TlsConfigs::default(),
             workers: std::sync::OnceLock::new(),
             next_worker: std::sync::atomic::AtomicUsize::new(0),
-            metrics: crate::telemetry::Metrics::new(),
+            metrics,
+            guard,
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
             active: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             draining: std::sync::atomic::AtomicBool::new(false),

@@ -5,6 +5,7 @@
 //! address, so health, ejections, pool counters and LB cursors survive a snapshot swap for
 //! clusters that still exist. [`Clusters::sync`] builds the per-snapshot view.
 
+pub mod guard;
 pub mod h1;
 pub mod lb;
 pub mod locality;
@@ -185,11 +186,14 @@ pub struct ClusterState {
     pub stats: ClusterStats,
     /// When the outlier sweep last ran.
     pub(crate) last_sweep: Mutex<Instant>,
+    /// What this proxy may dial.
+    pub(crate) guard: Arc<guard::DialGuard>,
 }
 
 impl ClusterState {
-    fn new(c: &Cluster, node_locality: Option<Arc<str>>) -> Self {
+    fn new(c: &Cluster, node_locality: Option<Arc<str>>, guard: Arc<guard::DialGuard>) -> Self {
         ClusterState {
+            guard,
             node_locality,
             key: c.key.clone(),
             policy: ArcSwap::from_pointee(c.policy.clone()),
@@ -335,14 +339,17 @@ pub struct View {
 pub struct Clusters {
     states: Mutex<HashMap<ClusterKey, Weak<ClusterState>>>,
     locality: Option<Arc<str>>,
+    guard: Arc<guard::DialGuard>,
 }
 
 impl Clusters {
-    /// Cluster states for a node at `locality` (`region/zone/subzone`).
-    pub fn new(locality: Option<String>) -> Clusters {
+    /// Cluster states for a node at `locality` (`region/zone/subzone`), dialling what
+    /// `guard` allows.
+    pub fn new(locality: Option<String>, guard: Arc<guard::DialGuard>) -> Clusters {
         Clusters {
             states: Mutex::default(),
             locality: locality.map(Arc::from),
+            guard,
         }
     }
 
@@ -356,7 +363,13 @@ impl Clusters {
                 let st = states
                     .get(&c.key)
                     .and_then(Weak::upgrade)
-                    .unwrap_or_else(|| Arc::new(ClusterState::new(c, self.locality.clone())));
+                    .unwrap_or_else(|| {
+                        Arc::new(ClusterState::new(
+                            c,
+                            self.locality.clone(),
+                            self.guard.clone(),
+                        ))
+                    });
                 st.update(c, &snapshot.service(c.service).namespace);
                 states.insert(c.key.clone(), Arc::downgrade(&st));
                 st

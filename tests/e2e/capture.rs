@@ -776,3 +776,51 @@ async fn a_second_instance_on_the_pin_directory_refuses_and_the_first_serves_on(
     assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
     drop(first);
 }
+
+/// SSRF: a service whose endpoint is the node's loopback (here the proxy's own admin API) is
+/// refused for captured traffic before any connection is made: 503 UF, counted; the admin
+/// API's log level (a mutating call through it) does not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_pointing_at_the_nodes_loopback_is_refused_for_pods() {
+    if !require_root("a_service_pointing_at_the_nodes_loopback_is_refused_for_pods") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let s = std::sync::Arc::new(scene("ssrf").await);
+    let admin_vip = s.node.vip(3);
+    let mut yaml = std::fs::read_to_string(s.dir.0.join("mesh.yaml")).unwrap();
+    yaml.push_str(&format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: sneaky}}
+spec:
+  hosts: [sneaky.default.svc.cluster.local]
+  addresses: [{admin_vip}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 15000}}]
+  endpoints: [{{address: 127.0.0.1}}]
+"
+    ));
+    std::fs::write(s.dir.0.join("mesh.yaml"), yaml).unwrap();
+    let _proxy = s.start_proxy();
+    let target = std::net::SocketAddr::new(admin_vip.into(), 80);
+    let s2 = s.clone();
+    let (status, body) = blocking(move || {
+        s2.node.pods[s2.client]
+            .http_get(target, "/config_dump", &[])
+            .expect("an answer")
+    })
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("refused"), "{body}");
+    assert!(!body.contains("snapshot"), "no config dump leaked: {body}");
+    let (_, metrics) = s.node.http_get(ADMIN, "/metrics").unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("nodeproxy_upstream_refused_total ") && !l.ends_with(" 0")),
+        "counted"
+    );
+}

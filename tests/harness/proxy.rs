@@ -161,6 +161,8 @@ pub async fn start_custom(
         workers: 2,
         cpu_plan: None,
         kubernetes: None,
+        timeouts: Default::default(),
+        allow_upstream: Vec::new(),
     };
     f(&mut opts);
     let running = nodeproxy::app::start(opts).await.expect("proxy starts");

@@ -439,3 +439,84 @@ fn access_log_file_that_cannot_be_opened_is_refused_by_name() {
         "{err}"
     );
 }
+
+#[test]
+fn weights_that_overflow_are_rejected_by_validate_and_run() {
+    let file = "tests/fixtures/hostile/weights-overflow.yaml";
+    let out = nodeproxy(&["validate", file]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(
+        text.contains("weight 4294967295 is out of range") && text.contains("IST0106"),
+        "{text}"
+    );
+    let routes = nodeproxy(&["routes", file]);
+    assert!(!routes.status.success(), "routes prints no table for it");
+    let err = run_refused(&["--config", file]);
+    assert!(err.contains("weight 4294967295 is out of range"), "{err}");
+}
+
+#[test]
+fn a_missing_config_file_is_reported_once_and_logs_have_no_colour() {
+    let err = run_refused(&["--config", "tests/fixtures/no-such-file.yaml"]);
+    assert_eq!(
+        err.matches("no-such-file.yaml").count(),
+        1,
+        "reported once: {err}"
+    );
+    assert!(err.contains("cannot read"), "{err}");
+    // stderr is a pipe here, not a terminal: no ANSI escapes.
+    assert!(!err.contains('\u{1b}'), "{err:?}");
+}
+
+#[test]
+fn config_takes_several_paths_after_one_flag() {
+    let admin = format!("127.0.0.1:{}", free_port());
+    let _proxy = run_ready(
+        &admin,
+        "config/canary.yaml",
+        &["config/header-routing.yaml"],
+    );
+    let (_, dump) = http_get(&admin, "/config_dump").unwrap();
+    for host in [
+        "reviews.canary.svc.cluster.local",
+        "reviews.headers.svc.cluster.local",
+    ] {
+        assert!(dump.contains(host), "{host} loaded");
+    }
+}
+
+#[test]
+fn simulate_for_a_host_no_service_has_fails_naming_the_known_hosts() {
+    let out = nodeproxy(&["simulate", "config/canary.yaml", "--host", "unknown"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no service has host `unknown`")
+            && err.contains("reviews.canary.svc.cluster.local"),
+        "{err}"
+    );
+}
+
+#[test]
+fn logging_refuses_a_filter_that_names_no_level() {
+    let admin = format!("127.0.0.1:{}", free_port());
+    let _proxy = run_ready(&admin, "config/canary.yaml", &[]);
+    let post = |q: &str| {
+        let mut s = std::net::TcpStream::connect(&admin).unwrap();
+        use std::io::{Read, Write};
+        write!(
+            s,
+            "POST /logging?level={q} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let bad = post("bogus");
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    assert!(bad.contains("names no level"), "{bad}");
+    let good = post("debug");
+    assert!(good.starts_with("HTTP/1.1 200"), "{good}");
+}

@@ -3,6 +3,7 @@
 
 mod behaviour;
 mod cli;
+mod hostile;
 mod http1_wire;
 mod kube_watch;
 mod kubernetes;

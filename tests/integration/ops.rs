@@ -251,6 +251,8 @@ async fn admin_refuses_public_address_without_flag() {
         workers: 1,
         cpu_plan: None,
         kubernetes: None,
+        timeouts: Default::default(),
+        allow_upstream: Vec::new(),
     })
     .await;
     let err = r.err().expect("refused").to_string();

@@ -199,7 +199,11 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
     // The first idle wait of a new connection may be speculative (`Accepted`: answered without
     // asking the kernel); its read must then not wait holding a buffer.
     let mut speculative = true;
+    let limits = shared.options.timeouts;
     loop {
+        // The head must be whole this long after the connection's accept (first request) or
+        // after its first byte arrived (later ones); set when the wait for it starts.
+        let mut head_deadline = first.then(|| tokio::time::Instant::now() + limits.request_head);
         let head = loop {
             if first && buf.starts_with(H2_PREFACE) {
                 return serve_h2(
@@ -225,9 +229,15 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
                 }
             }
             if buf.is_empty() {
-                // Idle: no buffer is held until the client sends something.
+                // Idle: no buffer is held until the client sends something. A new connection
+                // gets the head timeout for its first byte, a kept-alive one the idle timeout;
+                // either way a silent client is closed silently.
                 buf = BytesMut::new();
-                if poll_fn(|cx| io.poll_idle(cx)).await.is_err() {
+                let idle = tokio::time::timeout_at(
+                    head_deadline.unwrap_or_else(|| tokio::time::Instant::now() + limits.idle),
+                    poll_fn(|cx| io.poll_idle(cx)),
+                );
+                if !matches!(idle.await, Ok(Ok(()))) {
                     return;
                 }
                 if std::mem::take(&mut speculative) {
@@ -241,15 +251,23 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
                     continue;
                 }
             }
-            match read_more(&mut io, &mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+            let deadline = *head_deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + limits.request_head);
+            match tokio::time::timeout_at(deadline, read_more(&mut io, &mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return,
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    // A head trickled in too slowly (slowloris): 408 and close.
+                    pipeline::record_refused(&shared, &conn, StatusCode::REQUEST_TIMEOUT);
+                    let _ = write_error(&mut io, StatusCode::REQUEST_TIMEOUT).await;
+                    return;
+                }
             }
         };
         first = false;
         let method = head.parts.method.clone();
         let version = head.parts.version;
-        let body = match read_body(&mut io, &mut buf, &head).await {
+        let body = match read_body(&mut io, &mut buf, &head, limits.body_idle).await {
             Ok(b) => b,
             Err(Some(status)) => {
                 pipeline::record_refused(&shared, &conn, status);
@@ -349,9 +367,23 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, StatusCode> {
     let uri = Uri::from_maybe_shared(head.slice(path_span)).map_err(|_| StatusCode::BAD_REQUEST)?;
     let (headers, fields) =
         header_map(&head, &spans[..count]).map_err(|_| StatusCode::BAD_REQUEST)?;
+    // RFC 9112 §3.2: an HTTP/1.1 request has exactly one Host, any request at most one; an
+    // absolute-form target's authority is the one routed on, so a Host that differs is
+    // refused rather than left for the next hop to read differently.
+    if fields.hosts > 1 || (minor == 1 && fields.hosts == 0) {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    if let (Some(a), Some(h)) = (uri.authority(), headers.get(header::HOST))
+        && !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes())
+    {
+        return Err(StatusCode::BAD_REQUEST);
+    }
     let body = match (fields.chunked, fields.content_length) {
-        // Both framings (request smuggling), or a coding other than chunked last: 400.
-        (Some(true), None) => Framing::Chunked,
+        // Chunked alone, once, in HTTP/1.1. Anything else with Transfer-Encoding is a 400:
+        // both framings (request smuggling), a coding the proxy would have to drop (`gzip,
+        // chunked`), repeats (`chunked, chunked`), and HTTP/1.0 (RFC 9112 §6.1: faulty
+        // framing).
+        (Some(true), None) if fields.transfer_codings == 1 && minor == 1 => Framing::Chunked,
         (Some(_), _) => return Err(StatusCode::BAD_REQUEST),
         (None, Some(len)) => Framing::Length(len.map_err(|_| StatusCode::BAD_REQUEST)?),
         (None, None) => Framing::Length(0),
@@ -385,8 +417,18 @@ async fn read_body<I: Transport>(
     io: &mut I,
     buf: &mut BytesMut,
     head: &Head,
+    idle: std::time::Duration,
 ) -> Result<RequestBody, Option<StatusCode>> {
     const LIMIT: u64 = pipeline::MAX_BUFFERED_BODY as u64;
+    // Each read must bring bytes within `idle`: 408 and close otherwise.
+    let more =
+        async |io: &mut I, buf: &mut BytesMut| match tokio::time::timeout(idle, read_more(io, buf))
+            .await
+        {
+            Ok(Ok(0) | Err(_)) => Err(None),
+            Ok(Ok(_)) => Ok(()),
+            Err(_) => Err(Some(StatusCode::REQUEST_TIMEOUT)),
+        };
     let continue_first = async |io: &mut I| {
         if head.expect_continue {
             io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -400,15 +442,10 @@ async fn read_body<I: Transport>(
         Framing::Length(n) if n > LIMIT => Ok(RequestBody::TooLarge),
         Framing::Length(n) => {
             continue_first(io).await?;
+            // Memory follows the bytes that arrive, not the length the client declared.
             let n = n as usize;
-            if buf.len() < n {
-                buf.reserve(n - buf.len());
-            }
             while buf.len() < n {
-                match read_more(io, buf).await {
-                    Ok(0) | Err(_) => return Err(None),
-                    Ok(_) => {}
-                }
+                more(io, buf).await?;
             }
             Ok(RequestBody::Buffered(Some(buf.split_to(n).freeze())))
         }
@@ -437,10 +474,7 @@ async fn read_body<I: Transport>(
                         Err(_) => return Err(Some(StatusCode::BAD_REQUEST)),
                     }
                 }
-                match read_more(io, buf).await {
-                    Ok(0) | Err(_) => return Err(None),
-                    Ok(_) => {}
-                }
+                more(io, buf).await?;
             }
         }
     }
@@ -701,13 +735,13 @@ mod tests {
         assert!(!h.keep_alive && !h.expect_continue);
         assert_eq!(h.body, Framing::Length(3));
         let h = parse(
-            "GET /ws HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n",
         )
         .unwrap()
         .unwrap();
         assert!(h.upgrade);
         let h =
-            parse("PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-Continue\r\n\r\n")
+            parse("PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-Continue\r\n\r\n")
                 .unwrap()
                 .unwrap();
         assert_eq!(h.body, Framing::Chunked);
@@ -718,10 +752,16 @@ mod tests {
     #[test]
     fn bad_requests() {
         for raw in [
-            "GET / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "GET / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
-            "GET / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
-            "GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+            "GET http://y/ HTTP/1.1\r\nHost: x\r\n\r\n",
             "GET / HTTP/9.9\r\n\r\n",
             "G(T / HTTP/1.1\r\n\r\n",
         ] {

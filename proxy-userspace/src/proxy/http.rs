@@ -672,6 +672,23 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             n += 1;
         }
     }
+    if found[..n]
+        .iter()
+        .any(|f| f.as_ref() == Some(&header::CONNECTION))
+    {
+        // Fields the sender named in `Connection` are this hop's too (`Connection:
+        // keep-alive, X-Secret`). `Upgrade` stays: the upgrade path forwards it on purpose.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+            .filter(|h| *h != header::UPGRADE && *h != header::HOST)
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
     for name in found.into_iter().flatten() {
         headers.remove(name);
     }
@@ -911,9 +928,14 @@ async fn forward_upgrade(
         )
     };
     // An HTTP/1 request first: what follows the upgrade is spliced from its first byte too.
-    let stream = pool::connect_tcp(&ep.target, &policy.pool, pool::FirstByte::Proxy)
-        .await
-        .map_err(|e| connect_failure(format!("{e:?}")))?;
+    let stream = pool::connect_tcp(
+        &ep.target,
+        &policy.pool,
+        pool::FirstByte::Proxy,
+        &state.guard,
+    )
+    .await
+    .map_err(|e| connect_failure(format!("{e:?}")))?;
     let (mut send, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(hyper_util::rt::TokioIo::new(stream))
         .await

@@ -111,6 +111,7 @@ impl Listeners {
             }
         }
         shared.set_unbound(unbound);
+        shared.guard.set_listeners(self.active.keys().copied());
     }
 }
 

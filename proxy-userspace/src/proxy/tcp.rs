@@ -161,7 +161,14 @@ pub async fn proxy(
         }
         .log()
     };
-    let mut up = match pool::connect_tcp(&ep.target, &policy.pool, pool::FirstByte::Either).await {
+    let mut up = match pool::connect_tcp(
+        &ep.target,
+        &policy.pool,
+        pool::FirstByte::Either,
+        &state.guard,
+    )
+    .await
+    {
         Ok(s) => s,
         Err(_) => {
             outlier::record(&state, &ep, Outcome::LocalFailure);

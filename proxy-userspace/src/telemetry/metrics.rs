@@ -292,6 +292,8 @@ pub struct Metrics {
     pub kernel: Family<ReasonLabel, Counter>,
     /// `nodeproxy_fastpath_connections_total`.
     pub fastpath: Counter,
+    /// `nodeproxy_upstream_refused_total`: dials the SSRF guard refused.
+    pub upstream_refused: Counter,
     last_reloads: AtomicU64,
     last_rejections: AtomicU64,
 }
@@ -412,6 +414,13 @@ impl Metrics {
         );
         let reloads = Counter::default();
         let rejections = Counter::default();
+        let upstream_refused = Counter::default();
+        names.push("nodeproxy_upstream_refused");
+        registry.register(
+            "nodeproxy_upstream_refused",
+            "Upstream connections refused: the destination is the node's own or the proxy's",
+            upstream_refused.clone(),
+        );
         let snapshot_version = Gauge::default();
         names.push("nodeproxy_config_reloads");
         registry.register(
@@ -477,6 +486,7 @@ impl Metrics {
             ejections_active,
             kernel,
             fastpath,
+            upstream_refused,
             last_reloads: AtomicU64::new(0),
             last_rejections: AtomicU64::new(0),
         })

@@ -188,6 +188,7 @@ pub async fn connect_tcp(
     target: &Target,
     limits: &PoolLimits,
     first: FirstByte,
+    guard: &super::guard::DialGuard,
 ) -> Result<TcpStream, PoolError> {
     let timeout = limits.connect_timeout;
     let fut = async {
@@ -199,6 +200,8 @@ pub async fn connect_tcp(
                 .next()
                 .ok_or_else(|| PoolError::Connect(format!("resolve {n}: no address")))?,
         };
+        // After resolution: a name that resolves to the node is refused like an address.
+        guard.check(addr).map_err(PoolError::Connect)?;
         let stream = match UPSTREAM_MARK.load(Ordering::Relaxed) {
             0 => TcpStream::connect(addr).await,
             mark => connect_marked(addr, mark).await,
@@ -273,7 +276,7 @@ async fn connect(
     } else {
         FirstByte::Proxy
     };
-    let stream = match connect_tcp(&ep.target, limits, first).await {
+    let stream = match connect_tcp(&ep.target, limits, first, &cluster.guard).await {
         Ok(s) => s,
         Err(e) => {
             release_connection(Some(cluster), Some(ep));

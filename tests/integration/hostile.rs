@@ -1,0 +1,319 @@
+//! Hostile clients and config, each test with the attack as its input: framing the proxy
+//! must refuse (RFC 9112/9110), slow and idle clients, hop-by-hop smuggling through
+//! `Connection`, and a ServiceEntry aimed at the proxy's own admin API.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nodeproxy_tests::proxy::{self, Scenario, unique_net};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An upstream that records every request head it receives and answers 200.
+struct Recorder {
+    heads: Arc<std::sync::Mutex<Vec<String>>>,
+    connections: Arc<AtomicU64>,
+}
+
+impl Recorder {
+    async fn start(addr: &str) -> Recorder {
+        let l = TcpListener::bind(addr).await.unwrap();
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicU64::new(0));
+        let (h, c) = (heads.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        let Ok(n) = s.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            h.lock()
+                                .unwrap()
+                                .push(String::from_utf8_lossy(&buf[..end]).into());
+                            buf.drain(..end + 4);
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await;
+                        }
+                    }
+                });
+            }
+        });
+        Recorder { heads, connections }
+    }
+}
+
+fn scenario() -> Scenario {
+    let net = unique_net();
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: raw}}
+spec:
+  hosts: [raw.example]
+  addresses: [{net}1]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: {port}, name: http, protocol: HTTP}}]
+  endpoints:
+  - {{address: {net}11}}
+",
+        port = proxy::SERVICE_PORT
+    );
+    Scenario::from_yaml_on(yaml, net)
+}
+
+/// Write `raw`, read until the proxy closes (10 s at most).
+async fn exchange(vip: &str, raw: &[u8]) -> String {
+    let mut sock = TcpStream::connect(vip).await.unwrap();
+    sock.write_all(raw).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut got))
+        .await
+        .expect("the proxy closes in time")
+        .expect("read");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn framing_the_proxy_cannot_forward_faithfully_is_a_400_and_reaches_no_backend() {
+    let s = scenario();
+    let up = Recorder::start(&format!("{}:{}", s.ip(11), proxy::SERVICE_PORT)).await;
+    let _p = proxy::start(&s, None).await;
+    let vip = s.vip();
+    let cases: [(&str, &[u8]); 11] = [
+        (
+            "a coding the proxy would drop",
+            b"POST /x HTTP/1.1\r\nHost: raw.example\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "identity before chunked",
+            b"POST /x HTTP/1.1\r\nHost: raw.example\r\nTransfer-Encoding: identity, chunked\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "chunked twice in one field",
+            b"POST /x HTTP/1.1\r\nHost: raw.example\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "chunked in two fields",
+            b"POST /x HTTP/1.1\r\nHost: raw.example\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "HTTP/1.0 with Transfer-Encoding, a request pipelined after it",
+            b"POST /x HTTP/1.0\r\nHost: raw.example\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: raw.example\r\n\r\n",
+        ),
+        (
+            "two Host fields",
+            b"GET /x HTTP/1.1\r\nHost: raw.example\r\nHost: other.example\r\n\r\n",
+        ),
+        ("no Host in HTTP/1.1", b"GET /x HTTP/1.1\r\nAccept: */*\r\n\r\n"),
+        (
+            "an absolute-form target naming another authority than Host",
+            b"GET http://other.example/x HTTP/1.1\r\nHost: raw.example\r\n\r\n",
+        ),
+        (
+            "a chunk size with a sign",
+            b"POST /x HTTP/1.1\r\nHost: raw.example\r\nTransfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "a chunk size with spaces around it",
+            b"POST /x HTTP/1.1\r\nHost: raw.example\r\nTransfer-Encoding: chunked\r\n\r\n 5 \r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "a chunk size line with a bare CR",
+            b"POST /x HTTP/1.1\r\nHost: raw.example\r\nTransfer-Encoding: chunked\r\n\r\n5\rX\r\nhello\r\n0\r\n\r\n",
+        ),
+    ];
+    for (what, raw) in cases {
+        let text = exchange(&vip, raw).await;
+        assert!(
+            text.starts_with("HTTP/1.1 400 Bad Request\r\n") && text.contains("connection: close"),
+            "{what}: {text}"
+        );
+        assert_eq!(
+            text.matches("HTTP/1.1 ").count(),
+            1,
+            "{what}: one answer, then close"
+        );
+    }
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        0,
+        "the backend received nothing"
+    );
+    // The well-formed neighbours still pass.
+    let ok = exchange(
+        &vip,
+        b"POST /x HTTP/1.1\r\nHost: raw.example\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5;ext=1\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
+}
+
+#[tokio::test]
+async fn fields_named_in_connection_are_not_forwarded() {
+    let s = scenario();
+    let up = Recorder::start(&format!("{}:{}", s.ip(11), proxy::SERVICE_PORT)).await;
+    let _p = proxy::start(&s, None).await;
+    let text = exchange(
+        &s.vip(),
+        b"GET /x HTTP/1.1\r\nHost: raw.example\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nX-Kept: 2\r\n\r\nGET /y HTTP/1.1\r\nHost: raw.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(text.matches("HTTP/1.1 200").count(), 2, "{text}");
+    let heads = up.heads.lock().unwrap().clone();
+    let first = heads[0].to_ascii_lowercase();
+    assert!(first.contains("x-kept: 2"), "{first}");
+    assert!(!first.contains("x-secret"), "{first}");
+}
+
+async fn with_timeouts(s: &Scenario, t: nodeproxy::proxy::Timeouts) -> nodeproxy::app::Running {
+    proxy::start_custom(s, None, s.path.parent().unwrap().to_path_buf(), |o| {
+        o.timeouts = t
+    })
+    .await
+}
+
+const SHORT: nodeproxy::proxy::Timeouts = nodeproxy::proxy::Timeouts {
+    request_head: Duration::from_secs(1),
+    idle: Duration::from_secs(1),
+    body_idle: Duration::from_secs(1),
+};
+
+#[tokio::test]
+async fn a_trickled_head_gets_408_and_is_closed_by_the_head_timeout() {
+    let s = scenario();
+    let _up = Recorder::start(&format!("{}:{}", s.ip(11), proxy::SERVICE_PORT)).await;
+    let _p = with_timeouts(&s, SHORT).await;
+    let mut sock = TcpStream::connect(s.vip()).await.unwrap();
+    let start = Instant::now();
+    // One byte every 100 ms, never finishing the head.
+    let trickle = async {
+        for b in b"GET /x HTTP/1.1\r\nHost: raw.example\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+        {
+            if sock.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(2500), trickle).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), sock.read_to_end(&mut got)).await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{text}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_silent_or_idle_connection_is_closed_and_a_stalled_body_gets_408() {
+    let s = scenario();
+    let _up = Recorder::start(&format!("{}:{}", s.ip(11), proxy::SERVICE_PORT)).await;
+    let _p = with_timeouts(&s, SHORT).await;
+    // Connected, silent: closed without an answer.
+    let mut silent = TcpStream::connect(s.vip()).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), silent.read_to_end(&mut got))
+        .await
+        .expect("closed by the head timeout")
+        .unwrap();
+    assert!(got.is_empty());
+    // Kept alive after a request, then idle: closed.
+    let mut idle = TcpStream::connect(s.vip()).await.unwrap();
+    idle.write_all(b"GET /x HTTP/1.1\r\nHost: raw.example\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), idle.read_to_end(&mut got))
+        .await
+        .expect("closed by the idle timeout")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    // A body that stops arriving: 408.
+    let mut body = TcpStream::connect(s.vip()).await.unwrap();
+    body.write_all(b"POST /x HTTP/1.1\r\nHost: raw.example\r\nContent-Length: 10\r\n\r\nab")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(3), body.read_to_end(&mut got))
+        .await
+        .expect("closed by the body timeout")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 408 Request Timeout"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+}
+
+/// A ServiceEntry whose endpoint is the proxy's own admin API: refused before any connection
+/// (the proxy never dials its own sockets), and a mutating admin call that did arrive through
+/// the proxy would be refused by the admin API too.
+#[tokio::test]
+async fn the_proxy_never_dials_its_own_admin_api() {
+    let net = unique_net();
+    let admin_port = nodeproxy_tests::free_port();
+    let yaml = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: sneaky}}
+spec:
+  hosts: [sneaky.example]
+  addresses: [{net}1]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: {port}, name: http, protocol: HTTP, targetPort: {admin_port}}}]
+  endpoints: [{{address: 127.0.0.1}}]
+",
+        port = proxy::SERVICE_PORT
+    );
+    let s = Scenario::from_yaml_on(yaml, net);
+    let p = proxy::start_custom(&s, None, s.path.parent().unwrap().to_path_buf(), |o| {
+        o.admin = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    })
+    .await;
+    let admin = p.admin_addr.to_string();
+    let text = exchange(
+        &s.vip(),
+        b"POST /logging?level=trace HTTP/1.1\r\nHost: sneaky.example\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("refused"), "{text}");
+    let sc = crate::ops::scrape(&admin);
+    assert!(
+        sc.samples
+            .iter()
+            .any(|x| x.metric == "nodeproxy_upstream_refused_total"
+                && crate::ops::counter(&x.value) >= 1.0),
+        "counted"
+    );
+    // The admin API's own check: a mutating call carrying the proxy's forwarding header.
+    let mut sock = TcpStream::connect(&admin).await.unwrap();
+    sock.write_all(
+        b"POST /logging?level=debug HTTP/1.1\r\nHost: x\r\nX-Forwarded-Proto: http\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    sock.read_to_end(&mut got).await.unwrap();
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 403"));
+}
