@@ -6,6 +6,8 @@
 #
 # --install-deps  install the build dependencies first (`cargo xtask setup build`; idempotent)
 # --profile       cargo profile (default release; CI uses dev to reuse the test build)
+# --workspace     build with the workspace's feature resolution (CI: reuses the test build
+#                 instead of rebuilding ring, rustls and kube for `-p nodeproxy`)
 # --out           root of the image file system (default target/image/rootfs)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -13,9 +15,11 @@ cd "$(dirname "$0")/../.."
 profile=release
 out=target/image/rootfs
 deps=0
+select=(-p nodeproxy)
 while [ $# -gt 0 ]; do
   case "$1" in
     --install-deps) deps=1 ;;
+    --workspace) select=(--workspace --bins) ;;
     --profile) profile="$2"; shift ;;
     --out) out="$2"; shift ;;
     *) echo "build.sh: unknown argument $1" >&2; exit 2 ;;
@@ -27,8 +31,8 @@ if [ "$deps" = 1 ]; then
   cargo xtask setup build
 fi
 
-echo "build.sh: cargo build --locked -p nodeproxy --profile $profile"
-cargo build --locked -p nodeproxy --profile "$profile"
+echo "build.sh: cargo build --locked ${select[*]} --profile $profile"
+cargo build --locked "${select[@]}" --profile "$profile"
 dir=$profile
 [ "$profile" = dev ] && dir=debug
 bin="target/$dir/nodeproxy"

@@ -17,12 +17,15 @@ async fn the_readme_demo_command_runs_and_tears_the_node_down() {
         .expect("the README's demo command");
     let cmd = line.split('#').next().unwrap().trim().to_string();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("sh")
-            .arg("-c")
-            .arg(&cmd)
-            .current_dir(nodeproxy_tests::repo_root())
-            .output()
-            .expect("run the demo")
+        // As a user's shell would run it, without what `cargo test` set for this process.
+        xtask::clean_env(
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(&cmd)
+                .current_dir(nodeproxy_tests::repo_root()),
+        )
+        .output()
+        .expect("run the demo")
     })
     .await
     .unwrap();

@@ -28,15 +28,11 @@ pub fn nodeproxy_bin() -> &'static Path {
         if let Ok(p) = std::env::var("NODEPROXY_BIN") {
             return PathBuf::from(p);
         }
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "--quiet",
-                "--package",
-                "nodeproxy",
-                "--bin",
-                "nodeproxy",
-            ])
+        // Without the variables `cargo test` set for this process (`xtask::clean_env`).
+        // `--workspace --bins`, not `-p nodeproxy`: the same feature resolution as the
+        // workspace's other builds, so the two never rebuild each other's dependencies.
+        let status = xtask::cargo()
+            .args(["build", "--quiet", "--workspace", "--bins"])
             .current_dir(repo_root())
             .status()
             .expect("run cargo build");

@@ -38,11 +38,11 @@ kubernetes-validate --strict --quiet -k "$k8s" "$tmp/deploy.yaml" "$tmp/crds.yam
 
 echo "validate.sh: the tutorial's Istio objects, as nodeproxy reads them"
 nodeproxy=target/debug/nodeproxy
-[ -x "$nodeproxy" ] || cargo build -q -p nodeproxy
+[ -x "$nodeproxy" ] || cargo build -q --workspace --bins
 m=tests/kind/manifests
 "$nodeproxy" validate "$m/demo.yaml" "$m/destinationrule.yaml" "$m/routing.yaml" >/dev/null
 "$nodeproxy" validate "$m/demo.yaml" "$m/destinationrule.yaml" "$m/fault.yaml" >/dev/null
 
 echo "validate.sh: image build steps (deploy/image/build.sh, dev profile)"
-deploy/image/build.sh --profile dev --out target/image/rootfs
+deploy/image/build.sh --workspace --profile dev --out target/image/rootfs
 echo "validate.sh: ok"

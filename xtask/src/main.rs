@@ -98,7 +98,9 @@ fn test() -> anyhow::Result<()> {
             .args(["test", "--workspace", "--all-targets"])
             .current_dir(&root),
     )?;
-    exec(Command::new("bash").arg(root.join("tests/kind/validate.sh")))
+    exec(xtask::clean_env(
+        Command::new("bash").arg(root.join("tests/kind/validate.sh")),
+    ))
 }
 
 fn main() -> ExitCode {

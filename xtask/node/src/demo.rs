@@ -70,7 +70,8 @@ fn get(addr: &str) -> anyhow::Result<String> {
 
 /// Run the demo: the eBPF node demo as root (through sudo when available), else on loopback.
 pub fn run() -> anyhow::Result<()> {
-    exec(cargo().args(["build", "--quiet", "--package", "nodeproxy"]))?;
+    // The workspace's feature resolution, as the tests build it: neither rebuilds the other's.
+    exec(cargo().args(["build", "--quiet", "--workspace", "--bins"]))?;
     let root = repo_root();
     let is_root = Command::new("id")
         .arg("-u")
