@@ -16,6 +16,12 @@
 #define SOCK_STREAM 1
 #endif
 
+/* How the socket addresses the destination: IPv4, IPv6, or IPv4 through an IPv6 socket
+ * (::ffff:a.b.c.d, dual stack), which only connect6 sees but which is IPv4 traffic. */
+#define NP_SOCK_V4 0
+#define NP_SOCK_V6 1
+#define NP_SOCK_V4_MAPPED 2
+
 /* Shared tail of connect4/6 once the original destination key is known. */
 static __always_inline int np_connect(struct bpf_sock_addr *ctx, struct np_addr *orig, int v6)
 {
@@ -51,7 +57,12 @@ static __always_inline int np_connect(struct bpf_sock_addr *ctx, struct np_addr 
 			np_event(NP_R_NO_BACKEND, netns, orig, NULL);
 			return SYS_PROCEED;
 		}
-		if (v6) {
+		if (v6 == NP_SOCK_V4_MAPPED) {
+			ctx->user_ip6[0] = 0;
+			ctx->user_ip6[1] = 0;
+			ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+			ctx->user_ip6[3] = b->addr.addr[0];
+		} else if (v6) {
 			ctx->user_ip6[0] = b->addr.addr[0];
 			ctx->user_ip6[1] = b->addr.addr[1];
 			ctx->user_ip6[2] = b->addr.addr[2];
@@ -65,8 +76,9 @@ static __always_inline int np_connect(struct bpf_sock_addr *ctx, struct np_addr 
 		return SYS_PROCEED;
 	}
 	/* Proxy mode. */
-	if (v6 ? !(np_capture_ip6[0] | np_capture_ip6[1] | np_capture_ip6[2] | np_capture_ip6[3]) :
-		 !np_capture_ip4) {
+	if (v6 == NP_SOCK_V6 ?
+		    !(np_capture_ip6[0] | np_capture_ip6[1] | np_capture_ip6[2] | np_capture_ip6[3]) :
+		    !np_capture_ip4) {
 		np_count(NP_R_NO_CAPTURE_ADDR);
 		return SYS_PROCEED;
 	}
@@ -81,7 +93,12 @@ static __always_inline int np_connect(struct bpf_sock_addr *ctx, struct np_addr 
 			return SYS_PROCEED;
 		}
 	}
-	if (v6) {
+	if (v6 == NP_SOCK_V4_MAPPED) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+		ctx->user_ip6[3] = np_capture_ip4;
+	} else if (v6) {
 		ctx->user_ip6[0] = np_capture_ip6[0];
 		ctx->user_ip6[1] = np_capture_ip6[1];
 		ctx->user_ip6[2] = np_capture_ip6[2];
@@ -103,21 +120,30 @@ int np_connect4(struct bpf_sock_addr *ctx)
 	/* user_port: network order in the low 16 bits. */
 	orig.port = (__u16)ctx->user_port;
 	orig.family = NP_AF_INET;
-	return np_connect(ctx, &orig, 0);
+	return np_connect(ctx, &orig, NP_SOCK_V4);
 }
 
 SEC("cgroup/connect6")
 int np_connect6(struct bpf_sock_addr *ctx)
 {
 	struct np_addr orig = {};
+	__u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2];
+	__u32 a3 = ctx->user_ip6[3];
 
-	orig.addr[0] = ctx->user_ip6[0];
-	orig.addr[1] = ctx->user_ip6[1];
-	orig.addr[2] = ctx->user_ip6[2];
-	orig.addr[3] = ctx->user_ip6[3];
 	orig.port = (__u16)ctx->user_port;
+	/* ::ffff:a.b.c.d from a dual-stack socket is an IPv4 connection: look it up by the
+	 * IPv4 key (as Cilium's is_v4_in_v6), or it would escape capture and every L7 rule. */
+	if (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0x0000ffff)) {
+		orig.addr[0] = a3;
+		orig.family = NP_AF_INET;
+		return np_connect(ctx, &orig, NP_SOCK_V4_MAPPED);
+	}
+	orig.addr[0] = a0;
+	orig.addr[1] = a1;
+	orig.addr[2] = a2;
+	orig.addr[3] = a3;
 	orig.family = NP_AF_INET6;
-	return np_connect(ctx, &orig, 1);
+	return np_connect(ctx, &orig, NP_SOCK_V6);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -106,6 +106,12 @@ int np_sockops(struct bpf_sock_ops *skops)
 	if (skops->family == NP_AF_INET) {
 		client.addr[0] = skops->local_ip4;
 		client.family = NP_AF_INET;
+	} else if (skops->local_ip6[0] == 0 && skops->local_ip6[1] == 0 &&
+		   skops->local_ip6[2] == bpf_htonl(0x0000ffff)) {
+		/* A dual-stack socket's IPv4 connection (connect6 of ::ffff:VIP): the proxy accepts
+		 * it on its IPv4 capture address and looks it up by the IPv4 peer. */
+		client.addr[0] = skops->local_ip6[3];
+		client.family = NP_AF_INET;
 	} else {
 		client.addr[0] = skops->local_ip6[0];
 		client.addr[1] = skops->local_ip6[1];

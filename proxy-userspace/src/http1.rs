@@ -249,6 +249,16 @@ pub fn chunk_step(buf: &mut BytesMut, state: Chunk) -> Result<Step, &'static str
     }
 }
 
+/// Decode chunked data from `buf` starting in `state`, as far as it goes (fuzzing).
+pub(crate) fn fuzz_chunked_from(buf: &mut BytesMut, mut state: Chunk) {
+    loop {
+        match chunk_step(buf, state) {
+            Ok(Step::Data(_, next) | Step::Next(next)) => state = next,
+            Ok(Step::End(_) | Step::More) | Err(_) => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

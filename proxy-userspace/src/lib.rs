@@ -26,3 +26,49 @@ pub mod upstream;
 
 #[cfg(test)]
 mod panic_free_tests;
+
+/// Entry points for the fuzz targets in `fuzz/` (cargo-fuzz): each takes arbitrary bytes and
+/// runs one parser the way the proxy does. Not an API.
+#[doc(hidden)]
+pub mod fuzz {
+    /// Request heads (pipelined), as the downstream HTTP/1 server parses them.
+    pub fn request_head(data: &[u8]) {
+        crate::proxy::h1server::fuzz_request_heads(data);
+    }
+
+    /// Response heads (1xx skipped) and a chunked body after one, as the upstream client
+    /// parses them; the first byte picks a response to HEAD or not.
+    pub fn response_head(data: &[u8]) {
+        if let Some((first, rest)) = data.split_first() {
+            crate::upstream::h1::fuzz_response(rest, first & 1 == 1);
+        }
+    }
+
+    /// Chunked transfer decoding.
+    pub fn chunked(data: &[u8]) {
+        let mut buf = bytes::BytesMut::from(data);
+        crate::http1::fuzz_chunked_from(&mut buf, crate::http1::Chunk::Size);
+    }
+
+    /// A YAML/JSON config file through load, analyze and compile.
+    pub fn config(data: &[u8]) {
+        let Ok(text) = std::str::from_utf8(data) else {
+            return;
+        };
+        let mut set = crate::config::ConfigSet::default();
+        let mut diags = Vec::new();
+        set.load_str(std::path::Path::new("fuzz.yaml"), text, &mut diags);
+        let _ = crate::publish::build_set(&set, diags);
+    }
+
+    /// A fuzz entry point.
+    pub type Target = fn(&[u8]);
+
+    /// Every target, by name (`cargo xtask fuzz` and the corpus test use the same list).
+    pub const TARGETS: [(&str, Target); 4] = [
+        ("request_head", request_head),
+        ("response_head", response_head),
+        ("chunked", chunked),
+        ("config", config),
+    ];
+}

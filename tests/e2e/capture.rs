@@ -824,3 +824,61 @@ spec:
         "counted"
     );
 }
+
+/// A dual-stack socket connecting to `::ffff:<VIP>` (only connect6 runs) is captured and split
+/// like an IPv4 connect, and the L4 fast path balances it too; before, the IPv6 key missed the
+/// IPv4 service and the connection escaped capture and every L7 rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_v4_mapped_connect_from_a_dual_stack_socket_is_captured() {
+    if !require_root("a_v4_mapped_connect_from_a_dual_stack_socket_is_captured") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let s = std::sync::Arc::new(scene("mapped").await);
+    let _proxy = s.start_proxy();
+    let mapped = |host: u8, port: u16| {
+        std::net::SocketAddr::new(s.node.vip(host).to_ipv6_mapped().into(), port)
+    };
+    let vip = mapped(1, 80);
+    let before = s.counter("redirect_proxy");
+    let s2 = s.clone();
+    let bodies = blocking(move || {
+        (0..200)
+            .map(|_| {
+                s2.node.pods[s2.client]
+                    .http_get(vip, "/", &[("host", "reviews.default.svc.cluster.local")])
+                    .expect("request to ::ffff:VIP")
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    assert!(bodies.iter().all(|(st, _)| *st == 200), "{bodies:?}");
+    let v2 = bodies.iter().filter(|(_, b)| b == "v2").count() as f64;
+    let sd = (200.0f64 * 0.2 * 0.8).sqrt();
+    assert!((v2 - 40.0).abs() <= 3.29 * sd + 1.0, "v2 got {v2}/200");
+    assert!(
+        s.counter("redirect_proxy") >= before + 200,
+        "through the proxy"
+    );
+    // An L7 rule applies: the header route.
+    let s2 = s.clone();
+    let (_, body) = blocking(move || {
+        s2.node.pods[s2.client]
+            .http_get(
+                vip,
+                "/",
+                &[
+                    ("host", "reviews.default.svc.cluster.local"),
+                    ("end-user", "jason"),
+                ],
+            )
+            .unwrap()
+    })
+    .await;
+    assert_eq!(body, "v2");
+    // The fast path: the TCP service's backend sees the pod itself.
+    let s2 = s.clone();
+    let db = mapped(2, 5432);
+    let seen = blocking(move || s2.read_from_client(db)).await;
+    assert_eq!(seen, s.node.pods[s.client].ip.to_string());
+}

@@ -120,7 +120,10 @@ impl Pod {
         use std::io::{Read, Write};
         let mut s = self.connect(to, Duration::from_secs(3))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n");
+        let mut req = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            req.push_str(&format!("Host: {to}\r\n"));
+        }
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }

@@ -317,3 +317,19 @@ spec:
     sock.read_to_end(&mut got).await.unwrap();
     assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 403"));
 }
+
+/// The fuzz corpus (`fuzz/corpus/<target>/`) through each fuzz entry point, on the stable
+/// toolchain: every seed and every input a fuzzing run added stays a regression test.
+#[test]
+fn the_fuzz_corpus_runs_clean() {
+    let mut ran = 0;
+    for (name, target) in nodeproxy::fuzz::TARGETS {
+        let dir = nodeproxy_tests::repo_path(&format!("fuzz/corpus/{name}"));
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.unwrap().path();
+            target(&std::fs::read(&path).unwrap());
+            ran += 1;
+        }
+    }
+    assert!(ran >= 12, "{ran} corpus inputs");
+}

@@ -12,6 +12,7 @@ use xtask::setup::{self, For, Host};
 use xtask::{cargo, exec, repo_root};
 
 mod build_ebpf;
+mod fuzz;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "nodeproxy project tasks")]
@@ -39,6 +40,16 @@ enum Task {
     /// nodeproxy on one machine: the tutorials' 80/20 canary with live traffic, a routing
     /// simulation, and the missing-DestinationRule outage caught by validation.
     Demo,
+    /// Run the fuzz targets (fuzz/, cargo-fuzz on nightly) for a bounded time each; new inputs
+    /// go to target/fuzz-corpus/, crashes to fuzz/artifacts/. CI runs each for 20 s.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        time: u64,
+        /// Only this target (request_head, response_head, chunked, config).
+        #[arg(long)]
+        target: Option<String>,
+    },
     /// Check what a task needs from this machine and install what is missing (root), or print
     /// the command to run. Every other task runs this first.
     Setup {
@@ -98,6 +109,7 @@ fn test() -> anyhow::Result<()> {
             .args(["test", "--workspace", "--all-targets"])
             .current_dir(&root),
     )?;
+    fuzz::run(fuzz::CI_SECONDS, None)?;
     exec(xtask::clean_env(
         Command::new("bash").arg(root.join("tests/kind/validate.sh")),
     ))
@@ -110,6 +122,9 @@ fn main() -> ExitCode {
         Task::Setup { task } => setup::ensure(task, &host),
         Task::Test => setup::ensure(For::Test, &host).and_then(|()| test()),
         Task::Demo => setup::ensure(For::Demo, &host).and_then(|()| node(&["demo".into()])),
+        Task::Fuzz { time, target } => {
+            setup::ensure(For::Fuzz, &host).and_then(|()| fuzz::run(time, target.as_deref()))
+        }
         Task::BuildEbpf => setup::ensure(For::BuildEbpf, &host).and_then(|()| build_ebpf::run()),
         Task::Bench { args } => {
             let help = args.iter().any(|a| a == "--help" || a == "-h");

@@ -27,6 +27,8 @@ pub enum For {
     Test,
     /// `cargo xtask bench`: the test tools plus the peers and load generators.
     Bench,
+    /// `cargo xtask fuzz`: cargo-fuzz, the nightly toolchain, a C++ compiler (libFuzzer).
+    Fuzz,
 }
 
 /// How a requirement is looked for.
@@ -36,6 +38,8 @@ enum Probe {
     Command(&'static [&'static str]),
     /// This file, below the system root.
     File(&'static str),
+    /// A rustup toolchain that runs (`rustup run NAME rustc --version`).
+    Toolchain(&'static str),
 }
 
 /// Where a missing requirement comes from.
@@ -45,6 +49,8 @@ enum Source {
     Apt(&'static str),
     /// A PyPI requirement.
     Pip(&'static str),
+    /// A crate with a binary, `cargo install --locked` (no root needed: ~/.cargo/bin).
+    Cargo(&'static str),
     /// Nothing this machine's registries have: the message says where to get it.
     Manual(&'static str),
 }
@@ -60,6 +66,7 @@ use For::*;
 
 const BUILDS: &[For] = &[Build, BuildEbpf, Demo, Test, Bench];
 const NODE: &[For] = &[Demo, Test, Bench];
+const FUZZ: &[For] = &[Test, Fuzz];
 
 /// Every system requirement of the project.
 const NEEDS: &[Need] = &[
@@ -128,6 +135,26 @@ const NEEDS: &[Need] = &[
         source: Source::Pip("kubernetes-validate==1.37.0"),
         why: "validates the Kubernetes manifests against Kubernetes' schemas",
         tasks: &[Test],
+    },
+    Need {
+        probe: Probe::Toolchain("nightly"),
+        source: Source::Manual(
+            "the nightly toolchain is missing: `rustup toolchain install nightly` (cargo-fuzz needs it for the sanitizers)",
+        ),
+        why: "builds the fuzz targets",
+        tasks: FUZZ,
+    },
+    Need {
+        probe: Probe::Command(&["c++", "g++"]),
+        source: Source::Apt("g++"),
+        why: "libFuzzer is C++",
+        tasks: FUZZ,
+    },
+    Need {
+        probe: Probe::Command(&["cargo-fuzz"]),
+        source: Source::Cargo("cargo-fuzz"),
+        why: "runs the fuzz targets",
+        tasks: FUZZ,
     },
     Need {
         probe: Probe::Command(&["haproxy"]),
@@ -202,6 +229,11 @@ impl Host {
         match probe {
             Probe::Command(names) => names.iter().any(|n| self.find(n).is_some()),
             Probe::File(rel) => self.sysroot.join(rel).exists(),
+            Probe::Toolchain(name) => self
+                .command("rustup")
+                .args(["run", name, "rustc", "--version"])
+                .output()
+                .is_ok_and(|o| o.status.success()),
         }
     }
 
@@ -225,13 +257,18 @@ pub struct Plan {
     pub apt: Vec<(&'static str, &'static str)>,
     /// PyPI requirements, with why.
     pub pip: Vec<(&'static str, &'static str)>,
+    /// Crates to `cargo install`, with why.
+    pub cargo: Vec<(&'static str, &'static str)>,
     /// What no registry here has: how to get it.
     pub manual: Vec<&'static str>,
 }
 
 impl Plan {
     fn is_empty(&self) -> bool {
-        self.apt.is_empty() && self.pip.is_empty() && self.manual.is_empty()
+        self.apt.is_empty()
+            && self.pip.is_empty()
+            && self.cargo.is_empty()
+            && self.manual.is_empty()
     }
 
     fn apt_names(&self) -> Vec<&'static str> {
@@ -253,7 +290,7 @@ impl Plan {
 
     /// One line: what, and why.
     fn describe(&self) -> String {
-        describe(self.apt.iter().chain(&self.pip))
+        describe(self.apt.iter().chain(&self.pip).chain(&self.cargo))
     }
 }
 
@@ -275,6 +312,7 @@ pub fn plan(task: For, host: &Host) -> Plan {
         match need.source {
             Source::Apt(p) => plan.apt.push((p, need.why)),
             Source::Pip(p) => plan.pip.push((p, need.why)),
+            Source::Cargo(c) => plan.cargo.push((c, need.why)),
             Source::Manual(m) => plan.manual.push(m),
         }
     }
@@ -293,6 +331,16 @@ pub fn ensure(task: For, host: &Host) -> anyhow::Result<()> {
             "cannot set up this machine:\n  {}",
             plan.manual.join("\n  ")
         );
+    }
+    // Crates install into ~/.cargo/bin: no root needed.
+    if !plan.cargo.is_empty() {
+        println!("xtask: installing with cargo: {}", describe(&plan.cargo));
+        for (c, _) in &plan.cargo {
+            run(host.command("cargo").args(["install", "--locked", c]))?;
+        }
+    }
+    if plan.apt.is_empty() && plan.pip.is_empty() {
+        return recheck(task, host);
     }
     if !host.root {
         let mut cmds = Vec::new();
@@ -333,6 +381,11 @@ pub fn ensure(task: For, host: &Host) -> anyhow::Result<()> {
             .args(["-m", "pip", "install", "-q", "--root-user-action=ignore"])
             .args(plan.pip_names()))?;
     }
+    recheck(task, host)
+}
+
+/// After installing: fail if anything is still missing (an exit status is not proof).
+fn recheck(task: For, host: &Host) -> anyhow::Result<()> {
     let left = self::plan(task, host);
     if !left.is_empty() {
         bail!("still missing after installing: {}", left.describe());
@@ -371,14 +424,13 @@ mod tests {
             std::fs::create_dir_all(dir.join("bin")).unwrap();
             for t in tools {
                 let p = dir.join("bin").join(t);
-                std::fs::write(
-                    &p,
-                    format!(
-                        "#!/bin/sh\necho \"{t} $*\" >> '{}'\n",
-                        dir.join("calls").display()
-                    ),
-                )
-                .unwrap();
+                // A probe (`rustup run nightly rustc --version`) is not an install: not recorded.
+                let record = if *t == "rustup" {
+                    String::new()
+                } else {
+                    format!("echo \"{t} $*\" >> '{}'\n", dir.join("calls").display())
+                };
+                std::fs::write(&p, format!("#!/bin/sh\n{record}")).unwrap();
                 std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
             }
             Self { dir }
@@ -431,13 +483,16 @@ mod tests {
 
     #[test]
     fn the_test_task_installs_the_suites_tools_and_the_pip_validator() {
-        let fake = Fake::new(&["apt-get", "python3", "kubectl", "cc", "clang-14", "ip"]);
+        let fake = Fake::new(&[
+            "apt-get", "python3", "cargo", "rustup", "kubectl", "cc", "clang-14", "ip",
+        ]);
         let _ = ensure(For::Test, &fake.host(true));
         assert_eq!(
             fake.calls(),
             [
+                "cargo install --locked cargo-fuzz",
                 "apt-get update -qq",
-                "apt-get install -y -qq bpftool curl libbpf-dev util-linux",
+                "apt-get install -y -qq bpftool curl g++ libbpf-dev util-linux",
                 "python3 -m pip install -q --root-user-action=ignore kubernetes-validate==1.37.0",
             ]
         );

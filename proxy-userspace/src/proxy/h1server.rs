@@ -411,6 +411,19 @@ fn parse_request(buf: &mut BytesMut) -> Result<Option<Head>, StatusCode> {
     }))
 }
 
+/// Fuzzing entry (`nodeproxy::fuzz::request_head`): parse pipelined request heads from
+/// `data` as the server does, until one is incomplete or refused.
+pub(crate) fn fuzz_request_heads(data: &[u8]) {
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some(head)) = parse_request(&mut buf) {
+        // What the server does next with a head: the body framing decides how much to skip.
+        if let Framing::Length(n) = head.body {
+            let n = (n as usize).min(buf.len());
+            let _ = buf.split_to(n);
+        }
+    }
+}
+
 /// Read the request body whole, up to the pipeline's buffering limit. `Err(Some(status))`: the
 /// body was malformed (to be answered with `status`); `Err(None)`: the connection failed.
 async fn read_body<I: Transport>(

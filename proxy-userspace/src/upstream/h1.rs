@@ -312,6 +312,22 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Option<Parsed>, Res
     Ok(Some(Parsed::Head(parts, framing, keep_alive)))
 }
 
+/// Fuzzing entry (`nodeproxy::fuzz::response_head`): parse response heads from `data` as the
+/// client does (skipping 1xx), and decode a chunked body after one.
+pub(crate) fn fuzz_response(data: &[u8], head_only: bool) {
+    let mut buf = BytesMut::from(data);
+    loop {
+        match parse_head(&mut buf, head_only) {
+            Ok(Some(Parsed::Informational)) => continue,
+            Ok(Some(Parsed::Head(_, Framing::Chunked(state), _))) => {
+                crate::http1::fuzz_chunked_from(&mut buf, state);
+                return;
+            }
+            _ => return,
+        }
+    }
+}
+
 /// An upstream response body read straight from its connection.
 #[derive(Debug)]
 pub struct H1Body {
