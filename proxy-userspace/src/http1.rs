@@ -193,6 +193,9 @@ pub fn chunk_step(buf: &mut BytesMut, state: Chunk) -> Result<Step, &'static str
                 Err(_) => Err("invalid chunk size"),
             }
         }
+        // Nothing buffered is no progress: say so (a caller looping on `Data` with an empty
+        // buffer would otherwise spin; the fuzzer found it).
+        Chunk::Data(_) if buf.is_empty() => Ok(Step::More),
         Chunk::Data(rem) => {
             let data = take(buf, rem);
             let rem = rem - data.len() as u64;

@@ -70,6 +70,11 @@ impl Default for Timeouts {
     }
 }
 
+/// Under descriptor pressure, a connection that has waited this long for a request head (a
+/// slow head, or idle between requests) closes; one whose head is on its way in a normal
+/// round trip is left alone.
+pub const SHED_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Default `--credentials-dir`.
 pub const DEFAULT_CREDENTIALS_DIR: &str = "/etc/nodeproxy/credentials";
 
@@ -195,6 +200,9 @@ pub struct Shared {
     applied: std::sync::atomic::AtomicU64,
     /// What upstream connections may dial (SSRF guard).
     pub guard: Arc<crate::upstream::guard::DialGuard>,
+    /// Woken when the node runs out of descriptors: every connection waiting for a request
+    /// head (slow, or idle between requests) for longer than [`SHED_GRACE`] closes.
+    pub shed: tokio::sync::Notify,
     /// Listeners the snapshot asks for that could not be bound, with why (retried).
     unbound: std::sync::Mutex<std::collections::BTreeMap<SocketAddr, String>>,
 }
@@ -241,6 +249,7 @@ impl Shared {
             draining: std::sync::atomic::AtomicBool::new(false),
             applied: std::sync::atomic::AtomicU64::new(0),
             unbound: std::sync::Mutex::default(),
+            shed: tokio::sync::Notify::new(),
         })
     }
 
@@ -279,6 +288,11 @@ impl Shared {
     /// Record the listeners that failed to bind (the whole set, replacing the last).
     fn set_unbound(&self, unbound: std::collections::BTreeMap<SocketAddr, String>) {
         *self.unbound.lock().expect("unbound lock") = unbound;
+    }
+
+    /// Under descriptor pressure: close the connections that wait for a request head.
+    pub fn shed_waiting(&self) {
+        self.shed.notify_waiters();
     }
 
     /// Is the proxy draining?

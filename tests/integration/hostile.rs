@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nodeproxy_tests::proxy::{self, Scenario, unique_net};
+
+use crate::http1_wire::{exchange, scenario};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -52,38 +54,6 @@ impl Recorder {
         });
         Recorder { heads, connections }
     }
-}
-
-fn scenario() -> Scenario {
-    let net = unique_net();
-    let yaml = format!(
-        "apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: raw}}
-spec:
-  hosts: [raw.example]
-  addresses: [{net}1]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: {port}, name: http, protocol: HTTP}}]
-  endpoints:
-  - {{address: {net}11}}
-",
-        port = proxy::SERVICE_PORT
-    );
-    Scenario::from_yaml_on(yaml, net)
-}
-
-/// Write `raw`, read until the proxy closes (10 s at most).
-async fn exchange(vip: &str, raw: &[u8]) -> String {
-    let mut sock = TcpStream::connect(vip).await.unwrap();
-    sock.write_all(raw).await.unwrap();
-    let mut got = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut got))
-        .await
-        .expect("the proxy closes in time")
-        .expect("read");
-    String::from_utf8_lossy(&got).into_owned()
 }
 
 #[tokio::test]
@@ -332,4 +302,76 @@ fn the_fuzz_corpus_runs_clean() {
         }
     }
     assert!(ran >= 12, "{ran} corpus inputs");
+}
+
+/// 5,000 slow partial heads against a proxy limited to 4,096 descriptors: when accept runs
+/// out of them, connections waiting for a head give theirs back, and a normal request made
+/// during the attack is answered in under a second; the rest are closed by the head timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_heads_that_exhaust_descriptors_cannot_stop_normal_clients() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    // This process holds the attack's 5,000 sockets.
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    assert!(
+        hard >= 6000,
+        "the test needs 6000 descriptors, the hard limit is {hard}"
+    );
+    let s = scenario();
+    let _up = Recorder::start(&format!("{}:{}", s.ip(11), proxy::SERVICE_PORT)).await;
+    let admin = format!("127.0.0.1:{}", nodeproxy_tests::free_port());
+    let bin = nodeproxy_tests::nodeproxy_bin().display().to_string();
+    let _proxy = nodeproxy_tests::ChildGuard(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ulimit -n 4096 && exec '{bin}' run --capture none --admin {admin} --access-log off --request-head-timeout 4s --config '{}'",
+                s.path.display()
+            ))
+            .env("RUST_LOG", "error")
+            .spawn()
+            .unwrap(),
+    );
+    nodeproxy_tests::eventually("ready", Duration::from_secs(20), || {
+        nodeproxy_tests::http_get(&admin, "/ready").filter(|(st, _)| *st == 200)
+    });
+    let vip = s.vip();
+    let mut attack = Vec::new();
+    for _ in 0..5000 {
+        if let Ok(Ok(mut c)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(&vip)).await
+        {
+            let _ = c
+                .write_all(b"GET /slow HTTP/1.1\r\nHost: raw.example\r\nX-A: ")
+                .await;
+            attack.push(c);
+        }
+    }
+    assert!(
+        attack.len() > 4096,
+        "the attack holds more connections than the proxy has fds"
+    );
+    let start = Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        exchange(
+            &vip,
+            b"GET /ok HTTP/1.1\r\nHost: raw.example\r\nConnection: close\r\n\r\n",
+        ),
+    )
+    .await
+    .expect("answered during the attack");
+    let took = start.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(took < Duration::from_secs(1), "answered in {took:?}");
+    // Every attack connection ends: shed, or closed by the 4 s head timeout.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for mut c in attack {
+        let mut sink = Vec::new();
+        let left = deadline.saturating_duration_since(Instant::now());
+        tokio::time::timeout(left, c.read_to_end(&mut sink))
+            .await
+            .expect("closed by the head timeout")
+            .ok();
+    }
 }

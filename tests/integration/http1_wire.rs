@@ -142,7 +142,7 @@ async fn serve(mut sock: TcpStream) {
     }
 }
 
-fn scenario() -> Scenario {
+pub(crate) fn scenario() -> Scenario {
     let net = unique_net();
     let yaml = format!(
         "apiVersion: networking.istio.io/v1
@@ -260,7 +260,7 @@ async fn invalid_responses_are_502_upe_and_resets_503_uc() {
 }
 
 /// Write `raw` to the proxy, then read until the proxy closes the connection.
-async fn exchange(vip: &str, raw: &[u8]) -> String {
+pub(crate) async fn exchange(vip: &str, raw: &[u8]) -> String {
     let mut sock = TcpStream::connect(vip).await.expect("connect to the proxy");
     sock.write_all(raw).await.expect("write");
     let mut got = Vec::new();

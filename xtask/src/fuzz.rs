@@ -14,8 +14,9 @@ pub const CI_SECONDS: u64 = 20;
 /// The targets, as in fuzz/Cargo.toml (and `nodeproxy::fuzz::TARGETS`).
 const TARGETS: [&str; 4] = ["request_head", "response_head", "chunked", "config"];
 
-/// Run every target (or `only`) for `seconds` each.
-pub fn run(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
+/// Run every target (or `only`) for `seconds` each; `dev`: an unoptimised build (compiles in
+/// a fraction of the time, runs slower: CI's smoke run).
+pub fn run(seconds: u64, only: Option<&str>, dev: bool) -> anyhow::Result<()> {
     if let Some(t) = only
         && !TARGETS.contains(&t)
     {
@@ -30,7 +31,9 @@ pub fn run(seconds: u64, only: Option<&str>) -> anyhow::Result<()> {
         // rustup's `cargo` (not `$CARGO`, a toolchain's own binary): `+nightly` selects.
         let mut cmd = std::process::Command::new("cargo");
         let out = clean_env(&mut cmd)
-            .args(["+nightly", "fuzz", "run", target])
+            .args(["+nightly", "fuzz", "run"])
+            .args(dev.then_some("--dev"))
+            .arg(target)
             .arg(&work)
             .arg(&seeds)
             .args([

@@ -41,7 +41,7 @@ enum Task {
     /// simulation, and the missing-DestinationRule outage caught by validation.
     Demo,
     /// Run the fuzz targets (fuzz/, cargo-fuzz on nightly) for a bounded time each; new inputs
-    /// go to target/fuzz-corpus/, crashes to fuzz/artifacts/. CI runs each for 20 s.
+    /// go to target/fuzz-corpus/, crashes to fuzz/artifacts/. CI runs each for 20 s (--dev).
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
@@ -49,6 +49,9 @@ enum Task {
         /// Only this target (request_head, response_head, chunked, config).
         #[arg(long)]
         target: Option<String>,
+        /// Unoptimised build: compiles much faster, runs slower (what CI uses).
+        #[arg(long)]
+        dev: bool,
     },
     /// Check what a task needs from this machine and install what is missing (root), or print
     /// the command to run. Every other task runs this first.
@@ -109,7 +112,7 @@ fn test() -> anyhow::Result<()> {
             .args(["test", "--workspace", "--all-targets"])
             .current_dir(&root),
     )?;
-    fuzz::run(fuzz::CI_SECONDS, None)?;
+    fuzz::run(fuzz::CI_SECONDS, None, true)?;
     exec(xtask::clean_env(
         Command::new("bash").arg(root.join("tests/kind/validate.sh")),
     ))
@@ -122,8 +125,8 @@ fn main() -> ExitCode {
         Task::Setup { task } => setup::ensure(task, &host),
         Task::Test => setup::ensure(For::Test, &host).and_then(|()| test()),
         Task::Demo => setup::ensure(For::Demo, &host).and_then(|()| node(&["demo".into()])),
-        Task::Fuzz { time, target } => {
-            setup::ensure(For::Fuzz, &host).and_then(|()| fuzz::run(time, target.as_deref()))
+        Task::Fuzz { time, target, dev } => {
+            setup::ensure(For::Fuzz, &host).and_then(|()| fuzz::run(time, target.as_deref(), dev))
         }
         Task::BuildEbpf => setup::ensure(For::BuildEbpf, &host).and_then(|()| build_ebpf::run()),
         Task::Bench { args } => {

@@ -237,7 +237,8 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
                     head_deadline.unwrap_or_else(|| tokio::time::Instant::now() + limits.idle),
                     poll_fn(|cx| io.poll_idle(cx)),
                 );
-                if !matches!(idle.await, Ok(Ok(()))) {
+                let since = tokio::time::Instant::now();
+                if !matches!(shed_or(&shared, since, idle).await, Some(Ok(Ok(())))) {
                     return;
                 }
                 if std::mem::take(&mut speculative) {
@@ -253,10 +254,11 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
             }
             let deadline = *head_deadline
                 .get_or_insert_with(|| tokio::time::Instant::now() + limits.request_head);
-            match tokio::time::timeout_at(deadline, read_more(&mut io, &mut buf)).await {
-                Ok(Ok(0) | Err(_)) => return,
-                Ok(Ok(_)) => {}
-                Err(_) => {
+            let read = tokio::time::timeout_at(deadline, read_more(&mut io, &mut buf));
+            match shed_or(&shared, deadline - limits.request_head, read).await {
+                None | Some(Ok(Ok(0) | Err(_))) => return,
+                Some(Ok(Ok(_))) => {}
+                Some(Err(_)) => {
                     // A head trickled in too slowly (slowloris): 408 and close.
                     pipeline::record_refused(&shared, &conn, StatusCode::REQUEST_TIMEOUT);
                     let _ = write_error(&mut io, StatusCode::REQUEST_TIMEOUT).await;
@@ -330,6 +332,28 @@ async fn serve_h2(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: Upgraded) {
     let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .serve_connection(TokioIo::new(io), svc)
         .await;
+}
+
+/// `wait`, unless the proxy runs out of descriptors meanwhile and the wait for this request
+/// head (since `started`) has lasted longer than [`super::SHED_GRACE`]: then `None`, and the
+/// connection closes. A head trickled byte by byte counts from its first byte.
+async fn shed_or<T>(
+    shared: &Shared,
+    started: tokio::time::Instant,
+    wait: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let mut wait = std::pin::pin!(wait);
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut wait => return Some(r),
+            () = shared.shed.notified() => {
+                if started.elapsed() >= super::SHED_GRACE {
+                    return None;
+                }
+            }
+        }
+    }
 }
 
 /// Read more bytes into `buf`; 0 at end of stream.

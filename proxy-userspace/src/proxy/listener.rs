@@ -189,7 +189,7 @@ async fn capture_loop(
 ) {
     let bound = listener.get_ref().local_addr().ok();
     loop {
-        let (stream, peer) = accept(&listener).await;
+        let (stream, peer) = accept(&shared, &listener).await;
         let Some(orig) = kernel.take_orig_dst(peer) else {
             tracing::warn!(%peer, "refused: connection to the capture port without an original destination");
             continue;
@@ -207,7 +207,7 @@ type Listener = AsyncFd<std::net::TcpListener>;
 
 /// The next connection, non-blocking; accept errors (EMFILE and the like) are logged and
 /// retried after a pause instead of spinning.
-async fn accept(listener: &Listener) -> (std::net::TcpStream, SocketAddr) {
+async fn accept(shared: &Shared, listener: &Listener) -> (std::net::TcpStream, SocketAddr) {
     loop {
         let accepted = match listener.readable().await {
             Ok(mut ready) => match ready.try_io(|l| {
@@ -226,6 +226,11 @@ async fn accept(listener: &Listener) -> (std::net::TcpStream, SocketAddr) {
                 }
             }
             Err(e) => {
+                // Out of descriptors: the connections that hold one without a request in
+                // progress (slow heads, idle keep-alives) give theirs back first.
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                    shared.shed_waiting();
+                }
                 tracing::warn!(error = %e, "accept");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -270,7 +275,7 @@ fn local_addr(
 async fn accept_loop(shared: Arc<Shared>, listener: Listener, lref: ListenerRef) {
     let bound = listener.get_ref().local_addr().ok();
     loop {
-        let (stream, peer) = accept(&listener).await;
+        let (stream, peer) = accept(&shared, &listener).await;
         let local = local_addr(bound, &stream, peer);
         let conn = Arc::new(ConnInfo::new(peer, local, local, lref));
         shared.dispatch(stream, conn);
