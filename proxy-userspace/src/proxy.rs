@@ -70,6 +70,54 @@ impl Default for Timeouts {
     }
 }
 
+/// The descriptor-pressure signal: one `Notify` per data-plane thread, so that a connection's
+/// wait registers with its own thread's (a connection stays on one thread) and keep-alive
+/// requests on different cores never share a lock; the accept loop wakes them all.
+pub struct ShedSignal {
+    /// Unique per signal (a thread may serve several proxies, e.g. in tests; an address could
+    /// be reused after one is dropped).
+    id: u64,
+    all: std::sync::Mutex<Vec<Arc<tokio::sync::Notify>>>,
+}
+
+impl Default for ShedSignal {
+    fn default() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        ShedSignal {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            all: std::sync::Mutex::default(),
+        }
+    }
+}
+
+impl ShedSignal {
+    /// This thread's `Notify` (made and registered on the thread's first call).
+    pub fn local(&self) -> Arc<tokio::sync::Notify> {
+        thread_local! {
+            static LOCAL: std::cell::RefCell<Vec<(u64, Arc<tokio::sync::Notify>)>> =
+                const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let me = self.id;
+        LOCAL.with(|l| {
+            let mut l = l.borrow_mut();
+            if let Some((_, n)) = l.iter().find(|(k, _)| *k == me) {
+                return n.clone();
+            }
+            let n = Arc::new(tokio::sync::Notify::new());
+            self.all.lock().expect("shed lock").push(n.clone());
+            l.push((me, n.clone()));
+            n
+        })
+    }
+
+    /// Wake every waiting connection on every thread.
+    pub fn notify_all(&self) {
+        for n in self.all.lock().expect("shed lock").iter() {
+            n.notify_waiters();
+        }
+    }
+}
+
 /// Under descriptor pressure, a connection that has waited this long for a request head (a
 /// slow head, or idle between requests) closes; one whose head is on its way in a normal
 /// round trip is left alone.
@@ -202,7 +250,7 @@ pub struct Shared {
     pub guard: Arc<crate::upstream::guard::DialGuard>,
     /// Woken when the node runs out of descriptors: every connection waiting for a request
     /// head (slow, or idle between requests) for longer than [`SHED_GRACE`] closes.
-    pub shed: tokio::sync::Notify,
+    pub shed: ShedSignal,
     /// Listeners the snapshot asks for that could not be bound, with why (retried).
     unbound: std::sync::Mutex<std::collections::BTreeMap<SocketAddr, String>>,
 }
@@ -249,7 +297,7 @@ impl Shared {
             draining: std::sync::atomic::AtomicBool::new(false),
             applied: std::sync::atomic::AtomicU64::new(0),
             unbound: std::sync::Mutex::default(),
-            shed: tokio::sync::Notify::new(),
+            shed: ShedSignal::default(),
         })
     }
 
@@ -292,7 +340,7 @@ impl Shared {
 
     /// Under descriptor pressure: close the connections that wait for a request head.
     pub fn shed_waiting(&self) {
-        self.shed.notify_waiters();
+        self.shed.notify_all();
     }
 
     /// Is the proxy draining?

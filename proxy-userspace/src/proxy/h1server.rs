@@ -200,6 +200,8 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
     // asking the kernel); its read must then not wait holding a buffer.
     let mut speculative = true;
     let limits = shared.options.timeouts;
+    // Descriptor pressure is signalled per thread; this connection stays on this one.
+    let shed = shared.shed.local();
     loop {
         // The head must be whole this long after the connection's accept (first request) or
         // after its first byte arrived (later ones); set when the wait for it starts.
@@ -238,7 +240,7 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
                     poll_fn(|cx| io.poll_idle(cx)),
                 );
                 let since = tokio::time::Instant::now();
-                if !matches!(shed_or(&shared, since, idle).await, Some(Ok(Ok(())))) {
+                if !matches!(shed_or(&shed, since, idle).await, Some(Ok(Ok(())))) {
                     return;
                 }
                 if std::mem::take(&mut speculative) {
@@ -255,7 +257,7 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
             let deadline = *head_deadline
                 .get_or_insert_with(|| tokio::time::Instant::now() + limits.request_head);
             let read = tokio::time::timeout_at(deadline, read_more(&mut io, &mut buf));
-            match shed_or(&shared, deadline - limits.request_head, read).await {
+            match shed_or(&shed, deadline - limits.request_head, read).await {
                 None | Some(Ok(Ok(0) | Err(_))) => return,
                 Some(Ok(Ok(_))) => {}
                 Some(Err(_)) => {
@@ -338,7 +340,7 @@ async fn serve_h2(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: Upgraded) {
 /// head (since `started`) has lasted longer than [`super::SHED_GRACE`]: then `None`, and the
 /// connection closes. A head trickled byte by byte counts from its first byte.
 async fn shed_or<T>(
-    shared: &Shared,
+    shed: &tokio::sync::Notify,
     started: tokio::time::Instant,
     wait: impl std::future::Future<Output = T>,
 ) -> Option<T> {
@@ -347,7 +349,7 @@ async fn shed_or<T>(
         tokio::select! {
             biased;
             r = &mut wait => return Some(r),
-            () = shared.shed.notified() => {
+            () = shed.notified() => {
                 if started.elapsed() >= super::SHED_GRACE {
                     return None;
                 }
