@@ -246,3 +246,72 @@ fn the_ebpf_readme_lists_every_map() {
 fn is_c(p: &Path) -> bool {
     matches!(p.extension().and_then(|e| e.to_str()), Some("c" | "h"))
 }
+
+/// Every document's links and repository paths name files that exist, and no document
+/// names an issue number (they are the tracker's, not the reader's).
+#[test]
+fn docs_name_only_files_that_exist_and_no_issue_numbers() {
+    let root = nodeproxy_tests::repo_root();
+    let out = Command::new("git")
+        .args(["ls-files", "*.md"])
+        .current_dir(&root)
+        .output()
+        .expect("git ls-files");
+    let docs: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    assert!(docs.len() >= 5, "{docs:?}");
+    const TOP: [&str; 9] = [
+        "proxy-userspace/",
+        "proxy-ebpf/",
+        "tests/",
+        "xtask/",
+        "deploy/",
+        "config/",
+        "docs/",
+        "fuzz/",
+        ".ci/",
+    ];
+    let mut missing = Vec::new();
+    for doc in &docs {
+        let text = std::fs::read_to_string(root.join(doc)).unwrap();
+        let dir = root.join(doc).parent().unwrap().to_path_buf();
+        if let Some(m) = names_an_issue(&text) {
+            missing.push(format!("{doc}: names an issue (`{m}`)"));
+        }
+        // Markdown links to relative paths, and `code` spans that start at a top-level dir.
+        let mut paths: Vec<String> = text
+            .split("](")
+            .skip(1)
+            .filter_map(|r| r.split(')').next())
+            .filter(|l| !l.contains("://") && !l.starts_with('#') && !l.is_empty())
+            .map(|l| l.split('#').next().unwrap().to_string())
+            .collect();
+        paths.extend(
+            text.split('`')
+                .skip(1)
+                .step_by(2)
+                .filter(|t| TOP.iter().any(|p| t.starts_with(p)))
+                .filter(|t| !t.contains(' ') && !t.contains('*') && !t.contains('<'))
+                .map(|t| t.split(':').next().unwrap().to_string()),
+        );
+        for p in paths {
+            if !root.join(&p).exists() && !dir.join(&p).exists() {
+                missing.push(format!("{doc}: `{p}` does not exist"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "{}", missing.join("\n"));
+}
+
+/// `issue 12`, `Issue #12`, `issues 3`: a document naming an issue of the tracker.
+fn names_an_issue(text: &str) -> Option<String> {
+    let lower = text.to_ascii_lowercase();
+    lower.match_indices("issue").find_map(|(i, _)| {
+        let rest = lower[i + 5..].trim_start_matches('s');
+        let rest = rest.strip_prefix(' ')?.trim_start_matches('#');
+        rest.starts_with(|c: char| c.is_ascii_digit())
+            .then(|| text[i..(i + 12).min(text.len())].to_string())
+    })
+}
