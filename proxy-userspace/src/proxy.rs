@@ -15,6 +15,7 @@ pub mod http;
 pub mod listener;
 pub mod tcp;
 pub mod tls;
+pub mod upgrade;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

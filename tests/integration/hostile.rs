@@ -375,3 +375,109 @@ async fn slow_heads_that_exhaust_descriptors_cannot_stop_normal_clients() {
             .ok();
     }
 }
+
+/// An upstream that answers every request with `101` and then echoes; it counts connections.
+async fn upgrade_echo(addr: &str) -> Arc<AtomicU64> {
+    let l = TcpListener::bind(addr).await.unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = sock.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                let _ = sock
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+                    .await;
+                loop {
+                    let n = sock.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 || sock.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    accepted
+}
+
+/// Ask for an upgrade; the head of the answer and the connection.
+async fn upgrade(vip: &str) -> (String, TcpStream) {
+    let mut sock = TcpStream::connect(vip).await.unwrap();
+    sock.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: reviews\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    (String::from_utf8_lossy(&head).into_owned(), sock)
+}
+
+/// Upgraded connections count against maxConnections (503 UO past it, the backend never
+/// dialled) and are closed by tcp.idleTimeout; they bypassed both before.
+#[tokio::test]
+async fn upgrades_count_against_max_connections_and_honour_the_idle_timeout() {
+    let s = Scenario::from_config("canary.yaml");
+    let yaml = s
+        .yaml
+        .replace("      weight: 80\n", "      weight: 100\n")
+        .replace("      weight: 20\n", "      weight: 0\n")
+        .replace(
+            "  host: reviews\n",
+            "  host: reviews\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: 1, idleTimeout: 1s}}}\n",
+        );
+    assert!(yaml.contains("maxConnections: 1"), "{yaml}");
+    let s = Scenario::from_yaml_on(yaml, s.net.clone());
+    let accepted = upgrade_echo(&format!("{}:8080", s.ip(11))).await;
+    let _p = proxy::start(&s, None).await;
+    let (head, mut first) = upgrade(&s.vip()).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    first.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    first.read_exact(&mut echo).await.unwrap();
+    // The first upgrade holds the only connection: the second is refused, not dialled.
+    let (head, _second) = upgrade(&s.vip()).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // Silent for longer than idleTimeout: closed.
+    let start = Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), first.read_to_end(&mut rest))
+        .await
+        .expect("closed by the idle timeout")
+        .unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        start.elapsed()
+    );
+    // Its slot is free again: a new upgrade goes through.
+    let vip = s.vip();
+    nodeproxy_tests::eventually_async(Duration::from_secs(5), || {
+        let vip = vip.clone();
+        async move {
+            let (head, _c) = upgrade(&vip).await;
+            head.starts_with("HTTP/1.1 101").then_some(())
+        }
+    })
+    .await;
+}

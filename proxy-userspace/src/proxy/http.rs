@@ -917,7 +917,13 @@ async fn forward_upgrade(
     let Some(ep) = lb::pick(&state.lb, &policy.lb.algorithm, &set, None, &[]) else {
         return Err(LocalReply::new(503, BODY_NO_HEALTHY, Flags::UH));
     };
+    // The request and connection this upgrade holds for its whole life, or 503 UO.
+    let hold = Arc::new(
+        super::upgrade::Hold::take(state, &ep)
+            .map_err(|_| LocalReply::new(503, BODY_OVERFLOW, Flags::UO))?,
+    );
     let connect_failure = |reason: String| {
+        outlier::record(state, &ep, Outcome::LocalFailure);
         LocalReply::new(
             503,
             reset_body(
@@ -940,10 +946,13 @@ async fn forward_upgrade(
         .handshake(hyper_util::rt::TokioIo::new(stream))
         .await
         .map_err(|e| connect_failure(e.to_string()))?;
+    let held = hold.clone();
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
+        drop(held);
     });
     let mut resp = send.send_request(req.build(false, 1)).await.map_err(|e| {
+        outlier::record(state, &ep, Outcome::LocalFailure);
         LocalReply::new(
             503,
             format!(
@@ -953,13 +962,18 @@ async fn forward_upgrade(
             Flags::UC,
         )
     })?;
+    outlier::record(state, &ep, Outcome::Status(resp.status().as_u16()));
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let up = hyper::upgrade::on(&mut resp);
+        let (idle, max) = (
+            policy.pool.tcp_idle_timeout,
+            policy.pool.max_connection_duration,
+        );
         tokio::spawn(async move {
-            if let (Ok(up), Some(mut down)) = (up.await, on_upgrade.connection().await) {
-                let mut up = hyper_util::rt::TokioIo::new(up);
-                let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+            if let (Ok(up), Some(down)) = (up.await, on_upgrade.connection().await) {
+                super::upgrade::splice(down, hyper_util::rt::TokioIo::new(up), idle, max).await;
             }
+            drop(hold);
         });
     }
     let (mut parts, body) = resp.into_parts();
