@@ -205,31 +205,7 @@ async fn upgrade_passes_through() {
         .replace("      weight: 20\n", "      weight: 0\n");
     let s = Scenario::from_yaml_on(yaml, s.net.clone());
     // An upgrade-speaking echo server as v1.
-    let l = tokio::net::TcpListener::bind(format!("{}:8080", s.ip(11)))
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let n = sock.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&buf[..n]);
-                }
-                sock.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n").await.unwrap();
-                loop {
-                    let n = sock.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 || sock.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
+    nodeproxy_tests::backend::upgrade_echo(&format!("{}:8080", s.ip(11))).await;
     let _p = proxy::start(&s, None).await;
     let mut sock = tokio::net::TcpStream::connect(s.vip()).await.unwrap();
     sock.write_all(

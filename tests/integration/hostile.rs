@@ -376,39 +376,6 @@ async fn slow_heads_that_exhaust_descriptors_cannot_stop_normal_clients() {
     }
 }
 
-/// An upstream that answers every request with `101` and then echoes; it counts connections.
-async fn upgrade_echo(addr: &str) -> Arc<AtomicU64> {
-    let l = TcpListener::bind(addr).await.unwrap();
-    let accepted = Arc::new(AtomicU64::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = l.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let n = sock.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    got.extend_from_slice(&buf[..n]);
-                }
-                let _ = sock
-                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
-                    .await;
-                loop {
-                    let n = sock.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 || sock.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    accepted
-}
-
 /// Ask for an upgrade; the head of the answer and the connection.
 async fn upgrade(vip: &str) -> (String, TcpStream) {
     let mut sock = TcpStream::connect(vip).await.unwrap();
@@ -447,7 +414,7 @@ async fn upgrades_count_against_max_connections_and_honour_the_idle_timeout() {
         );
     assert!(yaml.contains("maxConnections: 1"), "{yaml}");
     let s = Scenario::from_yaml_on(yaml, s.net.clone());
-    let accepted = upgrade_echo(&format!("{}:8080", s.ip(11))).await;
+    let accepted = nodeproxy_tests::backend::upgrade_echo(&format!("{}:8080", s.ip(11))).await;
     let _p = proxy::start(&s, None).await;
     let (head, mut first) = upgrade(&s.vip()).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
