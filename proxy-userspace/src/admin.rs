@@ -407,7 +407,9 @@ impl Admin {
         if let Some(k) = &shared.kernel {
             shared.metrics.record_kernel(&k.counters());
         }
-        let body = shared.metrics.render(Some(&view), &self.publisher.status());
+        let body = shared
+            .metrics
+            .render(&view.samples(), &self.publisher.status());
         Response::builder()
             .header(
                 header::CONTENT_TYPE,

@@ -7,11 +7,14 @@ use std::fmt::Write as _;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Serialize;
 
+use std::net::{IpAddr, SocketAddr};
+
 use crate::compile::{
-    AbortStatus, HttpAction, HttpMatch, HttpRule, ListenerKind, RequestView, RuleMatch, Snapshot,
-    SourceInfo, StrMatch, match_http,
+    AbortStatus, HttpAction, HttpMatch, HttpRule, ListenerKind, Snapshot, SourceInfo, StrMatch,
 };
 use crate::diagnostic::Diagnostic;
+use crate::proxy::decide::{Action, Decision, Head, Reply, decide, enumerate};
+use crate::proxy::{ConnInfo, ListenerRef};
 
 /// Text lines for diagnostics, most severe first.
 pub fn diagnostics_text(diags: &[Diagnostic]) -> String {
@@ -245,6 +248,8 @@ pub struct SimRequest {
     pub host: String,
     /// Port (default: the service's only port, else 80).
     pub port: Option<u16>,
+    /// The address the client connects to (default: the host's service address).
+    pub address: Option<IpAddr>,
     /// Path and query.
     pub path: String,
     /// Method.
@@ -263,14 +268,47 @@ pub struct SimResult {
     pub table: Option<String>,
     /// Virtual host.
     pub virtual_host: Option<String>,
-    /// Outcome summary (`route`, `404 NR`...).
+    /// The most likely outcome (`route to ...`, `404 NR...`).
     pub outcome: String,
+    /// Every outcome with its probability (fault and weight draws), most likely first.
+    pub outcomes: Vec<SimOutcome>,
     /// The matched rule.
     pub rule: Option<HttpRule>,
     /// Its index.
     pub rule_index: Option<usize>,
     /// Matching block, described.
     pub matched: Option<String>,
+}
+
+/// One outcome of a simulated request.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SimOutcome {
+    /// Probability (0..1).
+    pub probability: f64,
+    /// In words.
+    pub outcome: String,
+    /// The status the proxy answers with itself (None: forwarded).
+    pub status: Option<u16>,
+    /// The cluster forwarded to.
+    pub cluster: Option<String>,
+    /// `Location` of a redirect.
+    pub location: Option<String>,
+    /// A fault delay before the outcome.
+    #[serde(with = "humantime_serde_opt")]
+    pub delay: Option<std::time::Duration>,
+}
+
+mod humantime_serde_opt {
+    pub fn serialize<S: serde::Serializer>(
+        d: &Option<std::time::Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 /// Why no route table takes `host` on `port`: no service has the host at all, or it has no
@@ -308,7 +346,47 @@ fn unknown_host(snap: &Snapshot, host: &str, port: u16) -> String {
     )
 }
 
-/// Evaluate a request against the snapshot without sending anything.
+/// The listener a client reaches for `req` on `port`: the address given, the host when it
+/// is an address, the host's service address, a mesh listener on the port whose route table
+/// knows the host, else the gateway port.
+fn sim_listener(snap: &Snapshot, req: &SimRequest, port: u16) -> Result<ListenerRef, String> {
+    let host = crate::compile::strip_port(&req.host).to_ascii_lowercase();
+    // An address given that no mesh listener has: a gateway's, when one serves the port.
+    if let Some(a) = req.address
+        && snap.mesh_listener(SocketAddr::new(a, port)).is_none()
+        && snap.gateway_listener(port).is_some()
+    {
+        return Ok(ListenerRef::Gateway(port));
+    }
+    let address = req.address.or_else(|| host.parse().ok()).or_else(|| {
+        snap.registry
+            .services
+            .iter()
+            .filter(|s| s.port(port).is_some())
+            .find(|s| crate::compile::registry::kube_aliases(&s.host).contains(&host))
+            .and_then(|s| s.addresses.first().copied())
+    });
+    if let Some(a) = address {
+        return Ok(ListenerRef::Mesh(SocketAddr::new(a, port)));
+    }
+    let mesh = snap.listeners.iter().find(|l| {
+        l.port == port
+            && matches!(l.kind, ListenerKind::Mesh { .. })
+            && l.http
+                .is_some_and(|t| snap.http_tables[t].vhost(&req.host).is_some())
+    });
+    if let Some(l) = mesh {
+        let ip = l.address.unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        return Ok(ListenerRef::Mesh(SocketAddr::new(ip, port)));
+    }
+    if snap.gateway_listener(port).is_some() {
+        return Ok(ListenerRef::Gateway(port));
+    }
+    Err(unknown_host(snap, &req.host, port))
+}
+
+/// Evaluate a request against the snapshot without sending anything: the proxy's own decision
+/// (`proxy::decide`), every fault and weight draw enumerated.
 pub fn simulate(snap: &Snapshot, req: &SimRequest) -> Result<SimResult, String> {
     let mut headers = HeaderMap::new();
     for (k, v) in &req.headers {
@@ -318,6 +396,8 @@ pub fn simulate(snap: &Snapshot, req: &SimRequest) -> Result<SimResult, String> 
             .map_err(|_| format!("invalid value for header `{k}`"))?;
         headers.append(name, value);
     }
+    let method = http::Method::from_bytes(req.method.as_bytes())
+        .map_err(|_| format!("invalid method `{}`", req.method))?;
     let port = req.port.unwrap_or_else(|| {
         let host = crate::compile::strip_port(&req.host).to_ascii_lowercase();
         snap.registry
@@ -328,78 +408,69 @@ pub fn simulate(snap: &Snapshot, req: &SimRequest) -> Result<SimResult, String> 
             .map(|s| s.ports[0].number)
             .unwrap_or(80)
     });
-    let table = snap
-        .mesh_http_table(port)
-        .filter(|t| t.vhost(&req.host).is_some())
-        .or_else(|| {
-            snap.gateway_listener(port)
-                .and_then(|l| l.http)
-                .map(|i| &snap.http_tables[i])
-        });
-    let Some(table) = table else {
-        return Err(unknown_host(snap, &req.host, port));
+    let listener = sim_listener(snap, req, port)?;
+    let dst = match listener {
+        ListenerRef::Mesh(a) => a,
+        ListenerRef::Gateway(p) => SocketAddr::new(IpAddr::from([0, 0, 0, 0]), p),
     };
-    let Some(vi) = table.vhost(&req.host) else {
-        return Ok(SimResult {
-            table: Some(table.name.clone()),
-            virtual_host: None,
-            outcome: format!(
-                "404 NR: no virtual host for `{}` on {}",
-                req.host, table.name
-            ),
-            rule: None,
-            rule_index: None,
-            matched: None,
-        });
-    };
-    let vh = &table.vhosts[vi];
-    let source = SourceInfo {
+    let conn = ConnInfo::new(
+        SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0),
+        dst,
+        dst,
+        listener,
+    );
+    let _ = conn.source_info.set(SourceInfo {
         ip: None,
         labels: req.source_labels.clone(),
         namespace: None,
-    };
-    let view = RequestView {
-        method: &req.method,
-        scheme: "http",
+    });
+    let head = Head {
+        method: &method,
+        version: http::Version::HTTP_11,
         authority: &req.host,
-        path_and_query: &req.path,
+        path_and_query: if req.path.is_empty() { "/" } else { &req.path },
         headers: &headers,
-        source: &source,
     };
-    let (rules, m) = match match_http(&vh.rules, &view) {
-        RuleMatch::NoneApply => (&vh.default_rules, match_http(&vh.default_rules, &view)),
-        m => (&vh.rules, m),
-    };
-    Ok(match m {
-        RuleMatch::Matched { rule, block } => SimResult {
-            table: Some(table.name.clone()),
-            virtual_host: Some(vh.name.clone()),
-            outcome: "route".into(),
-            matched: Some(
-                block
-                    .map(|b| describe_match(&rules[rule].matches[b]))
-                    .unwrap_or_else(|| "* (catch-all)".into()),
-            ),
-            rule: Some(rules[rule].clone()),
-            rule_index: Some(rule),
-        },
-        _ if vh.https_redirect => SimResult {
-            table: Some(table.name.clone()),
-            virtual_host: Some(vh.name.clone()),
-            outcome: "301 to https (httpsRedirect)".into(),
-            rule: None,
-            rule_index: None,
-            matched: None,
-        },
-        _ => SimResult {
-            table: Some(table.name.clone()),
-            virtual_host: Some(vh.name.clone()),
-            outcome: "404 NR: the virtual host has rules but none matches".into(),
-            rule: None,
-            rule_index: None,
-            matched: None,
-        },
+    let mut all = enumerate(1024, |dice| decide(snap, &conn, &head, dice));
+    all.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let first = &all[0].1;
+    Ok(SimResult {
+        table: first.table.map(|t| t.name.clone()),
+        virtual_host: first.vhost.map(|v| v.name.clone()),
+        outcome: first.summary(),
+        outcomes: all.iter().map(|(p, d)| sim_outcome(*p, d)).collect(),
+        matched: first.rule.map(|m| {
+            m.block
+                .map(|b| describe_match(&m.rule.matches[b]))
+                .unwrap_or_else(|| "* (catch-all)".into())
+        }),
+        rule: first.rule.map(|m| m.rule.clone()),
+        rule_index: first.rule.map(|m| m.index),
     })
+}
+
+fn sim_outcome(probability: f64, d: &Decision<'_>) -> SimOutcome {
+    let (status, cluster, location) = match &d.action {
+        Action::Forward(p) => (None, Some(p.dest.name.clone()), None),
+        Action::Reply(r) => match r {
+            Reply::NoRoute => (Some(404), None, None),
+            Reply::HttpsRedirect(l) => (Some(301), None, Some(l.clone())),
+            Reply::Redirect { code, location } => (Some(*code), None, Some(location.clone())),
+            Reply::Direct { status, .. } => (Some(*status), None, None),
+            Reply::Preflight { .. } => (Some(200), None, None),
+            Reply::Abort(AbortStatus::Http(s)) => (Some(*s), None, None),
+            Reply::Abort(AbortStatus::Grpc(_)) => (Some(200), None, None),
+            Reply::NoCluster(_) => (Some(503), None, None),
+        },
+    };
+    SimOutcome {
+        probability,
+        outcome: d.summary(),
+        status,
+        cluster,
+        location,
+        delay: d.delay,
+    }
 }
 
 /// `simulate` as text.
@@ -412,6 +483,12 @@ pub fn simulate_text(r: &SimResult) -> String {
         r.virtual_host.as_deref().unwrap_or("-")
     );
     let _ = writeln!(out, "outcome:       {}", r.outcome);
+    if r.outcomes.len() > 1 {
+        let _ = writeln!(out, "outcomes:");
+        for o in &r.outcomes {
+            let _ = writeln!(out, "  {:>8.4}%  {}", o.probability * 100.0, o.outcome);
+        }
+    }
     let Some(rule) = &r.rule else { return out };
     let _ = writeln!(
         out,

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod alloc;
 pub mod analyze;
 pub mod app;
+pub mod body;
 pub mod compile;
 pub mod config;
 pub mod dataplane;
@@ -19,6 +20,7 @@ pub mod inspect;
 pub mod kubernetes;
 pub mod proxy;
 pub mod publish;
+pub mod reply;
 pub mod telemetry;
 #[doc(hidden)]
 pub mod test_util;

@@ -123,6 +123,9 @@ enum Command {
         /// Service or gateway port.
         #[arg(long)]
         port: Option<u16>,
+        /// The address the client connects to (default: the host's service address).
+        #[arg(long)]
+        address: Option<std::net::IpAddr>,
         /// Path and query.
         #[arg(long, default_value = "/")]
         path: String,
@@ -350,6 +353,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
             paths,
             host,
             port,
+            address,
             path,
             method,
             headers,
@@ -376,6 +380,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
             let req = inspect::SimRequest {
                 host,
                 port,
+                address,
                 path,
                 method,
                 headers,

@@ -8,11 +8,13 @@
 
 pub mod accepted;
 pub mod affinity;
-pub mod body;
-pub mod error;
+pub mod decide;
+pub mod forward;
 pub mod h1server;
+pub mod headers;
 pub mod http;
 pub mod listener;
+pub mod respond;
 pub mod tcp;
 pub mod tls;
 pub mod upgrade;
@@ -381,12 +383,12 @@ impl Shared {
         &self,
         state: Arc<ClusterState>,
         protocol: Protocol,
-        req: http::UpstreamRequest,
+        req: forward::UpstreamRequest,
     ) {
         match self.mirrors.clone().try_acquire_owned() {
             Ok(permit) => {
                 tokio::spawn(async move {
-                    http::send_mirror(state, protocol, req).await;
+                    forward::send_mirror(state, protocol, req).await;
                     drop(permit);
                 });
             }

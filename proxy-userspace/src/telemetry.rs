@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod metrics;
+pub mod request;
 
 pub use access::{AccessLog, TcpAccess};
 pub use metrics::Metrics;

@@ -66,25 +66,8 @@ pub struct EndpointState {
     pub side: crate::telemetry::metrics::Side,
     /// `region/zone/subzone`, when known.
     pub locality: Option<String>,
-    /// Metric series by (client, code, flags) for requests served by this endpoint.
-    series:
-        std::sync::RwLock<crate::compile::FastMap<SeriesKey, crate::telemetry::metrics::Series>>,
-}
-
-/// Key of an endpoint's metric series cache: everything in the label set that is not the
-/// endpoint's own identity.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct SeriesKey {
-    /// Client workload.
-    pub source: Arc<str>,
-    /// Client namespace.
-    pub source_ns: Arc<str>,
-    /// Response code.
-    pub code: u16,
-    /// Response flags bits.
-    pub flags: u32,
-    /// gRPC status.
-    pub grpc: Option<u32>,
+    /// Metric series of the requests this endpoint served.
+    pub series: crate::telemetry::metrics::SeriesCache,
 }
 
 impl EndpointState {
@@ -104,31 +87,13 @@ impl EndpointState {
             pool: pool::EndpointPool::default(),
             side: crate::telemetry::metrics::Side::unknown(),
             locality: None,
-            series: std::sync::RwLock::new(Default::default()),
+            series: Default::default(),
         }
     }
 
     /// A one-off endpoint for a passthrough request (the client's original destination).
     pub fn transient(addr: SocketAddr) -> EndpointState {
         EndpointState::new(Target::Addr(addr), 1, Default::default())
-    }
-
-    /// The cached metric series for `key`, made with `make` on first use.
-    pub fn series(
-        &self,
-        key: SeriesKey,
-        make: impl FnOnce() -> crate::telemetry::metrics::Series,
-    ) -> crate::telemetry::metrics::Series {
-        // Read-mostly: a read lock does not contend between worker threads.
-        if let Some(s) = self.series.read().expect("series lock").get(&key) {
-            return s.clone();
-        }
-        let s = make();
-        self.series
-            .write()
-            .expect("series lock")
-            .insert(key, s.clone());
-        s
     }
 
     /// Is it in the LB set?
@@ -333,6 +298,35 @@ pub struct View {
     pub snapshot: Arc<Snapshot>,
     /// Cluster states, indexed like `snapshot.clusters`.
     pub clusters: Vec<Arc<ClusterState>>,
+}
+
+impl View {
+    /// Every cluster's counters, for the metrics exposition.
+    pub fn samples(&self) -> Vec<crate::telemetry::metrics::ClusterSample> {
+        self.clusters
+            .iter()
+            .map(|st| {
+                let s = &st.stats;
+                let counters = [
+                    &s.upstream_rq_pending_overflow,
+                    &s.upstream_cx_overflow,
+                    &s.upstream_rq_retry,
+                    &s.upstream_rq_retry_overflow,
+                    &s.upstream_rq_timeout,
+                    &s.ejections_enforced_total,
+                    &s.ejections_overflow,
+                    &s.mirror_dropped,
+                ]
+                .map(|c| c.load(std::sync::atomic::Ordering::Relaxed));
+                let ejected = st.endpoints.load().iter().filter(|e| !e.healthy()).count() as i64;
+                crate::telemetry::metrics::ClusterSample {
+                    name: st.key.name(),
+                    counters,
+                    ejected: (ejected > 0 || st.policy.load().outlier.is_some()).then_some(ejected),
+                }
+            })
+            .collect()
+    }
 }
 
 /// All cluster states, surviving snapshot swaps.

@@ -69,6 +69,7 @@ pub fn route(snap: &Snapshot, host: &str, headers: &[(&str, &str)]) -> String {
         &SimRequest {
             host: host.into(),
             port: Some(80),
+            address: None,
             path: "/".into(),
             method: "GET".into(),
             headers: headers

@@ -11,4 +11,5 @@ mod l4;
 mod ops;
 mod readme;
 mod reload;
+mod simulate;
 mod traffic;

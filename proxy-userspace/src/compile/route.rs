@@ -719,18 +719,21 @@ impl WeightedClusters {
         WeightedClusters { clusters, total }
     }
 
-    /// Pick with `r` uniform in `[0, total)`.
-    pub fn pick(&self, r: u64) -> &WeightedCluster {
+    /// The index of the destination for `r` uniform in `[0, total)`.
+    pub fn index(&self, r: u64) -> usize {
         let mut acc = 0u64;
-        for c in &self.clusters {
+        for (i, c) in self.clusters.iter().enumerate() {
             acc += u64::from(c.weight);
             if r < acc {
-                return c;
+                return i;
             }
         }
-        self.clusters
-            .last()
-            .expect("weighted clusters are never empty")
+        self.clusters.len().saturating_sub(1)
+    }
+
+    /// The destination for `r` uniform in `[0, total)`.
+    pub fn pick(&self, r: u64) -> &WeightedCluster {
+        &self.clusters[self.index(r)]
     }
 
     /// Each destination's probability.

@@ -24,9 +24,9 @@ use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::body::{BoxBody, BoxError};
 use super::http as pipeline;
 use super::{ConnInfo, Shared};
+use crate::body::{BoxBody, BoxError};
 use crate::http1::{
     Chunk, MAX_HEAD, MAX_HEADERS, READ_CHUNK, Step, chunk_step, header_map, record_spans,
 };
@@ -153,7 +153,7 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Buffered(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RequestBody::TooLarge => Poll::Ready(Some(Err(Box::new(BodyTooLarge)))),
-            RequestBody::Hyper(b) => super::body::poll_incoming(b, cx),
+            RequestBody::Hyper(b) => crate::body::poll_incoming(b, cx),
         }
     }
 

@@ -10,9 +10,9 @@ use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::error::Flags;
 use super::{ConnInfo, Shared};
 use crate::compile::{ClusterRef, match_l4};
+use crate::reply::Flags;
 use crate::telemetry::TcpAccess;
 use crate::telemetry::metrics::{Side, peers};
 use crate::upstream::outlier::{self, Outcome};

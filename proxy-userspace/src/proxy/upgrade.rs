@@ -12,7 +12,16 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use http::{Response, StatusCode};
+use http_body_util::BodyExt;
+
+use super::forward::{UpstreamRequest, reset_body, reset_reason};
+use super::h1server::OnUpgrade;
+use crate::body::BoxBody;
+use crate::reply::{BODY_NO_HEALTHY, BODY_OVERFLOW, Flags, LocalReply};
+use crate::upstream::outlier::{self, Outcome};
 use crate::upstream::{ClusterState, EndpointState};
+use crate::upstream::{lb, pool};
 
 /// What an upgraded connection holds until both its HTTP exchange and its bytes end: one
 /// request and one connection of its cluster and endpoint.
@@ -172,4 +181,86 @@ where
         () = watchdog => {}
         () = limit => {}
     }
+}
+
+/// The upstream host of an upgraded connection (for the access log).
+#[derive(Clone)]
+pub struct UpstreamHost(pub String);
+
+/// Forward an upgrade request on a connection of its own; after `101`, splice the bytes.
+pub async fn forward(
+    state: &Arc<ClusterState>,
+    req: &UpstreamRequest,
+    on_upgrade: OnUpgrade,
+) -> Result<Response<BoxBody>, LocalReply> {
+    let policy = state.policy.load_full();
+    let set = state.lb_set();
+    let Some(ep) = lb::pick(&state.lb, &policy.lb.algorithm, &set, None, &[]) else {
+        return Err(LocalReply::new(503, BODY_NO_HEALTHY, Flags::UH));
+    };
+    // The request and connection this upgrade holds for its whole life, or 503 UO.
+    let hold = Arc::new(
+        Hold::take(state, &ep).map_err(|_| LocalReply::new(503, BODY_OVERFLOW, Flags::UO))?,
+    );
+    let connect_failure = |reason: String| {
+        outlier::record(state, &ep, Outcome::LocalFailure);
+        LocalReply::new(
+            503,
+            reset_body(
+                false,
+                &format!("remote connection failure, transport failure reason: {reason}"),
+            ),
+            Flags::UF,
+        )
+    };
+    // An HTTP/1 request first: what follows the upgrade is spliced from its first byte too.
+    let stream = pool::connect_tcp(
+        &ep.target,
+        &policy.pool,
+        pool::FirstByte::Proxy,
+        &state.guard,
+    )
+    .await
+    .map_err(|e| connect_failure(format!("{e:?}")))?;
+    let (mut send, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| connect_failure(e.to_string()))?;
+    let held = hold.clone();
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+        drop(held);
+    });
+    let mut resp = send.send_request(req.build(false, 1)).await.map_err(|e| {
+        outlier::record(state, &ep, Outcome::LocalFailure);
+        LocalReply::new(
+            503,
+            format!(
+                "upstream connect error or disconnect/reset before headers. reset reason: {}",
+                reset_reason(&e)
+            ),
+            Flags::UC,
+        )
+    })?;
+    outlier::record(state, &ep, Outcome::Status(resp.status().as_u16()));
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let up = hyper::upgrade::on(&mut resp);
+        let (idle, max) = (
+            policy.pool.tcp_idle_timeout,
+            policy.pool.max_connection_duration,
+        );
+        tokio::spawn(async move {
+            if let (Ok(up), Some(down)) = (up.await, on_upgrade.connection().await) {
+                splice(down, hyper_util::rt::TokioIo::new(up), idle, max).await;
+            }
+            drop(hold);
+        });
+    }
+    let (mut parts, body) = resp.into_parts();
+    parts.extensions.insert(UpstreamHost(ep.target.to_string()));
+    Ok(Response::from_parts(
+        parts,
+        body.map_err(|e| Box::new(e) as crate::body::BoxError)
+            .boxed_unsync(),
+    ))
 }

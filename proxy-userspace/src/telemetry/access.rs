@@ -20,10 +20,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::{Request, Response, StatusCode};
 
-use crate::proxy::ConnInfo;
-
-use crate::proxy::body::OnEnd;
-use crate::proxy::error::Flags;
+use crate::body::OnEnd;
+use crate::reply::Flags;
 
 /// How long a line may wait in the buffer.
 pub const LINGER: Duration = Duration::from_millis(100);
@@ -251,7 +249,7 @@ impl std::fmt::Debug for Sink {
 
 impl AccessLog {
     /// Start an entry for a request; `None` when the access log is off (nothing is allocated).
-    pub fn start<B>(req: &Request<B>, conn: &ConnInfo) -> Option<Self> {
+    pub fn start<B>(req: &Request<B>, peer: std::net::SocketAddr) -> Option<Self> {
         let sink = enabled()?;
         let h = |n: &str| {
             req.headers()
@@ -282,7 +280,7 @@ impl AccessLog {
                 .unwrap_or_else(|| h("host")),
             user_agent: h("user-agent"),
             request_id: h("x-request-id"),
-            peer: conn.peer,
+            peer,
             flags: Flags::NONE,
             route: None,
             cluster: None,
@@ -292,10 +290,10 @@ impl AccessLog {
     }
 
     /// An entry for a request refused before it could be parsed (method and path unknown).
-    pub fn unparsed(conn: &ConnInfo) -> Option<Self> {
+    pub fn unparsed(peer: std::net::SocketAddr) -> Option<Self> {
         let mut req = Request::new(());
         *req.version_mut() = http::Version::HTTP_11;
-        Self::start(&req, conn).map(|mut log| {
+        Self::start(&req, peer).map(|mut log| {
             log.method = "-".into();
             log.path = "-".into();
             log

@@ -15,7 +15,6 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::compile::{Service, Snapshot};
-use crate::upstream::View;
 
 /// Istio's (Envoy's default) duration buckets, ms.
 pub const DURATION_BUCKETS_MS: [f64; 19] = [
@@ -540,9 +539,9 @@ impl Metrics {
             .observe(response_bytes as f64);
     }
 
-    /// Render the Prometheus text exposition, first copying the cluster counters and config
-    /// status into their families.
-    pub fn render(&self, view: Option<&View>, status: &crate::publish::Status) -> String {
+    /// Render the Prometheus text exposition, first copying the clusters' counters and the
+    /// config status into their families.
+    pub fn render(&self, clusters: &[ClusterSample], status: &crate::publish::Status) -> String {
         self.snapshot_version.set(status.version as i64);
         let r = status.reloads;
         let prev = self.last_reloads.swap(r, Ordering::Relaxed);
@@ -550,40 +549,72 @@ impl Metrics {
         let j = status.rejections;
         let prev = self.last_rejections.swap(j, Ordering::Relaxed);
         self.rejections.inc_by(j.saturating_sub(prev));
-        if let Some(view) = view {
-            for st in &view.clusters {
-                let label = ClusterLabel {
-                    cluster_name: st.key.name(),
-                };
-                let s = &st.stats;
-                let values = [
-                    &s.upstream_rq_pending_overflow,
-                    &s.upstream_cx_overflow,
-                    &s.upstream_rq_retry,
-                    &s.upstream_rq_retry_overflow,
-                    &s.upstream_rq_timeout,
-                    &s.ejections_enforced_total,
-                    &s.ejections_overflow,
-                    &s.mirror_dropped,
-                ];
-                for ((_, fam), v) in self.cluster_counters.iter().zip(values) {
-                    let v = v.load(Ordering::Relaxed);
-                    if v > 0 {
-                        fam.get_or_create(&label)
-                            .inner()
-                            .store(v, Ordering::Relaxed);
-                    }
+        for c in clusters {
+            let label = ClusterLabel {
+                cluster_name: c.name.clone(),
+            };
+            for ((_, fam), v) in self.cluster_counters.iter().zip(c.counters) {
+                if v > 0 {
+                    fam.get_or_create(&label)
+                        .inner()
+                        .store(v, Ordering::Relaxed);
                 }
-                let ejected = st.endpoints.load().iter().filter(|e| !e.healthy()).count() as i64;
-                if ejected > 0 || st.policy.load().outlier.is_some() {
-                    self.ejections_active.get_or_create(&label).set(ejected);
-                }
+            }
+            if let Some(ejected) = c.ejected {
+                self.ejections_active.get_or_create(&label).set(ejected);
             }
         }
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// Key of an endpoint's metric series cache: everything in the label set that is not the
+/// endpoint's own identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SeriesKey {
+    /// Client workload.
+    pub source: Arc<str>,
+    /// Client namespace.
+    pub source_ns: Arc<str>,
+    /// Response code.
+    pub code: u16,
+    /// Response flags bits.
+    pub flags: u32,
+    /// gRPC status.
+    pub grpc: Option<u32>,
+}
+
+/// An endpoint's metric series by the rest of the label set: a request served by a known
+/// endpoint finds its series without building and hashing the full label set.
+#[derive(Debug, Default)]
+pub struct SeriesCache(std::sync::RwLock<crate::compile::FastMap<SeriesKey, Series>>);
+
+impl SeriesCache {
+    /// The cached series for `key`, made with `make` on first use.
+    pub fn get(&self, key: SeriesKey, make: impl FnOnce() -> Series) -> Series {
+        // Read-mostly: a read lock does not contend between worker threads.
+        if let Some(s) = self.0.read().expect("series lock").get(&key) {
+            return s.clone();
+        }
+        let s = make();
+        self.0.write().expect("series lock").insert(key, s.clone());
+        s
+    }
+}
+
+/// One cluster's counters for [`Metrics::render`], in the order of the cluster counter
+/// families: pending overflow, connection overflow, retries, retry overflow, timeouts,
+/// ejections enforced, ejection overflow, mirrors dropped.
+#[derive(Debug, Clone)]
+pub struct ClusterSample {
+    /// Envoy's cluster name.
+    pub name: String,
+    /// The counters.
+    pub counters: [u64; 8],
+    /// Endpoints ejected now (`None`: no outlier detection and none ejected).
+    pub ejected: Option<i64>,
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::{ClusterState, EndpointState};
-use crate::proxy::body::{BodyError, BoxError, poll_incoming};
+use crate::body::{BodyError, BoxError, poll_incoming};
 
 use crate::http1::{
     Chunk, MAX_HEAD, MAX_HEADERS, READ_CHUNK, Step, chunk_step, header_map, record_spans,

@@ -20,21 +20,22 @@ pub trait OnEnd: Send + 'static {
     fn on_end(self: Box<Self>, bytes: u64, complete: bool);
 }
 
-/// Wraps an upstream body with guards, a deadline and an end callback.
-pub struct Guarded<B> {
+/// Wraps an upstream body with guards (`G`, whatever must live until the body ends: the
+/// proxy's circuit-breaker counters), a deadline and an end callback.
+pub struct Guarded<B, G> {
     inner: B,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     bytes: u64,
     on_end: Option<Box<dyn OnEnd>>,
-    _guards: super::http::Guards,
+    _guards: G,
 }
 
-impl<B> Guarded<B> {
+impl<B, G> Guarded<B, G> {
     /// Wrap `inner`.
     pub fn new(
         inner: B,
         deadline: Option<Instant>,
-        guards: super::http::Guards,
+        guards: G,
         on_end: Option<Box<dyn OnEnd>>,
     ) -> Self {
         Guarded {
@@ -53,7 +54,7 @@ impl<B> Guarded<B> {
     }
 }
 
-impl<B> Drop for Guarded<B> {
+impl<B, G> Drop for Guarded<B, G> {
     fn drop(&mut self) {
         self.finish(false);
     }
@@ -81,8 +82,9 @@ pub fn poll_incoming(
         .map_err(|e| Box::new(e) as BoxError)
 }
 
-impl<B> Body for Guarded<B>
+impl<B, G> Body for Guarded<B, G>
 where
+    G: Unpin,
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 
-use super::body::BoxBody;
+use crate::body::BoxBody;
 
 /// Envoy `%RESPONSE_FLAGS%`, a bit set printed comma-joined in Envoy's order.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
