@@ -329,7 +329,11 @@ impl Analyzer<'_> {
                     "tls rules need match blocks with sniHosts",
                 ));
             }
-            let vs_hosts: Vec<String> = spec.hosts.iter().map(|h| expand_host(h, ns)).collect();
+            let vs_hosts: Vec<String> = spec
+                .hosts
+                .iter()
+                .map(|h| expand_host(h, ns, &self.set.cluster_domain))
+                .collect();
             for (j, m) in r.matches.iter().enumerate() {
                 for (k, sni) in m.sni_hosts.iter().enumerate() {
                     let s = sni.to_ascii_lowercase();
@@ -488,7 +492,7 @@ impl Analyzer<'_> {
         d: &Destination,
         what: &str,
     ) {
-        let host = expand_host(&d.host, ns);
+        let host = expand_host(&d.host, ns, &self.set.cluster_domain);
         if host.contains('*') {
             out.push(e.d(
                 codes::SCHEMA,
@@ -845,7 +849,7 @@ impl Analyzer<'_> {
             }
             let me = format!("{}/{}", vs.namespace, vs.name);
             for (i, h) in vs.spec.hosts.iter().enumerate() {
-                let host = expand_host(h, &vs.namespace);
+                let host = expand_host(h, &vs.namespace, &self.set.cluster_domain);
                 match owners.get(&host) {
                     Some((other, _)) if *other != me => {
                         self.out.push(
@@ -872,7 +876,7 @@ impl Analyzer<'_> {
             src: &dr.source,
         };
         let mut out = Vec::new();
-        let host = expand_host(&dr.spec.host, &dr.namespace);
+        let host = expand_host(&dr.spec.host, &dr.namespace, &self.set.cluster_domain);
         let services = self.registry.matching(&host);
         if services.is_empty() {
             out.push(e.d(
@@ -1281,7 +1285,7 @@ impl Analyzer<'_> {
                 continue;
             }
             for (i, h) in vs.spec.hosts.iter().enumerate() {
-                let vh = expand_host(h, &vs.namespace);
+                let vh = expand_host(h, &vs.namespace, &self.set.cluster_domain);
                 let hit = gw.spec.servers.iter().flat_map(|s| &s.hosts).any(|sh| {
                     let name = sh
                         .split_once('/')

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use tokio::task::JoinHandle;
 
+pub mod args;
+
 use crate::admin::{Admin, spawn_admin};
 use crate::inspect::diagnostics_text;
 use crate::proxy::{ProxyOptions, Shared, listener};
@@ -46,6 +48,8 @@ pub struct Options {
     pub timeouts: crate::proxy::Timeouts,
     /// Node ranges upstreams may reach with `--capture ebpf` (`--allow-upstream-cidr`).
     pub allow_upstream: Vec<ipnet::IpNet>,
+    /// The cluster domain short host names expand into.
+    pub cluster_domain: crate::config::ClusterDomain,
 }
 
 /// `--source kubernetes`: the client and the source's settings.
@@ -106,7 +110,8 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     let publisher = Publisher::new();
     let mut watch = None;
     if opts.kubernetes.is_none() {
-        let mut source = FileSource::new(opts.config.clone(), publisher.clone());
+        let mut source = FileSource::new(opts.config.clone(), publisher.clone())
+            .with_cluster_domain(opts.cluster_domain.clone());
         if let Reload::Rejected(diags) = source.reload(crate::publish::STARTUP) {
             bail!(
                 "configuration rejected, nothing to serve:\n{}",
@@ -127,14 +132,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
             let k = tokio::task::spawn_blocking(move || crate::dataplane::Kernel::load(&c))
                 .await
                 .context("load eBPF")??;
-            crate::upstream::pool::UPSTREAM_MARK.store(
-                crate::dataplane::abi::NP_PROXY_MARK,
-                std::sync::atomic::Ordering::Relaxed,
-            );
             let k = Arc::new(k);
-            if let Some(hook) = k.splice_hook() {
-                crate::upstream::pool::set_connect_hook(Some(hook));
-            }
             k.sync(&publisher.load()).context("fill kernel maps")?;
             match k.events() {
                 Ok(ring) => {
@@ -180,7 +178,10 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
             let src = crate::kubernetes::KubeSource::start(
                 k.client.clone(),
                 publisher.clone(),
-                k.options.clone(),
+                crate::kubernetes::Options {
+                    cluster_domain: opts.cluster_domain.clone(),
+                    ..k.options.clone()
+                },
                 enrollment,
             )
             .await?;

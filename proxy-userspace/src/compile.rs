@@ -358,7 +358,7 @@ impl DrIndex {
             .iter()
             .map(|d| {
                 (
-                    expand_host(&d.spec.host, &d.namespace),
+                    expand_host(&d.spec.host, &d.namespace, &set.cluster_domain),
                     d.spec.clone(),
                     format!("DestinationRule/{}/{}", d.namespace, d.name),
                 )
@@ -538,7 +538,7 @@ impl<'a> Compiler<'a> {
                 continue;
             }
             for h in &vs.spec.hosts {
-                let h = expand_host(h, &vs.namespace);
+                let h = expand_host(h, &vs.namespace, &self.set.cluster_domain);
                 if h.starts_with('*') {
                     self.vs_wildcard.push((h, vs));
                 } else {
@@ -578,7 +578,7 @@ impl<'a> Compiler<'a> {
                     }
                     None => default_rules.clone(),
                 };
-                let mut domains = kube_aliases(&svc.host);
+                let mut domains = kube_aliases(&svc.host, &self.set.cluster_domain);
                 domains.extend(svc.addresses.iter().map(|a| a.to_string()));
                 let table = tables.entry(port.number).or_insert_with(|| HttpTable {
                     name: port.number.to_string(),
@@ -735,7 +735,7 @@ impl<'a> Compiler<'a> {
                     }
                     let rules = self.http_rules(vs, &scope);
                     for h in &vs.spec.hosts {
-                        let vh = expand_host(h, &vs.namespace);
+                        let vh = expand_host(h, &vs.namespace, &self.set.cluster_domain);
                         for s in &bound {
                             for sh in &s.hosts {
                                 let (ns_part, name) = sh.split_once('/').unwrap_or(("*", sh));
@@ -904,7 +904,7 @@ impl<'a> Compiler<'a> {
         ns: &str,
         scope: &Scope<'_>,
     ) -> (ClusterRef, String) {
-        let host = expand_host(&d.host, ns);
+        let host = expand_host(&d.host, ns, &self.set.cluster_domain);
         let svc = self
             .snap
             .registry

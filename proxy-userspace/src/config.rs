@@ -116,6 +116,45 @@ pub struct ConfigSet {
     /// Kubernetes Pods (labels of endpoints and clients, selector targets without slices).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pods: Vec<Object<KubePod>>,
+    /// The cluster domain short host names expand into (`--cluster-domain`).
+    #[serde(skip)]
+    pub cluster_domain: ClusterDomain,
+}
+
+/// The Kubernetes cluster domain (`<name>.<ns>.svc.<domain>`), `cluster.local` by default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterDomain(String);
+
+/// The cluster domain used when none is set.
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+
+impl Default for ClusterDomain {
+    fn default() -> Self {
+        ClusterDomain(DEFAULT_CLUSTER_DOMAIN.into())
+    }
+}
+
+impl ClusterDomain {
+    /// A cluster domain: a DNS name (dots around it dropped, lowercased).
+    pub fn new(domain: &str) -> Result<ClusterDomain, String> {
+        let d = domain.trim_matches('.').to_ascii_lowercase();
+        if d.is_empty() || d.split('.').any(|l| l.is_empty() || l.len() > 63) {
+            return Err(format!("cluster domain `{domain}` is not a DNS name"));
+        }
+        Ok(ClusterDomain(d))
+    }
+
+    /// The domain.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for ClusterDomain {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        ClusterDomain::new(s)
+    }
 }
 
 /// Istio kinds nodeproxy models.

@@ -363,7 +363,10 @@ fn sim_listener(snap: &Snapshot, req: &SimRequest, port: u16) -> Result<Listener
             .services
             .iter()
             .filter(|s| s.port(port).is_some())
-            .find(|s| crate::compile::registry::kube_aliases(&s.host).contains(&host))
+            .find(|s| {
+                crate::compile::registry::kube_aliases(&s.host, &snap.registry.cluster_domain)
+                    .contains(&host)
+            })
             .and_then(|s| s.addresses.first().copied())
     });
     if let Some(a) = address {
@@ -403,7 +406,10 @@ pub fn simulate(snap: &Snapshot, req: &SimRequest) -> Result<SimResult, String> 
         snap.registry
             .services
             .iter()
-            .find(|s| crate::compile::registry::kube_aliases(&s.host).contains(&host))
+            .find(|s| {
+                crate::compile::registry::kube_aliases(&s.host, &snap.registry.cluster_domain)
+                    .contains(&host)
+            })
             .filter(|s| s.ports.len() == 1)
             .map(|s| s.ports[0].number)
             .unwrap_or(80)

@@ -87,6 +87,8 @@ pub struct Options {
     pub max_delay: Duration,
     /// How often pods still waiting for their network namespace are retried.
     pub enroll_retry: Duration,
+    /// The cluster domain of service hosts.
+    pub cluster_domain: crate::config::ClusterDomain,
 }
 
 impl Default for Options {
@@ -96,6 +98,7 @@ impl Default for Options {
             debounce: Duration::from_millis(100),
             max_delay: Duration::from_secs(1),
             enroll_retry: Duration::from_secs(2),
+            cluster_domain: Default::default(),
         }
     }
 }
@@ -577,6 +580,7 @@ async fn run_store(
     mut enrollment: Option<Enrollment>,
 ) {
     let mut store = Store::default();
+    store.set.cluster_domain = opts.cluster_domain.clone();
     let mut retry = tokio::time::interval(opts.enroll_retry);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

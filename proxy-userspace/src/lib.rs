@@ -27,6 +27,8 @@ pub mod test_util;
 pub mod upstream;
 
 #[cfg(test)]
+mod layering_tests;
+#[cfg(test)]
 mod panic_free_tests;
 
 /// Entry points for the fuzz targets in `fuzz/` (cargo-fuzz): each takes arbitrary bytes and

@@ -1,12 +1,12 @@
 //! `nodeproxy`: the node proxy binary and its istioctl-like inspection commands.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use nodeproxy::app::args::{AccessLogMode, Host, RunArgs};
 use nodeproxy::diagnostic::has_errors;
 use nodeproxy::inspect;
 
@@ -44,46 +44,6 @@ enum ProxyConfigKind {
     Listeners,
     /// eBPF programs, maps and counters.
     Kernel,
-}
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum AccessLogMode {
-    /// One line per request/connection on stderr.
-    On,
-    /// No access log.
-    Off,
-}
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum AccessLogFormat {
-    /// Envoy-like text line.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum SourceKind {
-    /// Istio YAML files (`--config`), watched.
-    Files,
-    /// The Kubernetes API server.
-    Kubernetes,
-}
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum Capture {
-    /// Listen on every service address and port (no privileges needed).
-    None,
-    /// Transparent capture of enrolled pods with eBPF (root).
-    Ebpf,
-}
-
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum CpuAffinity {
-    /// The scheduler places the data-plane threads (best on a node shared with busy pods).
-    None,
-    /// Data-plane thread `i` pinned to the `i`-th CPU this process may use (its cpuset).
-    Auto,
 }
 
 #[derive(Subcommand)]
@@ -156,100 +116,6 @@ enum Command {
     },
     /// Run the proxy.
     Run(Box<RunArgs>),
-}
-
-/// `nodeproxy run` flags.
-#[derive(clap::Args)]
-struct RunArgs {
-    /// Files or directories of Istio YAML (watched; SIGHUP reloads), several after one
-    /// `--config` or the flag repeated. Needed with `--source files`.
-    #[arg(long = "config", value_name = "PATH", num_args = 1..)]
-    config: Vec<PathBuf>,
-    /// Where configuration comes from: `files` (--config) or `kubernetes` (the API server:
-    /// in-cluster service account, else KUBECONFIG).
-    #[arg(long, value_enum, default_value = "files")]
-    source: SourceKind,
-    /// This node's name (pods on it in the ambient mesh are captured; `--source kubernetes`).
-    #[arg(long, env = "NODE_NAME")]
-    node_name: Option<String>,
-    /// Kubernetes cluster domain of service hosts (`<name>.<ns>.svc.<domain>`).
-    #[arg(long, env = "CLUSTER_DOMAIN", default_value = nodeproxy::compile::registry::DEFAULT_CLUSTER_DOMAIN)]
-    cluster_domain: String,
-    /// Traffic capture mode (default: ebpf as root, none otherwise).
-    #[arg(long, value_enum)]
-    capture: Option<Capture>,
-    /// Admin API address.
-    #[arg(long, default_value = nodeproxy::admin::DEFAULT_ADMIN_ADDR)]
-    admin: SocketAddr,
-    /// Address for Gateway server ports.
-    #[arg(long, default_value = "0.0.0.0")]
-    gateway_ip: IpAddr,
-    /// Append `-shadow` to the Host of mirrored requests (Istio <= 1.27 behaviour).
-    #[arg(long)]
-    shadow_host_suffix: bool,
-    /// Directory of Gateway `credentialName` secrets as `<name>.crt` and `<name>.key`.
-    #[arg(long, default_value = nodeproxy::proxy::DEFAULT_CREDENTIALS_DIR)]
-    credentials_dir: PathBuf,
-    /// Allow a non-loopback --admin address.
-    #[arg(long)]
-    admin_public: bool,
-    /// Where captured connections arrive (default: the node's primary address, port 15001).
-    #[arg(long)]
-    capture_listen: Option<SocketAddr>,
-    /// Enroll this network namespace at start (repeatable), e.g. /run/netns/pod1.
-    #[arg(long = "enroll-netns")]
-    enroll_netns: Vec<PathBuf>,
-    /// Guard this uplink interface with the XDP program (repeatable).
-    #[arg(long)]
-    uplink: Vec<String>,
-    /// Source CIDR the XDP guard drops (repeatable, IPv4).
-    #[arg(long = "deny-cidr")]
-    deny_cidr: Vec<ipnet::Ipv4Net>,
-    /// Data-plane threads, each a single-threaded runtime (default: one per core).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    workers: Option<u16>,
-    /// Data-plane threads' CPUs: `none` (the scheduler places them) or `auto` (thread `i`
-    /// pinned to the `i`-th CPU of the process's CPU set).
-    #[arg(long, value_enum, default_value_t = CpuAffinity::None)]
-    cpu_affinity: CpuAffinity,
-    /// Splice node-local bytes in the kernel with sockops + sk_msg: captured client<->proxy,
-    /// and proxy<->endpoint when the endpoint is a socket on this node (HTTP/1 upstreams).
-    /// Off by default.
-    #[arg(long)]
-    sockmap: bool,
-    /// The node's locality, `region/zone/subzone` (locality-aware load balancing).
-    #[arg(long)]
-    locality: Option<String>,
-    /// bpffs mount point for the pinned maps (mounted when needed).
-    #[arg(long, default_value = nodeproxy::dataplane::DEFAULT_BPFFS)]
-    bpffs: PathBuf,
-    /// With --capture ebpf, upstream endpoints on the node itself (loopback, link-local,
-    /// the node's addresses) are refused; this lets a range through (repeatable).
-    #[arg(long = "allow-upstream-cidr", value_name = "CIDR")]
-    allow_upstream_cidr: Vec<ipnet::IpNet>,
-    /// HTTP/1: longest time from a connection's accept, or a request's first byte, to its
-    /// complete head (then 408 and close).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    request_head_timeout: std::time::Duration,
-    /// HTTP/1: how long a keep-alive connection may wait for its next request.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    idle_timeout: std::time::Duration,
-    /// HTTP/1: longest wait between two reads of a request body (then 408 and close).
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    body_idle_timeout: std::time::Duration,
-    /// After SIGTERM/SIGINT, how long in-flight connections get to finish (0: stop at once).
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
-    drain_time: std::time::Duration,
-    /// Access log: `on` (default) or `off`.
-    #[arg(long, value_enum, default_value = "on")]
-    access_log: AccessLogMode,
-    /// Where the access log goes: `/dev/stderr` (default), `/dev/stdout` (Istio's
-    /// `accessLogFile`), or a file path (appended to).
-    #[arg(long, default_value = "/dev/stderr")]
-    access_log_file: nodeproxy::telemetry::access::Destination,
-    /// Access log format.
-    #[arg(long, value_enum, default_value = "text")]
-    access_log_format: AccessLogFormat,
 }
 
 /// Every service port is a listening socket and every proxied connection two more: lift the
@@ -424,145 +290,39 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
-            let RunArgs {
-                config,
-                source,
-                node_name,
-                cluster_domain,
-                capture,
-                admin,
-                gateway_ip,
-                shadow_host_suffix,
-                credentials_dir,
-                admin_public,
-                access_log: _,
-                access_log_file,
-                access_log_format,
-                capture_listen,
-                enroll_netns,
-                uplink,
-                deny_cidr,
-                bpffs,
-                locality,
-                sockmap,
-                workers,
-                cpu_affinity,
-                drain_time,
-                request_head_timeout,
-                idle_timeout,
-                body_idle_timeout,
-                allow_upstream_cidr,
-            } = *args;
-            nodeproxy::compile::registry::set_cluster_domain(&cluster_domain)
-                .map_err(|e| anyhow::anyhow!("--cluster-domain: {e}"))?;
-            match source {
-                SourceKind::Files if config.is_empty() => {
-                    bail!("--source files needs at least one --config file or directory")
-                }
-                SourceKind::Kubernetes if !config.is_empty() => {
-                    bail!(
-                        "--config is for --source files; with --source kubernetes the configuration comes from the API server"
-                    )
-                }
-                _ => {}
-            }
+            let plan = args.plan(&Host::detect())?;
             // Installed even when off: `POST /logging` can switch it on later. Dropped last
             // (declared first), so lines of draining requests are written.
             let _access_log = nodeproxy::telemetry::access::install(
-                &access_log_file,
-                match access_log_format {
-                    AccessLogFormat::Text => nodeproxy::telemetry::access::Format::Text,
-                    AccessLogFormat::Json => nodeproxy::telemetry::access::Format::Json,
-                },
+                &plan.access_log_file,
+                plan.access_log_format,
             )
             .context("--access-log-file")?;
-            let root = nix::unistd::geteuid().is_root();
-            let capture = match capture.unwrap_or(if root { Capture::Ebpf } else { Capture::None })
-            {
-                Capture::None => {
-                    if !enroll_netns.is_empty() || !uplink.is_empty() {
-                        bail!("--enroll-netns and --uplink need --capture ebpf");
-                    }
-                    None
-                }
-                Capture::Ebpf => {
-                    let listen = match capture_listen {
-                        Some(a) => a,
-                        None => SocketAddr::new(primary_address().context("--capture-listen not given and no primary address found (no default route?)")?, nodeproxy::dataplane::DEFAULT_CAPTURE_PORT),
-                    };
-                    let mut guard_ports = vec![listen.port()];
-                    if !admin.ip().is_loopback() {
-                        guard_ports.push(admin.port());
-                    }
-                    Some(nodeproxy::dataplane::Options {
-                        capture: listen,
-                        enroll: enroll_netns,
-                        uplinks: uplink,
-                        guard_ports,
-                        deny_cidrs: deny_cidr,
-                        bpffs,
-                        sockmap,
-                    })
-                }
-            };
-            // One single-threaded runtime per core: this thread's (which owns the listeners)
-            // plus workers - 1 that are handed accepted connections.
-            let workers = workers.map(usize::from).unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            });
             raise_nofile_limit();
-            let cpu_plan = match cpu_affinity {
-                CpuAffinity::None => None,
-                CpuAffinity::Auto => Some(
+            let mut options = plan.options;
+            options.log = Some(log);
+            if plan.pin_cpus {
+                options.cpu_plan = Some(
                     nodeproxy::proxy::affinity::CpuPlan::from_current()
                         .context("--cpu-affinity auto: read this process's CPU set")?,
-                ),
-            };
+                );
+            }
+            // One single-threaded runtime per core: this thread's (which owns the listeners)
+            // plus workers - 1 that are handed accepted connections.
             let mut rt = tokio::runtime::Builder::new_current_thread();
-            if let Some(plan) = cpu_plan.clone() {
+            if let Some(cpus) = options.cpu_plan.clone() {
                 // This thread becomes the pinned primary runtime; its blocking-pool threads float.
-                rt.on_thread_start(move || plan.unpin_current());
+                rt.on_thread_start(move || cpus.unpin_current());
             }
             let rt = rt.enable_all().build()?;
             rt.block_on(async {
-                let kubernetes = match source {
-                    SourceKind::Files => None,
-                    SourceKind::Kubernetes => {
-                        if capture.is_some() && node_name.is_none() {
-                            tracing::warn!("no --node-name (NODE_NAME): no pod will be enrolled");
-                        }
-                        Some(nodeproxy::app::KubeRun {
-                            client: nodeproxy::kubernetes::client().await?,
-                            options: nodeproxy::kubernetes::Options {
-                                node_name,
-                                ..Default::default()
-                            },
-                        })
-                    }
-                };
-                let running = nodeproxy::app::start(nodeproxy::app::Options {
-                    kubernetes,
-                    config,
-                    admin,
-                    gateway_ip,
-                    shadow_host_suffix,
-                    credentials_dir,
-                    admin_public,
-                    log: Some(log.clone()),
-                    capture,
-                    locality,
-                    workers,
-                    cpu_plan,
-                    timeouts: nodeproxy::proxy::Timeouts {
-                        request_head: request_head_timeout,
-                        idle: idle_timeout,
-                        body_idle: body_idle_timeout,
-                    },
-                    allow_upstream: allow_upstream_cidr,
-                })
-                .await?;
+                if let Some(k) = plan.kubernetes {
+                    options.kubernetes = Some(nodeproxy::app::KubeRun {
+                        client: nodeproxy::kubernetes::client().await?,
+                        options: k,
+                    });
+                }
+                let running = nodeproxy::app::start(options).await?;
                 eprintln!(
                     "nodeproxy: serving, admin API on http://{}",
                     running.admin_addr
@@ -573,6 +333,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                     _ = tokio::signal::ctrl_c() => {}
                     _ = term.recv() => {}
                 }
+                let drain_time = plan.drain_time;
                 if !drain_time.is_zero() {
                     eprintln!(
                         "nodeproxy: draining for up to {}",
@@ -587,16 +348,6 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// The node's primary address: the source address of the default route (no packet is sent).
-fn primary_address() -> Option<IpAddr> {
-    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
-    s.connect("192.0.2.1:9").ok()?;
-    s.local_addr()
-        .ok()
-        .map(|a| a.ip())
-        .filter(|ip| !ip.is_unspecified())
 }
 
 /// Build or print the diagnostics and fail.

@@ -275,11 +275,15 @@ impl Shared {
         kernel: Option<Arc<crate::dataplane::Kernel>>,
     ) -> Arc<Self> {
         let metrics = crate::telemetry::Metrics::new();
-        let guard = Arc::new(crate::upstream::guard::DialGuard::new(
+        let mut guard = crate::upstream::guard::DialGuard::new(
             kernel.is_some(),
             options.allow_upstream.clone(),
             metrics.upstream_refused.clone(),
-        ));
+        );
+        if let Some(k) = &kernel {
+            guard = guard.with_socket(crate::dataplane::abi::NP_PROXY_MARK, k.splice_hook());
+        }
+        let guard = Arc::new(guard);
         if let Some(k) = &kernel {
             guard.add_base(k.capture());
         }

@@ -163,6 +163,7 @@ pub async fn start_custom(
         kubernetes: None,
         timeouts: Default::default(),
         allow_upstream: Vec::new(),
+        cluster_domain: Default::default(),
     };
     f(&mut opts);
     let running = nodeproxy::app::start(opts).await.expect("proxy starts");

@@ -39,6 +39,7 @@ async fn watch_updates_resumes_relists_and_survives_an_outage() {
         debounce: Duration::from_millis(50),
         max_delay: Duration::from_millis(500),
         enroll_retry: Duration::from_millis(200),
+        cluster_domain: Default::default(),
     };
     let _source = KubeSource::start(
         client,

@@ -253,6 +253,7 @@ async fn admin_refuses_public_address_without_flag() {
         kubernetes: None,
         timeouts: Default::default(),
         allow_upstream: Vec::new(),
+        cluster_domain: Default::default(),
     })
     .await;
     let err = r.err().expect("refused").to_string();

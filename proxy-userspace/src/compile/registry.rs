@@ -12,31 +12,7 @@ use crate::config::{
     self, ConfigSet, KubeEndpointSlice, KubePod, Object, SERVICE_NAME_LABEL, labels_match,
 };
 
-/// The Kubernetes cluster domain used when none is set.
-pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
-
-static CLUSTER_DOMAIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-
-/// The cluster domain Kubernetes hosts end in (`--cluster-domain`, default `cluster.local`).
-pub fn cluster_domain() -> &'static str {
-    CLUSTER_DOMAIN
-        .get()
-        .map_or(DEFAULT_CLUSTER_DOMAIN, String::as_str)
-}
-
-/// Set the cluster domain once, at start, before any configuration is compiled.
-pub fn set_cluster_domain(domain: &str) -> Result<(), String> {
-    let d = domain.trim_matches('.').to_ascii_lowercase();
-    if d.is_empty() || d.split('.').any(|l| l.is_empty() || l.len() > 63) {
-        return Err(format!("cluster domain `{domain}` is not a DNS name"));
-    }
-    if cluster_domain() == d {
-        return Ok(());
-    }
-    CLUSTER_DOMAIN
-        .set(d)
-        .map_err(|_| "cluster domain already set".to_string())
-}
+pub use crate::config::{ClusterDomain, DEFAULT_CLUSTER_DOMAIN};
 
 /// Index of a service in [`Registry::services`].
 pub type ServiceId = usize;
@@ -252,13 +228,19 @@ pub struct Registry {
     by_host: HashMap<String, ServiceId>,
     /// Workloads by IP.
     pub workloads: HashMap<IpAddr, Workload>,
+    /// The cluster domain of Kubernetes hosts.
+    #[serde(skip)]
+    pub cluster_domain: ClusterDomain,
 }
 
 impl Registry {
     /// Build the registry from a config set. Never fails: bad addresses are skipped here and
     /// reported by analysis.
     pub fn build(set: &ConfigSet) -> Registry {
-        let mut reg = Registry::default();
+        let mut reg = Registry {
+            cluster_domain: set.cluster_domain.clone(),
+            ..Registry::default()
+        };
         let pods = PodIndex::new(&set.pods);
         let mut slices_of: HashMap<(&str, &str), Vec<&Object<KubeEndpointSlice>>> = HashMap::new();
         for s in &set.endpoint_slices {
@@ -364,8 +346,13 @@ impl Registry {
             {
                 continue;
             }
-            let host = format!("{}.{}.svc.{}", ks.name, ks.namespace, cluster_domain())
-                .to_ascii_lowercase();
+            let host = format!(
+                "{}.{}.svc.{}",
+                ks.name,
+                ks.namespace,
+                set.cluster_domain.as_str()
+            )
+            .to_ascii_lowercase();
             let ports = spec
                 .ports
                 .iter()
@@ -584,12 +571,12 @@ fn slice_endpoints(slices: &[&Object<KubeEndpointSlice>], pods: &PodIndex<'_>) -
 
 /// Expand a VS/DR host written in namespace `ns`: a name without dots becomes
 /// `name.ns.svc.cluster.local`; anything with a dot, a wildcard or an IP is used as written.
-pub fn expand_host(host: &str, ns: &str) -> String {
+pub fn expand_host(host: &str, ns: &str, domain: &ClusterDomain) -> String {
     let h = host.to_ascii_lowercase();
     if h.contains('.') || h.starts_with('*') || h.parse::<IpAddr>().is_ok() {
         h
     } else {
-        format!("{h}.{ns}.svc.{}", cluster_domain())
+        format!("{h}.{ns}.svc.{}", domain.as_str())
     }
 }
 
@@ -614,8 +601,8 @@ pub fn hosts_intersect(a: &str, b: &str) -> bool {
 }
 
 /// The names a client may use for a Kubernetes service: `name`, `name.ns`, `name.ns.svc`, FQDN.
-pub fn kube_aliases(host: &str) -> Vec<String> {
-    let suffix = format!(".svc.{}", cluster_domain());
+pub fn kube_aliases(host: &str, domain: &ClusterDomain) -> Vec<String> {
+    let suffix = format!(".svc.{}", domain.as_str());
     match host.strip_suffix(&suffix) {
         Some(name_ns) => {
             let name = name_ns.split('.').next().unwrap_or(name_ns).to_string();
@@ -637,11 +624,17 @@ mod tests {
     #[test]
     fn short_names_expand_against_config_namespace() {
         assert_eq!(
-            expand_host("reviews", "shop"),
+            expand_host("reviews", "shop", &ClusterDomain::default()),
             "reviews.shop.svc.cluster.local"
         );
-        assert_eq!(expand_host("reviews.default", "shop"), "reviews.default");
-        assert_eq!(expand_host("*.example.com", "shop"), "*.example.com");
+        assert_eq!(
+            expand_host("reviews.default", "shop", &ClusterDomain::default()),
+            "reviews.default"
+        );
+        assert_eq!(
+            expand_host("*.example.com", "shop", &ClusterDomain::default()),
+            "*.example.com"
+        );
     }
 
     #[test]

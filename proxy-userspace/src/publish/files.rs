@@ -72,6 +72,7 @@ pub struct FileSource {
     debounce: Duration,
     /// Per file, what the snapshot in force was built from.
     accepted: Option<BTreeMap<PathBuf, FileRead>>,
+    cluster_domain: crate::config::ClusterDomain,
 }
 
 impl FileSource {
@@ -82,7 +83,14 @@ impl FileSource {
             publisher,
             debounce: DEFAULT_DEBOUNCE,
             accepted: None,
+            cluster_domain: Default::default(),
         }
+    }
+
+    /// Expand short host names into `domain` instead of `cluster.local`.
+    pub fn with_cluster_domain(mut self, domain: crate::config::ClusterDomain) -> Self {
+        self.cluster_domain = domain;
+        self
     }
 
     /// Read, check against the last accepted read, build and publish.
@@ -133,7 +141,8 @@ impl FileSource {
                 _ => {}
             }
         }
-        let (set, load_diags) = ConfigSet::load_texts(&texts);
+        let (mut set, load_diags) = ConfigSet::load_texts(&texts);
+        set.cluster_domain = self.cluster_domain.clone();
         diags.extend(load_diags);
         let built = build_set(&set, diags);
         let all = built.diagnostics.clone();

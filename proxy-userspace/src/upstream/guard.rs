@@ -17,7 +17,6 @@ use ipnet::IpNet;
 use prometheus_client::metrics::counter::Counter;
 
 /// The dial policy of one proxy (held by its cluster states).
-#[derive(Debug)]
 pub struct DialGuard {
     /// The proxy's own listening addresses: the fixed ones (admin, capture), then the
     /// service listeners of the snapshot in force.
@@ -28,9 +27,32 @@ pub struct DialGuard {
     /// Ranges let through although `deny` covers them.
     allow: Vec<IpNet>,
     refused: Counter,
+    /// SO_MARK of upstream sockets (0: none). Set with eBPF capture, as a second guard
+    /// (besides netns enrollment) against capturing the proxy's own connects.
+    pub(crate) mark: u32,
+    /// Called with each new upstream connection before its first byte (the kernel splice).
+    pub(crate) hook: Option<super::pool::ConnectHook>,
+}
+
+impl std::fmt::Debug for DialGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DialGuard")
+            .field("deny", &self.deny)
+            .field("allow", &self.allow)
+            .field("mark", &self.mark)
+            .field("hook", &self.hook.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl DialGuard {
+    /// Upstream sockets get SO_MARK `mark` and go through `hook` (eBPF capture).
+    pub fn with_socket(mut self, mark: u32, hook: Option<super::pool::ConnectHook>) -> DialGuard {
+        self.mark = mark;
+        self.hook = hook;
+        self
+    }
+
     /// A guard; `node` is whether the node's own ranges are refused (`--capture ebpf`).
     pub fn new(node: bool, allow: Vec<IpNet>, refused: Counter) -> DialGuard {
         let mut deny: Vec<IpNet> = Vec::new();
@@ -52,6 +74,8 @@ impl DialGuard {
             deny,
             allow,
             refused,
+            mark: 0,
+            hook: None,
         }
     }
 

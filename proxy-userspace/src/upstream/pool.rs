@@ -202,7 +202,7 @@ pub async fn connect_tcp(
         };
         // After resolution: a name that resolves to the node is refused like an address.
         guard.check(addr).map_err(PoolError::Connect)?;
-        let stream = match UPSTREAM_MARK.load(Ordering::Relaxed) {
+        let stream = match guard.mark {
             0 => TcpStream::connect(addr).await,
             mark => connect_marked(addr, mark).await,
         };
@@ -227,26 +227,15 @@ pub async fn connect_tcp(
         }
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&ka);
     }
-    if let Some(hook) = CONNECT_HOOK.read().expect("connect hook lock").as_ref() {
+    if let Some(hook) = &guard.hook {
         hook(&stream, first);
     }
     Ok(stream)
 }
 
-/// Called with each new upstream connection before its first byte is written (set by the data
-/// path with `--sockmap`, which splices node-local upstreams in the kernel).
+/// Called with each new upstream connection before its first byte is written (the data path's
+/// with `--sockmap`, which splices node-local upstreams in the kernel; see `DialGuard`).
 pub type ConnectHook = Arc<dyn Fn(&TcpStream, FirstByte) + Send + Sync>;
-
-static CONNECT_HOOK: std::sync::RwLock<Option<ConnectHook>> = std::sync::RwLock::new(None);
-
-/// Install (or, with `None`, remove) the [`ConnectHook`].
-pub fn set_connect_hook(hook: Option<ConnectHook>) {
-    *CONNECT_HOOK.write().expect("connect hook lock") = hook;
-}
-
-/// SO_MARK for the proxy's upstream sockets (0: none). Set when eBPF capture is on, as a second
-/// guard (besides netns enrollment) against capturing the proxy's own connects.
-pub static UPSTREAM_MARK: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 async fn connect_marked(addr: std::net::SocketAddr, mark: u32) -> std::io::Result<TcpStream> {
     let domain = if addr.is_ipv4() {
