@@ -1,0 +1,169 @@
+//! ServiceEntries: hosts, addresses, ports, resolution and endpoints.
+
+use super::*;
+
+impl Analyzer<'_> {
+    pub(super) fn service_entry(&mut self, se: &Object<config::ServiceEntry>) {
+        let e = Emit::new(se.object_ref("ServiceEntry"), &se.source);
+        let s = &se.spec;
+        if s.hosts.is_empty() {
+            e.error(codes::SCHEMA, "spec.hosts", "ServiceEntry has no hosts");
+        }
+        for (i, h) in s.hosts.iter().enumerate() {
+            if h == "*" {
+                e.error(
+                    codes::SCHEMA,
+                    format!("spec.hosts[{i}]"),
+                    "host `*` is not allowed",
+                );
+            }
+        }
+        let resolution = s.resolution.as_deref().unwrap_or("NONE");
+        if !["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS"].contains(&resolution) {
+            e.error(
+                codes::SCHEMA,
+                "spec.resolution",
+                format!("unknown resolution `{resolution}`"),
+            );
+        }
+        if resolution == "DYNAMIC_DNS" {
+            e.warn(
+                codes::UNSUPPORTED_FIELD,
+                "spec.resolution",
+                "DYNAMIC_DNS is not supported by nodeproxy, ignored",
+            );
+        }
+        for (i, a) in s.addresses.iter().enumerate() {
+            let ip = a.parse::<std::net::IpAddr>().is_ok();
+            let cidr = a.parse::<ipnet::IpNet>().is_ok();
+            if !ip && !cidr {
+                e.error(
+                    codes::SCHEMA,
+                    format!("spec.addresses[{i}]"),
+                    format!("`{a}` is not an IP or CIDR"),
+                );
+            } else if cidr && !ip && resolution.starts_with("DNS") {
+                e.error(
+                    codes::SCHEMA,
+                    format!("spec.addresses[{i}]"),
+                    "CIDR addresses are not allowed with DNS resolution",
+                );
+            }
+        }
+        if resolution == "NONE" && !s.endpoints.is_empty() {
+            e.error(
+                codes::SCHEMA,
+                "spec.endpoints",
+                "endpoints are not allowed with resolution NONE",
+            );
+        }
+        if resolution == "DNS_ROUND_ROBIN" && s.endpoints.len() > 1 {
+            e.error(
+                codes::SCHEMA,
+                "spec.endpoints",
+                "DNS_ROUND_ROBIN allows at most one endpoint",
+            );
+        }
+        if !s.endpoints.is_empty() && s.workload_selector.is_some() {
+            e.error(
+                codes::SCHEMA,
+                "spec.workloadSelector",
+                "endpoints and workloadSelector are exclusive",
+            );
+        }
+        for (i, ep) in s.endpoints.iter().enumerate() {
+            let Ok(ip) = ep.address.parse::<std::net::IpAddr>() else {
+                continue;
+            };
+            let link_local = match ip {
+                std::net::IpAddr::V4(v4) => v4.is_link_local(),
+                std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+            };
+            let own_port = s.ports.iter().any(|p| {
+                let port = p.target_port.unwrap_or(p.number);
+                port == 15000 || port == 15001
+            });
+            if link_local || (ip.is_loopback() && own_port) {
+                e.warn(codes::NODE_LOCAL_ENDPOINT, format!("spec.endpoints[{i}].address"), format!("`{ip}` is {}: with --capture ebpf the proxy runs in the node's network namespace and refuses to dial it for pods (503 UF, counted in nodeproxy_upstream_refused_total) unless --allow-upstream-cidr lets it through", if link_local { "link-local (the node's, e.g. a cloud metadata service)" } else { "the node's loopback on a nodeproxy port (its admin API or capture listener)" }));
+            }
+        }
+        if resolution == "STATIC" {
+            for (i, ep) in s.endpoints.iter().enumerate() {
+                if ep.address.parse::<std::net::IpAddr>().is_err()
+                    && !ep.address.starts_with("unix://")
+                {
+                    e.error(
+                        codes::SCHEMA,
+                        format!("spec.endpoints[{i}].address"),
+                        format!("`{}` is not an IP (STATIC resolution)", ep.address),
+                    );
+                }
+            }
+        }
+        let mut numbers = HashSet::new();
+        let mut pnames = HashSet::new();
+        for (i, p) in s.ports.iter().enumerate() {
+            if p.number == 0 || p.number > 65535 {
+                e.error(
+                    codes::SCHEMA,
+                    format!("spec.ports[{i}].number"),
+                    format!("port {} is out of range", p.number),
+                );
+            }
+            if !numbers.insert(p.number) {
+                e.error(
+                    codes::SCHEMA,
+                    format!("spec.ports[{i}].number"),
+                    format!("duplicate port {}", p.number),
+                );
+            }
+            if !p.name.is_empty() && !pnames.insert(p.name.clone()) {
+                e.error(
+                    codes::SCHEMA,
+                    format!("spec.ports[{i}].name"),
+                    format!("duplicate port name `{}`", p.name),
+                );
+            }
+            let proto = crate::compile::Protocol::parse(p.protocol.as_deref().unwrap_or(""));
+            if s.addresses.is_empty()
+                && matches!(
+                    proto,
+                    crate::compile::Protocol::Tcp | crate::compile::Protocol::Unknown
+                )
+            {
+                e.warn(codes::ADDRESSES_REQUIRED, format!("spec.ports[{i}]"), "TCP (or undeclared) port without addresses: the port alone identifies the service, so it must be unique on the node");
+            }
+        }
+        // Same host and port declared by an earlier ServiceEntry with another protocol (IST0177).
+        for h in &s.hosts {
+            for p in &s.ports {
+                let proto = p.protocol.clone().unwrap_or_default();
+                let key = (h.to_ascii_lowercase(), p.number);
+                match self.se_ports.get(&key) {
+                    Some((other_proto, owner)) if !other_proto.eq_ignore_ascii_case(&proto) => {
+                        e.warn(
+                            codes::CONFLICTING_PROTOCOL,
+                            "spec.ports",
+                            format!(
+                                "{h}:{} is declared {} here and {} by ServiceEntry {owner}",
+                                p.number,
+                                if proto.is_empty() { "(unset)" } else { &proto },
+                                if other_proto.is_empty() {
+                                    "(unset)"
+                                } else {
+                                    other_proto
+                                },
+                            ),
+                        );
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.se_ports
+                            .insert(key, (proto, format!("{}/{}", se.namespace, se.name)));
+                    }
+                }
+            }
+        }
+        self.out.extend(e.finish());
+    }
+}
