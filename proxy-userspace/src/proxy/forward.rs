@@ -293,6 +293,59 @@ impl Retries<'_> {
         Ok(())
     }
 
+    /// An answer: recorded for outlier detection; `None` when it is to be retried, else the
+    /// response to send (URX when a retriable answer ran out of retries).
+    fn answered(
+        &mut self,
+        resp: Response<ResponseBody>,
+        ep: Arc<EndpointState>,
+        mut guards: Guards,
+    ) -> Option<Streaming> {
+        outlier::record(self.state, &ep, Outcome::Status(resp.status().as_u16()));
+        self.last_ep = Some(ep.clone());
+        let retriable = response_retriable(&self.retry.retry_on, &resp);
+        if retriable && self.deadline.is_none_or(|d| Instant::now() < d) && self.again(true) {
+            self.avoid(&ep);
+            return None;
+        }
+        if retriable && self.retry.num_retries > 0 {
+            // The retry limit (or budget) was reached with a retriable answer.
+            self.flags = self.flags.with(Flags::URX);
+        }
+        guards.retry = self.slot.take();
+        Some((resp, guards, self.deadline))
+    }
+
+    /// A failed attempt: recorded; `Some` when it ends the request (no retry left, or the
+    /// route timeout fired), `None` to retry.
+    fn failed(
+        &mut self,
+        e: AttemptError,
+        ep: Option<Arc<EndpointState>>,
+        per_try: Option<Instant>,
+    ) -> Option<AttemptError> {
+        if let Some(ep) = &ep {
+            if e.is_endpoint_failure() {
+                outlier::record(self.state, ep, Outcome::LocalFailure);
+            }
+            self.avoid(ep);
+        }
+        self.last_ep = ep.or(self.last_ep.take());
+        if matches!(e, AttemptError::Timeout) {
+            self.state
+                .stats
+                .upstream_rq_timeout
+                .fetch_add(1, Ordering::Relaxed);
+            if per_try == self.deadline {
+                return Some(e);
+            }
+        }
+        if self.again(e.retriable(&self.retry.retry_on)) {
+            return None;
+        }
+        Some(e)
+    }
+
     /// This attempt's deadline: the per-try timeout within the route's.
     fn per_try_deadline(&self) -> Option<Instant> {
         match (self.retry.per_try_timeout, self.deadline) {
@@ -343,44 +396,18 @@ pub async fn forward(
         )
         .await;
         match attempt {
-            Ok((resp, ep, mut guards)) => {
-                outlier::record(state, &ep, Outcome::Status(resp.status().as_u16()));
-                r.last_ep = Some(ep.clone());
-                let retriable = response_retriable(&r.retry.retry_on, &resp);
-                if retriable && r.deadline.is_none_or(|d| Instant::now() < d) && r.again(true) {
-                    r.avoid(&ep);
-                    continue;
+            Ok((resp, ep, guards)) => {
+                if let Some(done) = r.answered(resp, ep, guards) {
+                    return Forwarded {
+                        response: Ok(done),
+                        flags: r.flags,
+                        ep: r.last_ep,
+                        upstream_ms: start.elapsed().as_millis(),
+                    };
                 }
-                if retriable && !r.flags.has(Flags::URX) && r.retry.num_retries > 0 {
-                    // The retry limit (or budget) was reached with a retriable answer.
-                    r.flags = r.flags.with(Flags::URX);
-                }
-                guards.retry = r.slot.take();
-                return Forwarded {
-                    response: Ok((resp, guards, r.deadline)),
-                    flags: r.flags,
-                    ep: r.last_ep,
-                    upstream_ms: start.elapsed().as_millis(),
-                };
             }
             Err((e, ep)) => {
-                if let Some(ep) = &ep {
-                    r.last_ep = Some(ep.clone());
-                    if e.is_endpoint_failure() {
-                        outlier::record(state, ep, Outcome::LocalFailure);
-                    }
-                    r.avoid(ep);
-                }
-                if matches!(e, AttemptError::Timeout) {
-                    state
-                        .stats
-                        .upstream_rq_timeout
-                        .fetch_add(1, Ordering::Relaxed);
-                    if per_try == r.deadline {
-                        break e;
-                    }
-                }
-                if !r.again(e.retriable(&r.retry.retry_on)) {
+                if let Some(e) = r.failed(e, ep, per_try) {
                     break e;
                 }
             }

@@ -31,6 +31,10 @@ use crate::http1::{
     Chunk, MAX_HEAD, MAX_HEADERS, READ_CHUNK, Step, chunk_step, header_map, record_spans,
 };
 
+mod write;
+
+use write::{WriteEnds, write_error, write_response};
+
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Body bytes up to this size are copied next to the head (or chunk header) and sent in
 /// one write.
@@ -192,83 +196,53 @@ enum Framing {
     Chunked,
 }
 
+/// How waiting for a request head ended without one.
+enum NoHead {
+    /// The connection is done (closed by the client, idle or shed): close it silently.
+    Close,
+    /// The client spoke HTTP/2 with prior knowledge.
+    H2,
+    /// A bad or too slow head: answer with this status and close.
+    Refuse(StatusCode),
+}
+
+/// Where a connection is in its life, for the head's deadline and the first read.
+struct ConnState {
+    /// No request seen yet (the head timeout runs from the accept; h2c is possible).
+    first: bool,
+    /// The next idle wait may be speculative (`Accepted`: answered without asking the
+    /// kernel); its read must then not wait holding a buffer.
+    speculative: bool,
+}
+
 /// Serve one HTTP connection (HTTP/1.1, or h2c with prior knowledge).
 pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut io: I) {
     let mut buf = BytesMut::new();
-    let mut first = true;
-    // The first idle wait of a new connection may be speculative (`Accepted`: answered without
-    // asking the kernel); its read must then not wait holding a buffer.
-    let mut speculative = true;
+    let mut st = ConnState {
+        first: true,
+        speculative: true,
+    };
     let limits = shared.options.timeouts;
     // Descriptor pressure is signalled per thread; this connection stays on this one.
     let shed = shared.shed.local();
     loop {
-        // The head must be whole this long after the connection's accept (first request) or
-        // after its first byte arrived (later ones); set when the wait for it starts.
-        let mut head_deadline = first.then(|| tokio::time::Instant::now() + limits.request_head);
-        let head = loop {
-            if first && buf.starts_with(H2_PREFACE) {
-                return serve_h2(
-                    shared,
-                    conn,
-                    Upgraded {
-                        prefix: buf.freeze(),
-                        io: Box::new(io),
-                    },
-                )
-                .await;
+        let head = match read_head(&mut io, &mut buf, &mut st, &limits, &shed).await {
+            Ok(h) => h,
+            Err(NoHead::Close) => return,
+            Err(NoHead::H2) => {
+                let io = Upgraded {
+                    prefix: buf.freeze(),
+                    io: Box::new(io),
+                };
+                return serve_h2(shared, conn, io).await;
             }
-            let maybe_h2 = first && H2_PREFACE.starts_with(&buf);
-            if !buf.is_empty() && !maybe_h2 {
-                match parse_request(&mut buf) {
-                    Ok(Some(h)) => break h,
-                    Ok(None) => {}
-                    Err(status) => {
-                        pipeline::record_refused(&shared, &conn, status);
-                        let _ = write_error(&mut io, status).await;
-                        return;
-                    }
-                }
-            }
-            if buf.is_empty() {
-                // Idle: no buffer is held until the client sends something. A new connection
-                // gets the head timeout for its first byte, a kept-alive one the idle timeout;
-                // either way a silent client is closed silently.
-                buf = BytesMut::new();
-                let idle = tokio::time::timeout_at(
-                    head_deadline.unwrap_or_else(|| tokio::time::Instant::now() + limits.idle),
-                    poll_fn(|cx| io.poll_idle(cx)),
-                );
-                let since = tokio::time::Instant::now();
-                if !matches!(shed_or(&shed, since, idle).await, Some(Ok(Ok(())))) {
-                    return;
-                }
-                if std::mem::take(&mut speculative) {
-                    // Read once without waiting; if nothing is there yet, wait again (now for
-                    // real) without the buffer.
-                    match read_more(&mut io, &mut buf).now_or_never() {
-                        Some(Ok(0) | Err(_)) => return,
-                        Some(Ok(_)) => {}
-                        None => buf = BytesMut::new(),
-                    }
-                    continue;
-                }
-            }
-            let deadline = *head_deadline
-                .get_or_insert_with(|| tokio::time::Instant::now() + limits.request_head);
-            let read = tokio::time::timeout_at(deadline, read_more(&mut io, &mut buf));
-            match shed_or(&shed, deadline - limits.request_head, read).await {
-                None | Some(Ok(Ok(0) | Err(_))) => return,
-                Some(Ok(Ok(_))) => {}
-                Some(Err(_)) => {
-                    // A head trickled in too slowly (slowloris): 408 and close.
-                    pipeline::record_refused(&shared, &conn, StatusCode::REQUEST_TIMEOUT);
-                    let _ = write_error(&mut io, StatusCode::REQUEST_TIMEOUT).await;
-                    return;
-                }
+            Err(NoHead::Refuse(status)) => {
+                pipeline::record_refused(&shared, &conn, status);
+                let _ = write_error(&mut io, status).await;
+                return;
             }
         };
-        first = false;
+        st.first = false;
         let method = head.parts.method.clone();
         let version = head.parts.version;
         let body = match read_body(&mut io, &mut buf, &head, limits.body_idle).await {
@@ -297,12 +271,11 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
             pipeline::handle(shared.clone(), conn.clone(), req),
         );
         let resp = Box::into_pin(fut).await;
-        let keep_alive = head.keep_alive && !too_large;
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         let ends = WriteEnds {
             head_only: method == Method::HEAD,
             http10: version == Version::HTTP_10,
-            keep_alive,
+            keep_alive: head.keep_alive && !too_large,
             trailers: head.trailers,
         };
         let written = write_response(&mut io, resp, ends).await;
@@ -319,6 +292,67 @@ pub async fn serve<I: Transport>(shared: Arc<Shared>, conn: Arc<ConnInfo>, mut i
         if !matches!(written, Ok(true)) {
             let _ = poll_fn(|cx| io.poll_finish(cx)).await;
             return;
+        }
+    }
+}
+
+/// Wait for a whole request head: idle without a buffer until the client sends something,
+/// then read within the head timeout (from the accept for a new connection, from the first
+/// byte for a kept-alive one); shed when descriptors run out.
+async fn read_head<I: Transport>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    st: &mut ConnState,
+    limits: &super::Timeouts,
+    shed: &tokio::sync::Notify,
+) -> Result<Head, NoHead> {
+    let mut head_deadline = st
+        .first
+        .then(|| tokio::time::Instant::now() + limits.request_head);
+    loop {
+        if st.first && buf.starts_with(H2_PREFACE) {
+            return Err(NoHead::H2);
+        }
+        let maybe_h2 = st.first && H2_PREFACE.starts_with(buf);
+        if !buf.is_empty() && !maybe_h2 {
+            match parse_request(buf) {
+                Ok(Some(h)) => return Ok(h),
+                Ok(None) => {}
+                Err(status) => return Err(NoHead::Refuse(status)),
+            }
+        }
+        if buf.is_empty() {
+            // Idle: no buffer is held until the client sends something. A new connection
+            // gets the head timeout for its first byte, a kept-alive one the idle timeout;
+            // either way a silent client is closed silently.
+            *buf = BytesMut::new();
+            let idle = tokio::time::timeout_at(
+                head_deadline.unwrap_or_else(|| tokio::time::Instant::now() + limits.idle),
+                poll_fn(|cx| io.poll_idle(cx)),
+            );
+            let since = tokio::time::Instant::now();
+            if !matches!(shed_or(shed, since, idle).await, Some(Ok(Ok(())))) {
+                return Err(NoHead::Close);
+            }
+            if std::mem::take(&mut st.speculative) {
+                // Read once without waiting; if nothing is there yet, wait again (now for
+                // real) without the buffer.
+                match read_more(io, buf).now_or_never() {
+                    Some(Ok(0) | Err(_)) => return Err(NoHead::Close),
+                    Some(Ok(_)) => {}
+                    None => *buf = BytesMut::new(),
+                }
+                continue;
+            }
+        }
+        let deadline =
+            *head_deadline.get_or_insert_with(|| tokio::time::Instant::now() + limits.request_head);
+        let read = tokio::time::timeout_at(deadline, read_more(io, buf));
+        match shed_or(shed, deadline - limits.request_head, read).await {
+            None | Some(Ok(Ok(0) | Err(_))) => return Err(NoHead::Close),
+            Some(Ok(Ok(_))) => {}
+            // A head trickled in too slowly (slowloris): 408 and close.
+            Some(Err(_)) => return Err(NoHead::Refuse(StatusCode::REQUEST_TIMEOUT)),
         }
     }
 }
@@ -517,238 +551,6 @@ async fn read_body<I: Transport>(
             }
         }
     }
-}
-
-/// A local error reply that closes the connection.
-async fn write_error<I: Transport>(io: &mut I, status: StatusCode) -> std::io::Result<()> {
-    let mut out = Vec::with_capacity(128);
-    status_line(&mut out, status);
-    out.extend_from_slice(b"content-length: 0\r\nconnection: close\r\n");
-    date_header(&mut out);
-    out.extend_from_slice(b"\r\n");
-    io.write_all(&out).await?;
-    io.flush().await?;
-    io.shutdown().await
-}
-
-fn status_line(out: &mut Vec<u8>, status: StatusCode) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
-/// `date: <IMF-fixdate>`, formatted once a second per thread.
-fn date_header(out: &mut Vec<u8>) {
-    thread_local! {
-        static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
-    }
-    let now = std::time::SystemTime::now();
-    let secs = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    DATE.with_borrow_mut(|(at, text)| {
-        if *at != secs || text.is_empty() {
-            *at = secs;
-            *text = httpdate::fmt_http_date(now);
-        }
-        out.extend_from_slice(b"date: ");
-        out.extend_from_slice(text.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    });
-}
-
-/// How a response ends on this connection.
-struct WriteEnds {
-    head_only: bool,
-    http10: bool,
-    keep_alive: bool,
-    trailers: bool,
-}
-
-enum Out {
-    Length(u64),
-    Chunked,
-    Close,
-    None,
-}
-
-/// Write a response. `Ok(true)`: the connection can carry another request.
-async fn write_response<I: Transport>(
-    io: &mut I,
-    resp: Response<BoxBody>,
-    ends: WriteEnds,
-) -> std::io::Result<bool> {
-    let (parts, mut body) = resp.into_parts();
-    let status = parts.status;
-    // One pass over the fields: encode them (hop-by-hop framing fields are this hop's to
-    // write) and note what framing needs.
-    let mut out = Vec::with_capacity(256 + parts.headers.len() * 40);
-    status_line(&mut out, status);
-    let mut fields = crate::http1::Fields::default();
-    for (name, value) in &parts.headers {
-        fields.see(name, value.as_bytes());
-        if name == header::CONNECTION
-            || name == header::TRANSFER_ENCODING
-            || name == header::CONTENT_LENGTH
-        {
-            continue;
-        }
-        encode_header(&mut out, name.as_str(), value.as_bytes());
-    }
-    let mut keep_alive = ends.keep_alive && fields.persistent(1);
-    let no_body = ends.head_only
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    let declared = fields.content_length.and_then(Result::ok);
-    let framing = if status == StatusCode::SWITCHING_PROTOCOLS {
-        Out::None
-    } else if no_body {
-        // A HEAD (or 304) answer keeps the length the body would have had; 1xx and 204
-        // must not carry one.
-        if let Some(n) = declared.filter(|_| ends.head_only || status == StatusCode::NOT_MODIFIED) {
-            encode_header(
-                &mut out,
-                "content-length",
-                itoa::Buffer::new().format(n).as_bytes(),
-            );
-        }
-        Out::None
-    } else if let Some(n) = declared.or_else(|| body.size_hint().exact()) {
-        encode_header(
-            &mut out,
-            "content-length",
-            itoa::Buffer::new().format(n).as_bytes(),
-        );
-        Out::Length(n)
-    } else if !ends.http10 {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        Out::Chunked
-    } else {
-        // Unknown length to an HTTP/1.0 client (or an unparsable upstream Content-Length,
-        // which is dropped): delimited by the close.
-        keep_alive = false;
-        Out::Close
-    };
-    if !fields.date {
-        date_header(&mut out);
-    }
-    if status == StatusCode::SWITCHING_PROTOCOLS {
-        out.extend_from_slice(b"connection: upgrade\r\n");
-    } else if !keep_alive {
-        out.extend_from_slice(b"connection: close\r\n");
-    } else if ends.http10 {
-        out.extend_from_slice(b"connection: keep-alive\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    let mut remaining = match framing {
-        Out::Length(n) => n,
-        Out::None => {
-            io.write_all(&out).await?;
-            io.flush().await?;
-            return Ok(keep_alive);
-        }
-        _ => u64::MAX,
-    };
-    let chunked = matches!(framing, Out::Chunked);
-    loop {
-        // A frame ready now goes out with what is pending; otherwise send what is pending
-        // before waiting (a streaming response's head must not wait for its body).
-        let next = match body.frame().now_or_never() {
-            Some(f) => f,
-            None => {
-                if !out.is_empty() {
-                    io.write_all(&out).await?;
-                    io.flush().await?;
-                    out.clear();
-                }
-                body.frame().await
-            }
-        };
-        match next {
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(mut data) => {
-                    if data.is_empty() {
-                        continue;
-                    }
-                    if !chunked {
-                        if data.len() as u64 > remaining {
-                            // More than the declared length: send what was declared, then close.
-                            data.truncate(remaining as usize);
-                            keep_alive = false;
-                        }
-                        remaining -= data.len() as u64;
-                    } else {
-                        use std::io::Write as _;
-                        let _ = write!(out, "{:x}\r\n", data.len());
-                    }
-                    if data.len() <= COALESCE {
-                        out.extend_from_slice(&data);
-                    } else {
-                        io.write_all(&out).await?;
-                        out.clear();
-                        io.write_all(&data).await?;
-                    }
-                    if chunked {
-                        out.extend_from_slice(b"\r\n");
-                    }
-                    if !chunked && remaining == 0 {
-                        break;
-                    }
-                }
-                Err(frame) => {
-                    if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
-                        out.extend_from_slice(b"0\r\n");
-                        if ends.trailers {
-                            encode_headers(&mut out, &trailers);
-                        }
-                        out.extend_from_slice(b"\r\n");
-                        io.write_all(&out).await?;
-                        io.flush().await?;
-                        return Ok(keep_alive);
-                    }
-                }
-            },
-            Some(Err(_)) => {
-                // The body failed (upstream reset, route timeout): HTTP/1 can only close.
-                if !out.is_empty() {
-                    io.write_all(&out).await?;
-                }
-                io.flush().await?;
-                return Ok(false);
-            }
-            None => {
-                if chunked {
-                    out.extend_from_slice(b"0\r\n\r\n");
-                } else if remaining != u64::MAX && remaining > 0 {
-                    // Shorter than declared: the client must see the connection end.
-                    keep_alive = false;
-                }
-                break;
-            }
-        }
-    }
-    if !out.is_empty() {
-        io.write_all(&out).await?;
-    }
-    io.flush().await?;
-    Ok(keep_alive && !matches!(framing, Out::Close))
-}
-
-fn encode_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
-    for (name, value) in headers {
-        encode_header(out, name.as_str(), value.as_bytes());
-    }
-}
-
-fn encode_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 #[cfg(test)]

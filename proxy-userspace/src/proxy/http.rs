@@ -224,16 +224,7 @@ fn serve<'v>(
         let state = &view.clusters[plan.cluster];
         if let Some(on_upgrade) = upgrade {
             // Boxed: rare, and its state would otherwise size every request's.
-            return match Box::pin(super::upgrade::forward(state, &ureq, on_upgrade)).await {
-                Ok(resp) => {
-                    served.upstream = resp
-                        .extensions()
-                        .get::<super::upgrade::UpstreamHost>()
-                        .map(|u| u.0.clone());
-                    Out::Ready(resp)
-                }
-                Err(local) => Out::Local(local),
-            };
+            return Box::pin(upgraded(state, &ureq, on_upgrade, served)).await;
         }
         mirror(shared, view, rule, &plan, &ureq);
         let hash = forward::hash_key(
@@ -250,19 +241,50 @@ fn serve<'v>(
             hash: hash.as_ref().map(|h| h.0),
         };
         let result = forward::forward(state, route, &ureq, start).await;
-        served.flags = served.flags.with(result.flags);
-        served.ep = result.ep;
-        match result.response {
-            Ok((resp, guards, deadline)) => {
-                let cookie = hash.and_then(|h| h.1);
-                let resp = response_headers(resp, rule, &plan, result.upstream_ms, cookie);
-                Out::Upstream(resp, guards, deadline)
-            }
-            Err(local) => Out::Local(LocalReply {
-                flags: served.flags,
-                ..local
-            }),
+        let cookie = hash.and_then(|h| h.1);
+        forwarded(result, rule, &plan, cookie, served)
+    }
+}
+
+/// An upgrade request, forwarded on a connection of its own.
+async fn upgraded(
+    state: &Arc<crate::upstream::ClusterState>,
+    ureq: &UpstreamRequest,
+    on_upgrade: OnUpgrade,
+    served: &mut Served<'_>,
+) -> Out {
+    match super::upgrade::forward(state, ureq, on_upgrade).await {
+        Ok(resp) => {
+            served.upstream = resp
+                .extensions()
+                .get::<super::upgrade::UpstreamHost>()
+                .map(|u| u.0.clone());
+            Out::Ready(resp)
         }
+        Err(local) => Out::Local(local),
+    }
+}
+
+/// What forwarding produced, as the pipeline's output: the response with its headers
+/// finished, or the local reply with every flag of the request.
+fn forwarded(
+    result: forward::Forwarded,
+    rule: &HttpRule,
+    plan: &Plan<'_>,
+    cookie: Option<String>,
+    served: &mut Served<'_>,
+) -> Out {
+    served.flags = served.flags.with(result.flags);
+    served.ep = result.ep;
+    match result.response {
+        Ok((resp, guards, deadline)) => {
+            let resp = response_headers(resp, rule, plan, result.upstream_ms, cookie);
+            Out::Upstream(resp, guards, deadline)
+        }
+        Err(local) => Out::Local(LocalReply {
+            flags: served.flags,
+            ..local
+        }),
     }
 }
 

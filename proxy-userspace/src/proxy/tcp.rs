@@ -6,12 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{ConnInfo, Shared};
-use crate::compile::{ClusterRef, match_l4};
+use crate::compile::{ClusterId, ClusterRef, match_l4};
 use crate::reply::Flags;
 use crate::telemetry::TcpAccess;
 use crate::telemetry::metrics::{Side, peers};
@@ -22,16 +21,11 @@ use crate::upstream::{lb, pool};
 const SNI_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Proxy one TCP connection (`sni_routed`: use the listener's TLS rules).
-pub async fn proxy(
-    shared: Arc<Shared>,
-    conn: Arc<ConnInfo>,
-    mut down: TcpStream,
-    sni_routed: bool,
-) {
+pub async fn proxy(shared: Arc<Shared>, conn: Arc<ConnInfo>, down: TcpStream, sni_routed: bool) {
     let start = Instant::now();
     let view = shared.view.load_full();
     let snap = &view.snapshot;
-    let mut flags = Flags::NONE;
+    let mut sni = None;
     // A connection closed before any upstream byte: log it with its flag.
     let refused = |sni: Option<&str>, cluster: Option<&str>, flags: Flags| {
         TcpAccess {
@@ -51,108 +45,37 @@ pub async fn proxy(
         refused(None, None, Flags::NR);
         return;
     };
-    let sni = if sni_routed {
-        read_sni(&down).await
-    } else {
-        None
-    };
-    let source = conn.source_info(snap);
-    let dst_ip = Some(conn.original_dst.ip());
-    let chosen = if sni_routed && !listener.tls.is_empty() {
-        match match_l4(&listener.tls, dst_ip, source, sni.as_deref()) {
-            Some(r) => Some(&r.route),
-            None => {
-                refused(sni.as_deref(), None, Flags::NR);
-                return;
-            }
+    if sni_routed {
+        sni = read_sni(&down).await;
+    }
+    let (cid, name) = match route(snap, listener, &conn, sni_routed, sni.as_deref()) {
+        Ok(r) => r,
+        Err((name, flags)) => {
+            refused(sni.as_deref(), name, flags);
+            return;
         }
-    } else {
-        match_l4(&listener.tcp, dst_ip, source, None).map(|r| &r.route)
-    };
-    let (cluster_ref, name) = match chosen {
-        Some(wc) => {
-            let c = if wc.clusters.len() == 1 {
-                &wc.clusters[0]
-            } else {
-                wc.pick(rand::rng().random_range(0..wc.total))
-            };
-            (c.cluster.clone(), c.name.clone())
-        }
-        None => match listener.default_cluster {
-            Some(id) => (ClusterRef::Cluster(id), snap.clusters[id].name.clone()),
-            None => {
-                refused(sni.as_deref(), None, Flags::NR);
-                return;
-            }
-        },
-    };
-    let ClusterRef::Cluster(cid) = cluster_ref else {
-        refused(sni.as_deref(), Some(&name), Flags::NC);
-        return;
     };
     let state = view.clusters[cid].clone();
     let policy = state.policy.load_full();
-    // resolution NONE / PASSTHROUGH: the original destination, which exists only when captured.
-    let pass_to = snap.clusters[cid]
-        .passthrough
-        .then_some(conn.original_dst)
-        .filter(|o| *o != conn.local);
-    if snap.clusters[cid].passthrough && pass_to.is_none() {
-        refused(sni.as_deref(), Some(&name), Flags::UF);
-        return;
-    }
-    let set = state.lb_set_for_request();
-    let hash = Some(lb::hash64(conn.peer.ip()));
-    let picked = match pass_to {
-        Some(addr) => Some(Arc::new(crate::upstream::EndpointState::transient(addr))),
-        None => lb::pick(
-            &state.lb,
-            &policy.lb.algorithm,
-            &set,
-            hash.filter(|_| {
-                matches!(
-                    policy.lb.algorithm,
-                    crate::compile::policy::LbAlgorithm::RingHash { .. }
-                        | crate::compile::policy::LbAlgorithm::Maglev { .. }
-                )
-            }),
-            &[],
-        ),
-    };
-    let Some(ep) = picked else {
-        refused(sni.as_deref(), Some(&name), Flags::UH);
-        return;
+    let ep = match endpoint(snap, &state, &policy, cid, &conn) {
+        Ok(ep) => ep,
+        Err(flags) => {
+            refused(sni.as_deref(), Some(name), flags);
+            return;
+        }
     };
     // TCP proxy: maxConnections overflow closes the downstream connection at once (UO).
-    if state
-        .connections
-        .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-            (n < policy.pool.max_connections).then_some(n + 1)
-        })
-        .is_err()
-    {
-        state
-            .stats
-            .upstream_cx_overflow
-            .fetch_add(1, Ordering::Relaxed);
-        refused(sni.as_deref(), Some(&name), Flags::UO);
+    let Some(_slot) = Slot::take(&state, policy.pool.max_connections) else {
+        refused(sni.as_deref(), Some(name), Flags::UO);
         return;
-    }
-    struct Slot(Arc<crate::upstream::ClusterState>);
-    impl Drop for Slot {
-        fn drop(&mut self) {
-            self.0.connections.fetch_sub(1, Ordering::AcqRel);
-            self.0.conn_released.notify_waiters();
-        }
-    }
-    let _slot = Slot(state.clone());
+    };
     let upstream = ep.target.to_string();
     let log = |flags, sent, received| {
         TcpAccess {
             peer: conn.peer,
             dst: conn.local,
             sni: sni.as_deref(),
-            cluster: Some(&name),
+            cluster: Some(name),
             upstream: Some(&upstream),
             flags,
             sent,
@@ -161,22 +84,40 @@ pub async fn proxy(
         }
         .log()
     };
-    let mut up = match pool::connect_tcp(
-        &ep.target,
-        &policy.pool,
-        pool::FirstByte::Either,
-        &state.guard,
-    )
-    .await
-    {
+    let first = pool::FirstByte::Either;
+    let up = match pool::connect_tcp(&ep.target, &policy.pool, first, &state.guard).await {
         Ok(s) => s,
         Err(_) => {
             outlier::record(&state, &ep, Outcome::LocalFailure);
-            log(flags.with(Flags::UF), 0, 0);
+            log(Flags::UF, 0, 0);
+            let mut down = down;
             let _ = down.shutdown().await;
             return;
         }
     };
+    let (received, sent, ended) =
+        serve_bytes(&shared, snap, &conn, cid, &ep, &policy, down, up).await;
+    let flags = match ended {
+        Ended::MaxDuration => Flags::DT,
+        _ => Flags::NONE,
+    };
+    log(flags, sent, received);
+}
+
+/// Copy bytes both ways, counted in the TCP metrics and the endpoint's connections: until
+/// either side closes, the connection idles for tcp.idleTimeout (1h by default) or lives for
+/// tcp.maxConnectionDuration (flag DT).
+#[allow(clippy::too_many_arguments)]
+async fn serve_bytes(
+    shared: &Shared,
+    snap: &crate::compile::Snapshot,
+    conn: &ConnInfo,
+    cid: ClusterId,
+    ep: &crate::upstream::EndpointState,
+    policy: &crate::compile::policy::ClusterPolicy,
+    mut down: TcpStream,
+    mut up: TcpStream,
+) -> (u64, u64, Ended) {
     ep.active_connections.fetch_add(1, Ordering::Relaxed);
     let labels = peers(
         &Side::source(snap, conn.peer.ip()),
@@ -187,23 +128,113 @@ pub async fn proxy(
     );
     let m = &shared.metrics;
     m.tcp_opened.get_or_create(&labels).inc();
-    // Byte-for-byte until either side closes, the connection idles for tcp.idleTimeout (1h by
-    // default) or lives for tcp.maxConnectionDuration (flag DT).
+    let pool = &policy.pool;
     let (received, sent, ended) = copy_bounded(
         &mut down,
         &mut up,
-        policy.pool.tcp_idle_timeout,
-        policy.pool.max_connection_duration,
+        pool.tcp_idle_timeout,
+        pool.max_connection_duration,
     )
     .await;
-    if ended == Ended::MaxDuration {
-        flags = flags.with(Flags::DT);
-    }
     ep.active_connections.fetch_sub(1, Ordering::Relaxed);
     m.tcp_closed.get_or_create(&labels).inc();
     m.tcp_sent.get_or_create(&labels).inc_by(sent);
     m.tcp_received.get_or_create(&labels).inc_by(received);
-    log(flags, sent, received);
+    (received, sent, ended)
+}
+
+/// The cluster a connection goes to: the first TLS (by SNI) or TCP rule that matches, one of
+/// its weighted destinations; else the service's own cluster. `Err`: the cluster name, when
+/// known, and the flag to close with (NR: no route, NC: no such cluster).
+fn route<'s>(
+    snap: &'s crate::compile::Snapshot,
+    listener: &'s crate::compile::Listener,
+    conn: &ConnInfo,
+    sni_routed: bool,
+    sni: Option<&str>,
+) -> Result<(ClusterId, &'s str), (Option<&'s str>, Flags)> {
+    let source = conn.source_info(snap);
+    let dst_ip = Some(conn.original_dst.ip());
+    let chosen = if sni_routed && !listener.tls.is_empty() {
+        let rule = match_l4(&listener.tls, dst_ip, source, sni).ok_or((None, Flags::NR))?;
+        Some(&rule.route)
+    } else {
+        match_l4(&listener.tcp, dst_ip, source, None).map(|r| &r.route)
+    };
+    let (cluster, name) = match chosen {
+        Some(wc) => {
+            let c = match wc.clusters.len() {
+                1 => &wc.clusters[0],
+                _ => &wc.clusters[super::decide::Dice::pick(&mut super::decide::ThreadDice, wc)],
+            };
+            (&c.cluster, c.name.as_str())
+        }
+        None => {
+            let id = listener.default_cluster.ok_or((None, Flags::NR))?;
+            return Ok((id, &snap.clusters[id].name));
+        }
+    };
+    match cluster {
+        ClusterRef::Cluster(id) => Ok((*id, name)),
+        ClusterRef::Missing(_) => Err((Some(name), Flags::NC)),
+    }
+}
+
+/// The endpoint for a connection: the original destination for a passthrough cluster
+/// (resolution NONE / PASSTHROUGH; it exists only when captured, else UF), else the load
+/// balancer's pick (source-IP hash for consistent hashing; UH when none is healthy).
+fn endpoint(
+    snap: &crate::compile::Snapshot,
+    state: &crate::upstream::ClusterState,
+    policy: &crate::compile::policy::ClusterPolicy,
+    cid: ClusterId,
+    conn: &ConnInfo,
+) -> Result<Arc<crate::upstream::EndpointState>, Flags> {
+    if snap.clusters[cid].passthrough {
+        if conn.original_dst == conn.local {
+            return Err(Flags::UF);
+        }
+        return Ok(Arc::new(crate::upstream::EndpointState::transient(
+            conn.original_dst,
+        )));
+    }
+    let set = state.lb_set_for_request();
+    let hash = matches!(
+        policy.lb.algorithm,
+        crate::compile::policy::LbAlgorithm::RingHash { .. }
+            | crate::compile::policy::LbAlgorithm::Maglev { .. }
+    )
+    .then(|| lb::hash64(conn.peer.ip()));
+    lb::pick(&state.lb, &policy.lb.algorithm, &set, hash, &[]).ok_or(Flags::UH)
+}
+
+/// A connection of a cluster's maxConnections, held while the connection lives.
+struct Slot(Arc<crate::upstream::ClusterState>);
+
+impl Slot {
+    /// Take one, or count an overflow.
+    fn take(state: &Arc<crate::upstream::ClusterState>, max: u32) -> Option<Slot> {
+        let taken = state
+            .connections
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            });
+        if taken.is_err() {
+            state
+                .stats
+                .upstream_cx_overflow
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(Slot(state.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        self.0.conn_released.notify_waiters();
+    }
 }
 
 /// Why a bounded copy ended.
