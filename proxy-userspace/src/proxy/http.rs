@@ -201,7 +201,7 @@ fn serve<'v>(
             served.flags = served.flags.with(Flags::DI);
             tokio::time::sleep(d).await;
         }
-        let plan = match decision.action {
+        let mut plan = match decision.action {
             Action::Reply(r) => return respond::reply(r, &mut served.flags).into(),
             Action::Forward(plan) => plan,
         };
@@ -220,7 +220,7 @@ fn serve<'v>(
             }
         };
         rec.request_bytes = body.len() as u64;
-        let ureq = upstream_request(parts, body, rule, &plan, conn.scheme);
+        let ureq = upstream_request(parts, body, rule, &mut plan, conn.scheme);
         let state = &view.clusters[plan.cluster];
         if let Some(on_upgrade) = upgrade {
             // Boxed: rare, and its state would otherwise size every request's.
@@ -313,7 +313,7 @@ fn upstream_request(
     parts: http::request::Parts,
     body: Bytes,
     rule: &HttpRule,
-    plan: &Plan<'_>,
+    plan: &mut Plan<'_>,
     scheme: &str,
 ) -> UpstreamRequest {
     let mut headers = parts.headers;
@@ -330,8 +330,9 @@ fn upstream_request(
     );
     UpstreamRequest {
         method: parts.method,
-        path: plan.path.clone(),
-        authority: plan.authority.clone(),
+        // Moved out: the plan's path and authority are the request's from here on.
+        path: std::mem::take(&mut plan.path),
+        authority: std::mem::take(&mut plan.authority),
         headers,
         body,
     }
