@@ -295,6 +295,7 @@ impl Retries<'_> {
 
     /// An answer: recorded for outlier detection; `None` when it is to be retried, else the
     /// response to send (URX when a retriable answer ran out of retries).
+    #[inline(always)]
     fn answered(
         &mut self,
         resp: Response<ResponseBody>,
@@ -318,6 +319,7 @@ impl Retries<'_> {
 
     /// A failed attempt: recorded; `Some` when it ends the request (no retry left, or the
     /// route timeout fired), `None` to retry.
+    #[inline(always)]
     fn failed(
         &mut self,
         e: AttemptError,

@@ -116,6 +116,7 @@ pub fn handle(
 
 /// Record the request (metrics, access log): now for a reply made here, when the body ends for
 /// an upstream response.
+#[inline(always)]
 fn record(
     shared: &Shared,
     view: &View,
@@ -210,9 +211,10 @@ fn serve<'v>(
         served.cid = Some(plan.cluster);
         // The HTTP/1.1 server attaches `OnUpgrade` exactly to upgrade requests.
         let upgrade = parts.extensions.remove::<OnUpgrade>();
-        let body = match buffer_body(body).await {
-            Ok(b) => b,
-            Err(local) => {
+        let body = match Limited::new(body, MAX_BUFFERED_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                let local = body_error(&*e);
                 return Out::Local(LocalReply {
                     flags: served.flags.with(local.flags),
                     ..local
@@ -267,6 +269,7 @@ async fn upgraded(
 
 /// What forwarding produced, as the pipeline's output: the response with its headers
 /// finished, or the local reply with every flag of the request.
+#[inline(always)]
 fn forwarded(
     result: forward::Forwarded,
     rule: &HttpRule,
@@ -288,27 +291,23 @@ fn forwarded(
     }
 }
 
-/// Buffer the request body (for retries and mirrors): 413 past [`MAX_BUFFERED_BODY`], 400 DPE
-/// when it breaks off.
-async fn buffer_body(body: RequestBody) -> Result<Bytes, LocalReply> {
-    match Limited::new(body, MAX_BUFFERED_BODY).collect().await {
-        Ok(b) => Ok(b.to_bytes()),
-        Err(e) => {
-            let too_big = e
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-                || e.downcast_ref::<BodyTooLarge>().is_some();
-            Err(if too_big {
-                LocalReply::new(413, "request body too large to buffer", Flags::NONE)
-            } else {
-                LocalReply::new(400, "", Flags::DPE)
-            })
-        }
+/// Why buffering the request body (for retries and mirrors) failed: 413 past
+/// [`MAX_BUFFERED_BODY`], 400 DPE when it broke off.
+fn body_error(e: &(dyn std::error::Error + Send + Sync + 'static)) -> LocalReply {
+    let too_big = e
+        .downcast_ref::<http_body_util::LengthLimitError>()
+        .is_some()
+        || e.downcast_ref::<BodyTooLarge>().is_some();
+    if too_big {
+        LocalReply::new(413, "request body too large to buffer", Flags::NONE)
+    } else {
+        LocalReply::new(400, "", Flags::DPE)
     }
 }
 
 /// The request to send upstream: hop-by-hop fields removed, the rule's and the destination's
 /// header mutations, `x-request-id`, `x-forwarded-proto`, the planned path and authority.
+#[inline(always)]
 fn upstream_request(
     parts: http::request::Parts,
     body: Bytes,
@@ -339,6 +338,7 @@ fn upstream_request(
 }
 
 /// Mirrors: fire and forget, bounded.
+#[inline(always)]
 fn mirror(shared: &Shared, view: &View, rule: &HttpRule, plan: &Plan<'_>, ureq: &UpstreamRequest) {
     for &i in &plan.mirrors {
         let crate::compile::ClusterRef::Cluster(mid) = rule.mirrors[i].cluster else {
@@ -355,6 +355,7 @@ fn mirror(shared: &Shared, view: &View, rule: &HttpRule, plan: &Plan<'_>, ureq: 
 
 /// The response's headers: hop-by-hop removed, the rule's and destination's response
 /// mutations, `x-envoy-upstream-service-time`, a generated affinity cookie, CORS.
+#[inline(always)]
 fn response_headers(
     resp: Response<ResponseBody>,
     rule: &HttpRule,
