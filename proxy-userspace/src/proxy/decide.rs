@@ -293,7 +293,6 @@ pub fn decide<'a>(
 }
 
 /// A matched rule's action: CORS preflight, fault delay and abort, then its action.
-#[inline(always)]
 fn act<'a>(
     snap: &'a Snapshot,
     rule: &'a HttpRule,
@@ -376,7 +375,6 @@ fn act<'a>(
 
 /// The forward plan for `dest`: rewritten path and authority, timeout, protocol, mirrors.
 #[allow(clippy::too_many_arguments)]
-#[inline(always)]
 fn plan<'a>(
     rule: &'a HttpRule,
     block: Option<usize>,

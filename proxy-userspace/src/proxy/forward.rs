@@ -293,33 +293,25 @@ impl Retries<'_> {
         Ok(())
     }
 
-    /// An answer: recorded for outlier detection; `None` when it is to be retried, else the
-    /// response to send (URX when a retriable answer ran out of retries).
-    #[inline(always)]
-    fn answered(
-        &mut self,
-        resp: Response<ResponseBody>,
-        ep: Arc<EndpointState>,
-        mut guards: Guards,
-    ) -> Option<Streaming> {
-        outlier::record(self.state, &ep, Outcome::Status(resp.status().as_u16()));
+    /// An answer: recorded for outlier detection; true when it is to be retried (URX when a
+    /// retriable answer ran out of retries).
+    fn retry_answer(&mut self, resp: &Response<ResponseBody>, ep: &Arc<EndpointState>) -> bool {
+        outlier::record(self.state, ep, Outcome::Status(resp.status().as_u16()));
         self.last_ep = Some(ep.clone());
-        let retriable = response_retriable(&self.retry.retry_on, &resp);
+        let retriable = response_retriable(&self.retry.retry_on, resp);
         if retriable && self.deadline.is_none_or(|d| Instant::now() < d) && self.again(true) {
-            self.avoid(&ep);
-            return None;
+            self.avoid(ep);
+            return true;
         }
         if retriable && self.retry.num_retries > 0 {
             // The retry limit (or budget) was reached with a retriable answer.
             self.flags = self.flags.with(Flags::URX);
         }
-        guards.retry = self.slot.take();
-        Some((resp, guards, self.deadline))
+        false
     }
 
     /// A failed attempt: recorded; `Some` when it ends the request (no retry left, or the
     /// route timeout fired), `None` to retry.
-    #[inline(always)]
     fn failed(
         &mut self,
         e: AttemptError,
@@ -398,15 +390,17 @@ pub async fn forward(
         )
         .await;
         match attempt {
-            Ok((resp, ep, guards)) => {
-                if let Some(done) = r.answered(resp, ep, guards) {
-                    return Forwarded {
-                        response: Ok(done),
-                        flags: r.flags,
-                        ep: r.last_ep,
-                        upstream_ms: start.elapsed().as_millis(),
-                    };
+            Ok((resp, ep, mut guards)) => {
+                if r.retry_answer(&resp, &ep) {
+                    continue;
                 }
+                guards.retry = r.slot.take();
+                return Forwarded {
+                    response: Ok((resp, guards, r.deadline)),
+                    flags: r.flags,
+                    ep: r.last_ep,
+                    upstream_ms: start.elapsed().as_millis(),
+                };
             }
             Err((e, ep)) => {
                 if let Some(e) = r.failed(e, ep, per_try) {
