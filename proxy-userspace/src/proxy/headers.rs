@@ -12,7 +12,7 @@ pub(crate) static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
 pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub(crate) static X_ENVOY_RATELIMITED: HeaderName = HeaderName::from_static("x-envoy-ratelimited");
 
-static HOP_BY_HOP: [HeaderName; 6] = [
+const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -24,18 +24,21 @@ static HOP_BY_HOP: [HeaderName; 6] = [
 /// Remove hop-by-hop headers (RFC 9110 §7.6.1). One scan over the (few) present headers
 /// instead of a hash lookup per hop-by-hop name.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Which of HOP_BY_HOP are present, as bits (no names held: dropping an array of them
-    // cost more than the scan).
-    let mut found = 0u8;
+    let mut found: [Option<HeaderName>; 6] = Default::default();
+    let mut n = 0;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
-            found |= 1 << i;
+        if n < found.len()
+            && HOP_BY_HOP.contains(name)
+            && !found[..n].iter().any(|f| f.as_ref() == Some(name))
+        {
+            found[n] = Some(name.clone());
+            n += 1;
         }
     }
-    if found == 0 {
-        return;
-    }
-    if found & 1 != 0 {
+    if found[..n]
+        .iter()
+        .any(|f| f.as_ref() == Some(&header::CONNECTION))
+    {
         // Fields the sender named in `Connection` are this hop's too (`Connection:
         // keep-alive, X-Secret`). `Upgrade` stays: the upgrade path forwards it on purpose.
         let named: Vec<HeaderName> = headers
@@ -49,10 +52,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if found & (1 << i) != 0 {
-            headers.remove(name);
-        }
+    for name in found.into_iter().flatten() {
+        headers.remove(name);
     }
 }
 
