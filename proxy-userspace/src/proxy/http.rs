@@ -116,7 +116,6 @@ pub fn handle(
 
 /// Record the request (metrics, access log): now for a reply made here, when the body ends for
 /// an upstream response.
-#[inline]
 fn record(
     shared: &Shared,
     view: &View,
@@ -269,7 +268,6 @@ async fn upgraded(
 
 /// What forwarding produced, as the pipeline's output: the response with its headers
 /// finished, or the local reply with every flag of the request.
-#[inline]
 fn forwarded(
     result: forward::Forwarded,
     rule: &HttpRule,
@@ -307,7 +305,6 @@ fn body_error(e: &(dyn std::error::Error + Send + Sync + 'static)) -> LocalReply
 
 /// The request to send upstream: hop-by-hop fields removed, the rule's and the destination's
 /// header mutations, `x-request-id`, `x-forwarded-proto`, the planned path and authority.
-#[inline]
 fn upstream_request(
     parts: http::request::Parts,
     body: Bytes,
@@ -354,7 +351,6 @@ fn mirror(shared: &Shared, view: &View, rule: &HttpRule, plan: &Plan<'_>, ureq: 
 
 /// The response's headers: hop-by-hop removed, the rule's and destination's response
 /// mutations, `x-envoy-upstream-service-time`, a generated affinity cookie, CORS.
-#[inline]
 fn response_headers(
     resp: Response<ResponseBody>,
     rule: &HttpRule,
