@@ -50,6 +50,9 @@ pub struct Options {
     pub allow_upstream: Vec<ipnet::IpNet>,
     /// The cluster domain short host names expand into.
     pub cluster_domain: crate::config::ClusterDomain,
+    /// Downstream connection cap (`None`: half the open-file limit, each proxied connection
+    /// needing a second descriptor upstream).
+    pub max_connections: Option<usize>,
 }
 
 /// `--source kubernetes`: the client and the source's settings.
@@ -153,6 +156,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
             locality: opts.locality.clone(),
             timeouts: opts.timeouts,
             allow_upstream: opts.allow_upstream.clone(),
+            max_connections: opts.max_connections.unwrap_or_else(default_max_connections),
         },
         kernel,
     );
@@ -236,4 +240,13 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         dataplane,
         stop,
     })
+}
+
+/// Half the open-file limit: a proxied connection holds a descriptor downstream and one
+/// upstream, and the rest (listeners, pools, files) must fit too.
+fn default_max_connections() -> usize {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| (soft / 2) as usize)
+        .unwrap_or(512)
+        .max(64)
 }

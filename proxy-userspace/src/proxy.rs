@@ -48,6 +48,9 @@ pub struct ProxyOptions {
     /// Node ranges upstream connections may reach although capture refuses them
     /// (`--allow-upstream-cidr`).
     pub allow_upstream: Vec<ipnet::IpNet>,
+    /// Downstream connections past which those waiting for a request are shed (0: no cap);
+    /// past twice this, new connections are closed at accept.
+    pub max_connections: usize,
 }
 
 /// Downstream HTTP/1 time limits: what a slow or idle client may hold (a slowloris holds a
@@ -138,6 +141,7 @@ impl Default for ProxyOptions {
             locality: None,
             timeouts: Timeouts::default(),
             allow_upstream: Vec::new(),
+            max_connections: 0,
         }
     }
 }

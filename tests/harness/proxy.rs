@@ -164,6 +164,7 @@ pub async fn start_custom(
         timeouts: Default::default(),
         allow_upstream: Vec::new(),
         cluster_domain: Default::default(),
+        max_connections: None,
     };
     f(&mut opts);
     let running = nodeproxy::app::start(opts).await.expect("proxy starts");

@@ -448,3 +448,71 @@ async fn upgrades_count_against_max_connections_and_honour_the_idle_timeout() {
     })
     .await;
 }
+
+/// The downstream connection cap: 600 slow partial heads against a proxy capped at 100
+/// connections (head timeout 30 s, so only shedding can end them): accepts at the cap shed
+/// the connections waiting for a head, a normal request made during the attack is answered in
+/// under a second, the slow connections are closed long before their head timeout, and the
+/// sheds are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_sheds_slow_heads_before_normal_clients() {
+    let s = scenario();
+    let _up = Recorder::start(&format!("{}:{}", s.ip(11), proxy::SERVICE_PORT)).await;
+    let p = proxy::start_custom(&s, None, s.path.parent().unwrap().to_path_buf(), |o| {
+        o.max_connections = Some(100);
+        o.timeouts.request_head = Duration::from_secs(30);
+    })
+    .await;
+    let vip = s.vip();
+    let mut attack = Vec::new();
+    for _ in 0..600 {
+        let mut c = TcpStream::connect(&vip).await.expect("connect");
+        c.write_all(b"GET /slow HTTP/1.1\r\nHost: raw.example\r\nX-A: ")
+            .await
+            .unwrap();
+        attack.push(c);
+    }
+    // Past the shed grace, so the waiting heads are the ones to go.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let start = Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        exchange(
+            &vip,
+            b"GET /ok HTTP/1.1\r\nHost: raw.example\r\nConnection: close\r\n\r\n",
+        ),
+    )
+    .await
+    .expect("answered during the attack");
+    let took = start.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(took < Duration::from_secs(1), "answered in {took:?}");
+    // The slow heads are shed, not left to their 30 s head timeout.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut closed = 0;
+    for mut c in attack {
+        let mut sink = [0u8; 64];
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(left, c.read(&mut sink)).await {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 450,
+        "{closed} of 600 slow heads closed within 5 s"
+    );
+    assert!(
+        p.shared.active_connections() <= 200,
+        "{} connections left",
+        p.shared.active_connections()
+    );
+    let metrics = nodeproxy_tests::http_get(&p.admin_addr.to_string(), "/stats/prometheus")
+        .expect("metrics")
+        .1;
+    let shed = metrics
+        .lines()
+        .find(|l| l.starts_with("nodeproxy_downstream_cx_shed_total "))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(shed > 0, "sheds counted:\n{metrics}");
+}

@@ -254,6 +254,7 @@ async fn admin_refuses_public_address_without_flag() {
         timeouts: Default::default(),
         allow_upstream: Vec::new(),
         cluster_domain: Default::default(),
+        max_connections: None,
     })
     .await;
     let err = r.err().expect("refused").to_string();

@@ -125,6 +125,11 @@ pub struct RunArgs {
     /// the node's addresses) are refused; this lets a range through (repeatable).
     #[arg(long = "allow-upstream-cidr", value_name = "CIDR")]
     pub allow_upstream_cidr: Vec<ipnet::IpNet>,
+    /// Downstream connections past which those waiting for a request (slow heads, idle
+    /// keep-alives) are closed; past twice this, new connections are closed at accept
+    /// (default: half the open-file limit).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_downstream_connections: Option<u64>,
     /// HTTP/1: longest time from a connection's accept, or a request's first byte, to its
     /// complete head (then 408 and close).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -249,6 +254,7 @@ impl RunArgs {
                 },
                 allow_upstream: self.allow_upstream_cidr,
                 cluster_domain: self.cluster_domain,
+                max_connections: self.max_downstream_connections.map(|n| n as usize),
             },
             kubernetes,
             pin_cpus: self.cpu_affinity == CpuAffinity::Auto,

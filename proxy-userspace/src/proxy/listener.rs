@@ -221,6 +221,7 @@ async fn accept(shared: &Shared, listener: &Listener) -> (std::net::TcpStream, S
         };
         match accepted {
             Ok((sock, addr)) => {
+                shed_at_cap(shared);
                 if let Some(peer) = addr.as_socket() {
                     return (sock.into(), peer);
                 }
@@ -236,6 +237,33 @@ async fn accept(shared: &Shared, listener: &Listener) -> (std::net::TcpStream, S
             }
         }
     }
+}
+
+/// The downstream connection cap, at accept: at it, the connections waiting for a request
+/// (slow heads, idle keep-alives, waiting longer than the shed grace) give theirs back, so an
+/// attack on the count cannot lock out clients with work to do.
+fn shed_at_cap(shared: &Shared) {
+    let cap = shared.options.max_connections;
+    if cap != 0 && shared.active_connections() >= cap {
+        shared.metrics.downstream_shed.inc();
+        shared.shed_waiting();
+    }
+}
+
+/// Past twice the cap, a new connection waits a moment for the sheds to take effect and is
+/// closed if they have not (in its own task: the accept loop never waits).
+async fn room_past_cap(shared: &Shared) -> bool {
+    let hard = shared.options.max_connections.saturating_mul(2);
+    if hard == 0 || shared.active_connections() < hard {
+        return true;
+    }
+    shared.shed_waiting();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    if shared.active_connections() < hard {
+        return true;
+    }
+    shared.metrics.downstream_overflow.inc();
+    false
 }
 
 #[allow(unsafe_code)]
@@ -286,6 +314,9 @@ async fn accept_loop(shared: Arc<Shared>, listener: Listener, lref: ListenerRef)
 /// on the bare socket as long as nothing has to wait; TLS, TCP and protocol sniffing register
 /// it at once.
 pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, accepted: Accepted) {
+    if !room_past_cap(&shared).await {
+        return;
+    }
     let _active = shared.track_connection();
     let (protocol, tls_config) = {
         let view = shared.view.load();

@@ -293,6 +293,11 @@ pub struct Metrics {
     pub fastpath: Counter,
     /// `nodeproxy_upstream_refused_total`: dials the SSRF guard refused.
     pub upstream_refused: Counter,
+    /// `nodeproxy_downstream_cx_shed_total`: accepts that found the downstream connection cap
+    /// reached and shed the connections waiting for a request.
+    pub downstream_shed: Counter,
+    /// `nodeproxy_downstream_cx_overflow_total`: connections closed at accept, past twice the cap.
+    pub downstream_overflow: Counter,
     last_reloads: AtomicU64,
     last_rejections: AtomicU64,
 }
@@ -420,6 +425,20 @@ impl Metrics {
             "Upstream connections refused: the destination is the node's own or the proxy's",
             upstream_refused.clone(),
         );
+        let downstream_shed = Counter::default();
+        names.push("nodeproxy_downstream_cx_shed");
+        registry.register(
+            "nodeproxy_downstream_cx_shed",
+            "Accepts that found the downstream connection cap reached (connections waiting for a request were shed)",
+            downstream_shed.clone(),
+        );
+        let downstream_overflow = Counter::default();
+        names.push("nodeproxy_downstream_cx_overflow");
+        registry.register(
+            "nodeproxy_downstream_cx_overflow",
+            "Downstream connections closed at accept, past twice the connection cap",
+            downstream_overflow.clone(),
+        );
         let snapshot_version = Gauge::default();
         names.push("nodeproxy_config_reloads");
         registry.register(
@@ -486,6 +505,8 @@ impl Metrics {
             kernel,
             fastpath,
             upstream_refused,
+            downstream_shed,
+            downstream_overflow,
             last_reloads: AtomicU64::new(0),
             last_rejections: AtomicU64::new(0),
         })

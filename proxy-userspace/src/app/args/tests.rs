@@ -204,3 +204,17 @@ fn upstream_cidrs_are_parsed() {
             .contains("--allow-upstream-cidr")
     );
 }
+
+#[test]
+fn the_connection_cap_defaults_to_the_descriptor_limit() {
+    assert_eq!(
+        plan("--config a.yaml", &user()).options.max_connections,
+        None
+    );
+    let p = plan("--config a.yaml --max-downstream-connections 5000", &user());
+    assert_eq!(p.options.max_connections, Some(5000));
+    assert!(
+        parse_error("--config a.yaml --max-downstream-connections 0")
+            .contains("--max-downstream-connections")
+    );
+}
