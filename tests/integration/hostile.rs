@@ -516,3 +516,105 @@ async fn the_connection_cap_sheds_slow_heads_before_normal_clients() {
         .unwrap_or(0);
     assert!(shed > 0, "sheds counted:\n{metrics}");
 }
+
+/// HTTP/2 gets HTTP/1's time limits: a connection that sends the preface and nothing more is
+/// shut down after the head timeout, one whose streams are done after the idle timeout, and a
+/// request body that stalls fails its stream with 408 (the backend gets nothing).
+#[tokio::test]
+async fn h2c_connections_and_bodies_have_timeouts_too() {
+    let s = scenario();
+    let up = Recorder::start(&format!("{}:{}", s.ip(11), proxy::SERVICE_PORT)).await;
+    let _p = with_timeouts(&s, SHORT).await;
+    // The preface and an empty SETTINGS frame, then silence: GOAWAY and close.
+    let mut silent = TcpStream::connect(s.vip()).await.unwrap();
+    silent
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(4), silent.read_to_end(&mut sink))
+        .await
+        .expect("a silent h2c connection is closed")
+        .ok();
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        start.elapsed()
+    );
+    // A GOAWAY frame (type 7) came before the close.
+    assert!(
+        sink.windows(4).any(|w| w[3] == 7 && w[..3] == [0, 0, 8]),
+        "{sink:?}"
+    );
+
+    // One request, then idle: the connection ends after the idle timeout.
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(s.vip()).await.unwrap());
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/ok", s.vip()))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(4), conn)
+        .await
+        .expect("an idle h2c connection is closed")
+        .unwrap()
+        .ok();
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        start.elapsed()
+    );
+
+    // A body that sends a few bytes and stalls: 408.
+    let seen = up.heads.lock().unwrap().len();
+    let io = hyper_util::rt::TokioIo::new(TcpStream::connect(s.vip()).await.unwrap());
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel::<
+        Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    >(1);
+    tx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+        b"part",
+    ))))
+    .await
+    .unwrap();
+    let body = http_body_util::StreamBody::new(tokio_stream_from(rx));
+    let req = http::Request::post(format!("http://{}/stall", s.vip()))
+        .body(body)
+        .unwrap();
+    let start = Instant::now();
+    let resp = tokio::time::timeout(Duration::from_secs(4), send.send_request(req))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(resp.status(), 408);
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        up.heads.lock().unwrap().len(),
+        seen,
+        "the backend got nothing"
+    );
+    drop(tx);
+}
+
+/// A stream of the frames a channel receives.
+fn tokio_stream_from<T>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

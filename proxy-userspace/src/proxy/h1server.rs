@@ -130,8 +130,8 @@ pub enum RequestBody {
     Buffered(Option<Bytes>),
     /// Over the buffering limit: yields [`BodyTooLarge`].
     TooLarge,
-    /// From hyper's HTTP/2 server.
-    Hyper(hyper::body::Incoming),
+    /// From hyper's HTTP/2 server, with its idle timer.
+    Hyper(hyper::body::Incoming, BodyIdle),
 }
 
 /// The request body exceeded what the proxy buffers.
@@ -146,6 +146,18 @@ impl std::fmt::Display for BodyTooLarge {
 
 impl std::error::Error for BodyTooLarge {}
 
+/// An HTTP/2 request body that stalled for the body-idle timeout (408).
+#[derive(Debug)]
+pub struct BodyTimeout;
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("request body idle timeout")
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
+
 impl Body for RequestBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -157,7 +169,16 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Buffered(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RequestBody::TooLarge => Poll::Ready(Some(Err(Box::new(BodyTooLarge)))),
-            RequestBody::Hyper(b) => crate::body::poll_incoming(b, cx),
+            RequestBody::Hyper(b, idle) => match crate::body::poll_incoming(b, cx) {
+                Poll::Pending if idle.poll_expired(cx) => {
+                    Poll::Ready(Some(Err(Box::new(BodyTimeout))))
+                }
+                Poll::Pending => Poll::Pending,
+                ready => {
+                    idle.sleep = None;
+                    ready
+                }
+            },
         }
     }
 
@@ -165,7 +186,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Buffered(b) => b.is_none(),
             RequestBody::TooLarge => false,
-            RequestBody::Hyper(b) => b.is_end_stream(),
+            RequestBody::Hyper(b, _) => b.is_end_stream(),
         }
     }
 
@@ -174,7 +195,7 @@ impl Body for RequestBody {
             RequestBody::Buffered(Some(b)) => SizeHint::with_exact(b.len() as u64),
             RequestBody::Buffered(None) => SizeHint::with_exact(0),
             RequestBody::TooLarge => SizeHint::default(),
-            RequestBody::Hyper(b) => b.size_hint(),
+            RequestBody::Hyper(b, _) => b.size_hint(),
         }
     }
 }
@@ -357,17 +378,120 @@ async fn read_head<I: Transport>(
     }
 }
 
+/// An HTTP/2 connection's streams: how many are being handled, and when the last one ended
+/// (milliseconds since the connection started; `u64::MAX`: none has started yet).
+struct H2Streams {
+    open: std::sync::atomic::AtomicUsize,
+    last_end: std::sync::atomic::AtomicU64,
+    born: tokio::time::Instant,
+}
+
+/// Counts a stream as open while its request is handled.
+struct StreamGuard(Arc<H2Streams>);
+
+impl StreamGuard {
+    fn new(s: &Arc<H2Streams>) -> StreamGuard {
+        s.open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        StreamGuard(s.clone())
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let ms = self.0.born.elapsed().as_millis() as u64;
+        self.0
+            .last_end
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// HTTP/2 (h2c with prior knowledge) through hyper's server, under the same time limits as
+/// HTTP/1: a connection that opens no stream within the head timeout, or has none open for the
+/// idle timeout, is shut down gracefully (GOAWAY; streams in flight finish); a request body
+/// that stalls for the body-idle timeout fails its stream.
 async fn serve_h2(shared: Arc<Shared>, conn: Arc<ConnInfo>, io: Upgraded) {
+    let limits = shared.options.timeouts;
+    let streams = Arc::new(H2Streams {
+        open: Default::default(),
+        last_end: std::sync::atomic::AtomicU64::new(u64::MAX),
+        born: tokio::time::Instant::now(),
+    });
+    let counted = streams.clone();
     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let guard = StreamGuard::new(&counted);
+        let req = req.map(|b| RequestBody::Hyper(b, BodyIdle::new(limits.body_idle)));
         let fut = Box::into_pin(Box::write(
             Box::new_uninit(),
-            pipeline::handle(shared.clone(), conn.clone(), req.map(RequestBody::Hyper)),
+            pipeline::handle(shared.clone(), conn.clone(), req),
         ));
-        async move { Ok::<_, std::convert::Infallible>(fut.await) }
+        async move {
+            let resp = fut.await;
+            drop(guard);
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
-    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(io), svc)
-        .await;
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        // Envoy's defaults for a proxy: bounded streams and header lists, rapid resets capped
+        // by hyper's own defaults (CVE-2023-44487).
+        .max_concurrent_streams(1024)
+        .max_header_list_size(MAX_HEAD as u32);
+    let served = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(served);
+    let mut wake = streams.born + limits.request_head;
+    loop {
+        tokio::select! {
+            _ = served.as_mut() => return,
+            () = tokio::time::sleep_until(wake) => {}
+        }
+        let now = tokio::time::Instant::now();
+        if streams.open.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            wake = now + limits.idle;
+            continue;
+        }
+        let idle_since = match streams.last_end.load(std::sync::atomic::Ordering::Relaxed) {
+            u64::MAX => streams.born,
+            ms => streams.born + std::time::Duration::from_millis(ms),
+        };
+        let limit = match streams.last_end.load(std::sync::atomic::Ordering::Relaxed) {
+            u64::MAX => limits.request_head,
+            _ => limits.idle,
+        };
+        if now < idle_since + limit {
+            wake = idle_since + limit;
+            continue;
+        }
+        // GOAWAY; the connection ends once the client has read it (bounded).
+        served.as_mut().graceful_shutdown();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), served).await;
+        return;
+    }
+}
+
+/// The body-idle timer of an HTTP/2 request body: armed while waiting for a frame, reset by
+/// each one.
+pub struct BodyIdle {
+    limit: std::time::Duration,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl BodyIdle {
+    fn new(limit: std::time::Duration) -> BodyIdle {
+        BodyIdle { limit, sleep: None }
+    }
+
+    /// Ready when the body has been silent for the limit.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let limit = self.limit;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        sleep.as_mut().poll(cx).is_ready()
+    }
 }
 
 /// `wait`, unless the proxy runs out of descriptors meanwhile and the wait for this request

@@ -290,7 +290,7 @@ fn forwarded(
 }
 
 /// Why buffering the request body (for retries and mirrors) failed: 413 past
-/// [`MAX_BUFFERED_BODY`], 400 DPE when it broke off.
+/// [`MAX_BUFFERED_BODY`], 408 when an HTTP/2 body stalled, 400 DPE when it broke off.
 fn body_error(e: &(dyn std::error::Error + Send + Sync + 'static)) -> LocalReply {
     let too_big = e
         .downcast_ref::<http_body_util::LengthLimitError>()
@@ -298,6 +298,8 @@ fn body_error(e: &(dyn std::error::Error + Send + Sync + 'static)) -> LocalReply
         || e.downcast_ref::<BodyTooLarge>().is_some();
     if too_big {
         LocalReply::new(413, "request body too large to buffer", Flags::NONE)
+    } else if e.downcast_ref::<super::h1server::BodyTimeout>().is_some() {
+        LocalReply::new(408, "request timeout", Flags::NONE)
     } else {
         LocalReply::new(400, "", Flags::DPE)
     }
