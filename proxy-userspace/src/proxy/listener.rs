@@ -394,7 +394,9 @@ async fn serve_tls(
     cfg: Arc<rustls::ServerConfig>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+    // The handshake is the head of a TLS connection: the same limit.
+    let limit = shared.options.timeouts.request_head;
+    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
         Ok(Ok(tls_stream)) => {
             let conn = Arc::new(ConnInfo {
                 scheme: "https",
