@@ -618,3 +618,49 @@ fn tokio_stream_from<T>(
 ) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+/// Upgrades feed outlier detection: an endpoint that answers upgrade requests with 503 is
+/// ejected after `consecutive5xxErrors` of them, and the next plain request finds no healthy
+/// upstream (without the upgrades' outcomes it would reach the endpoint).
+#[tokio::test]
+async fn failed_upgrades_eject_their_endpoint() {
+    let s = Scenario::from_config("canary.yaml");
+    let yaml = s
+        .yaml
+        .replace("      weight: 80\n", "      weight: 100\n")
+        .replace("      weight: 20\n", "      weight: 0\n")
+        .replace(
+            "  host: reviews\n",
+            "  host: reviews\n  trafficPolicy: {outlierDetection: {consecutive5xxErrors: 2, interval: 50ms, baseEjectionTime: 30s, maxEjectionPercent: 100}}\n",
+        );
+    assert!(yaml.contains("consecutive5xxErrors: 2"), "{yaml}");
+    let s = Scenario::from_yaml_on(yaml, s.net.clone());
+    let backend =
+        nodeproxy_tests::backend::Backend::start(&format!("{}:8080", s.ip(11)), "v1").await;
+    backend.behaviour.status.store(503, Ordering::SeqCst);
+    let _p = proxy::start(&s, None).await;
+    for _ in 0..2 {
+        let (head, _c) = upgrade(&s.vip()).await;
+        assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    }
+    let served = backend.count();
+    let vip = s.vip();
+    let answer = nodeproxy_tests::eventually_async(Duration::from_secs(5), || {
+        let vip = vip.clone();
+        async move {
+            let a = exchange(
+                &vip,
+                b"GET / HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            a.ends_with("no healthy upstream").then_some(a)
+        }
+    })
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert_eq!(
+        backend.count(),
+        served,
+        "the ejected endpoint got no request"
+    );
+}
