@@ -75,22 +75,25 @@ static __always_inline int np_connect(struct bpf_sock_addr *ctx, struct np_addr 
 		np_count(NP_R_FASTPATH);
 		return SYS_PROCEED;
 	}
-	/* Proxy mode. */
+	/* Proxy mode. Without a capture address of the destination's family the connection
+	 * cannot reach the proxy: it is refused (EPERM), never let through to the service
+	 * address, where it would skip every L7 rule (fail closed; counted and reported). */
 	if (v6 == NP_SOCK_V6 ?
 		    !(np_capture_ip6[0] | np_capture_ip6[1] | np_capture_ip6[2] | np_capture_ip6[3]) :
 		    !np_capture_ip4) {
 		np_count(NP_R_NO_CAPTURE_ADDR);
-		return SYS_PROCEED;
+		np_event(NP_R_NO_CAPTURE_ADDR, netns, orig, NULL);
+		return SYS_REJECT;
 	}
 	{
 		__u64 cookie = bpf_get_socket_cookie(ctx);
 
 		if (bpf_map_update_elem(&np_orig_cookie, &cookie, orig, BPF_ANY)) {
-			/* Without the original destination the proxy would refuse the connection:
-			 * leave it untouched instead (fail open) and say so. */
+			/* Without the original destination the proxy could not route it: refused
+			 * (fail closed, as above), counted and reported. */
 			np_count(NP_R_ORIG_DST_FULL);
 			np_event(NP_R_ORIG_DST_FULL, netns, orig, NULL);
-			return SYS_PROCEED;
+			return SYS_REJECT;
 		}
 	}
 	if (v6 == NP_SOCK_V4_MAPPED) {

@@ -13,6 +13,7 @@
 #include "abi.h"
 
 #define SYS_PROCEED 1
+#define SYS_REJECT 0
 
 /* Service address:port -> handling. Written by userspace from each snapshot. */
 struct {

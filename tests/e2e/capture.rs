@@ -882,3 +882,64 @@ async fn a_v4_mapped_connect_from_a_dual_stack_socket_is_captured() {
     let seen = blocking(move || s2.read_from_client(db)).await;
     assert_eq!(seen, s.node.pods[s.client].ip.to_string());
 }
+
+/// An IPv6 service address that needs the proxy, with a capture listener of IPv4 only: the
+/// pod's connect is refused (EPERM, counted), never let through to the address itself, where
+/// a listener in the pod stands for whatever would answer there without the mesh's rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ipv6_service_without_an_ipv6_capture_address_fails_closed() {
+    if !require_root("an_ipv6_service_without_an_ipv6_capture_address_fails_closed") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let s = std::sync::Arc::new(scene("v6closed").await);
+    let v6: std::net::Ipv6Addr = "fd00:6e70::1".parse().unwrap();
+    let cfg = s.dir.0.join("mesh.yaml");
+    let mut yaml = std::fs::read_to_string(&cfg).unwrap();
+    yaml.push_str(&format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ratings6}}
+spec:
+  hosts: [ratings6.default.svc.cluster.local]
+  addresses: [\"{v6}\"]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  endpoints: [{{address: {}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: ratings6}}
+spec:
+  hosts: [ratings6.default.svc.cluster.local]
+  http:
+  - fault: {{abort: {{httpStatus: 418, percentage: {{value: 100}}}}}}
+    route: [{{destination: {{host: ratings6.default.svc.cluster.local}}}}]
+",
+        s.node.pods[s.v2].ip
+    ));
+    std::fs::write(&cfg, yaml).unwrap();
+    // Whatever answers at the service address without the mesh: here, a listener in the pod.
+    let pod = &s.node.pods[s.client];
+    let out = pod.exec(&["ip", "-6", "addr", "add", &format!("{v6}/128"), "dev", "lo"]);
+    assert!(out.status.success(), "{out:?}");
+    pod.exec(&["ip", "link", "set", "lo", "up"]);
+    let addr = std::net::SocketAddr::new(v6.into(), 80);
+    let _escape = nodeproxy_tests::node::in_netns(&pod.path(), || {
+        std::net::TcpListener::bind(addr).expect("listen on the v6 service address")
+    });
+    let _proxy = s.start_proxy();
+    let before = s.counter("no_capture_addr");
+    let ns = pod.path();
+    let r = blocking(move || {
+        nodeproxy_tests::node::in_netns(&ns, || {
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        })
+    })
+    .await;
+    let e = r.expect_err("the connect must not reach the service address");
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+    assert!(s.counter("no_capture_addr") > before);
+}
