@@ -131,6 +131,9 @@ pub enum Error {
 pub struct Options {
     /// Where captured connections arrive (the proxy listens here).
     pub capture: SocketAddr,
+    /// A second capture address of the other family (IPv6 beside IPv4), same port: connects
+    /// to services of that family are sent there.
+    pub capture_alt: Option<SocketAddr>,
     /// Network namespaces to enroll at start.
     pub enroll: Vec<PathBuf>,
     /// Interfaces to guard with XDP.
@@ -175,7 +178,7 @@ pub struct Kernel {
     /// Kept alive: programs and their links.
     _objects: Vec<Ebpf>,
     pin_dir: PathBuf,
-    capture: SocketAddr,
+    captures: Vec<SocketAddr>,
     attached: Vec<String>,
     /// The sk_msg splice's maps (`--sockmap`).
     splice: Option<Splice>,
@@ -458,9 +461,14 @@ impl Kernel {
         out
     }
 
-    /// Where captured connections arrive.
+    /// Where captured connections arrive (the first capture address).
     pub fn capture(&self) -> SocketAddr {
-        self.capture
+        self.captures[0]
+    }
+
+    /// Every capture address (one per address family).
+    pub fn captures(&self) -> &[SocketAddr] {
+        &self.captures
     }
 
     /// Everything `/kernel` shows.
@@ -477,7 +485,7 @@ impl Kernel {
             })
             .collect();
         KernelStatus {
-            capture: self.capture,
+            capture: self.capture(),
             attached: self.attached.clone(),
             pin_dir: self.pin_dir.clone(),
             enrolled: st.enrolled.clone(),
@@ -616,6 +624,7 @@ mod tests {
         }
         let opts = Options {
             capture: "127.0.0.1:15001".parse().unwrap(),
+            capture_alt: None,
             enroll: vec![PathBuf::from("/proc/self/ns/net")],
             uplinks: Vec::new(),
             guard_ports: Vec::new(),

@@ -289,7 +289,9 @@ impl Shared {
         }
         let guard = Arc::new(guard);
         if let Some(k) = &kernel {
-            guard.add_base(k.capture());
+            for &a in k.captures() {
+                guard.add_base(a);
+            }
         }
         let clusters = Clusters::new(options.locality.clone(), guard.clone());
         let view = clusters.sync(snapshot);

@@ -943,3 +943,126 @@ spec:
     assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
     assert!(s.counter("no_capture_addr") > before);
 }
+
+/// IPv6 end to end: with a capture address per family, a pod's connect to an IPv6 service
+/// address is captured and routed by the proxy (weighted split and a header route), and an
+/// IPv6 TCP service is balanced in the kernel to an IPv6 endpoint that sees the pod itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_ipv6_service_is_captured_split_and_fast_pathed() {
+    if !require_root("an_ipv6_service_is_captured_split_and_fast_pathed") {
+        return;
+    }
+    let _serial = SERIAL.lock().await;
+    let s = std::sync::Arc::new(scene("v6").await);
+    let (vip, db) = (s.node.vip6(1), s.node.vip6(2));
+    let echo = &s.node.pods[s.node.pods.len() - 1];
+    // The TCP echo answers on the pod's IPv6 address too.
+    let l6 = nodeproxy_tests::node::in_netns(&echo.path(), || {
+        std::net::TcpListener::bind(SocketAddr::new(echo.ip6.into(), 9000))
+    })
+    .expect("listen on the pod's IPv6 address");
+    l6.set_nonblocking(true).unwrap();
+    let l6 = tokio::net::TcpListener::from_std(l6).unwrap();
+    let _echo6 = tokio::spawn(async move {
+        while let Ok((mut c, peer)) = l6.accept().await {
+            let _ = c.write_all(peer.ip().to_string().as_bytes()).await;
+            let _ = c.shutdown().await;
+        }
+    });
+    let cfg = s.dir.0.join("mesh.yaml");
+    let mut yaml = std::fs::read_to_string(&cfg).unwrap();
+    yaml.push_str(&format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ratings6}}
+spec:
+  hosts: [ratings6.default.svc.cluster.local]
+  addresses: [\"{vip}\"]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  endpoints:
+  - {{address: {v1}, labels: {{version: v1}}}}
+  - {{address: {v2}, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: ratings6}}
+spec:
+  host: ratings6.default.svc.cluster.local
+  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: ratings6}}
+spec:
+  hosts: [ratings6.default.svc.cluster.local]
+  http:
+  - match: [{{headers: {{end-user: {{exact: jason}}}}}}]
+    route: [{{destination: {{host: ratings6.default.svc.cluster.local, subset: v2}}}}]
+  - route:
+    - {{destination: {{host: ratings6.default.svc.cluster.local, subset: v1}}, weight: 80}}
+    - {{destination: {{host: ratings6.default.svc.cluster.local, subset: v2}}, weight: 20}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: db6}}
+spec:
+  hosts: [db6.default.svc.cluster.local]
+  addresses: [\"{db}\"]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 5432, name: tcp, protocol: TCP, targetPort: 9000}}]
+  endpoints: [{{address: \"{e6}\"}}]
+",
+        v1 = s.node.pods[s.node.pods.len() - 3].ip,
+        v2 = s.node.pods[s.v2].ip,
+        e6 = echo.ip6,
+    ));
+    std::fs::write(&cfg, yaml).unwrap();
+    let capture6 = format!("[{}]:15001", s.node.ip6());
+    let _proxy = s.start_proxy_with(&["--capture-listen", &capture6]);
+    let before = s.counter("redirect_proxy");
+    let to = SocketAddr::new(vip.into(), 80);
+    let s2 = s.clone();
+    let bodies = blocking(move || {
+        (0..200)
+            .map(|_| {
+                s2.node.pods[s2.client]
+                    .http_get(to, "/", &[("host", "ratings6.default.svc.cluster.local")])
+                    .expect("request to the IPv6 VIP")
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    assert!(bodies.iter().all(|(st, _)| *st == 200), "{bodies:?}");
+    let v2 = bodies.iter().filter(|(_, b)| b == "v2").count() as f64;
+    let sd = (200.0f64 * 0.2 * 0.8).sqrt();
+    assert!((v2 - 40.0).abs() <= 3.29 * sd + 1.0, "v2 got {v2}/200");
+    assert!(
+        s.counter("redirect_proxy") >= before + 200,
+        "through the proxy"
+    );
+    let s2 = s.clone();
+    let (_, body) = blocking(move || {
+        s2.node.pods[s2.client]
+            .http_get(
+                to,
+                "/",
+                &[
+                    ("host", "ratings6.default.svc.cluster.local"),
+                    ("end-user", "jason"),
+                ],
+            )
+            .unwrap()
+    })
+    .await;
+    assert_eq!(body, "v2");
+    // The fast path: the IPv6 endpoint sees the pod's own IPv6 address.
+    let before = s.counter("fastpath");
+    let s2 = s.clone();
+    let seen = blocking(move || s2.read_from_client(SocketAddr::new(db.into(), 5432))).await;
+    assert_eq!(seen, s.node.pods[s.client].ip6.to_string());
+    assert!(s.counter("fastpath") > before);
+}

@@ -82,6 +82,8 @@ pub struct Pod {
     pub ns: Netns,
     /// Its address.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address.
+    pub ip6: std::net::Ipv6Addr,
 }
 
 impl Pod {
@@ -186,6 +188,16 @@ impl Node {
             "dev",
             "br0",
         ]);
+        ip(&[
+            "-n",
+            node,
+            "addr",
+            "add",
+            &format!("fd00:{:x}:{:x}::1/64", net.0, net.1),
+            "dev",
+            "br0",
+            "nodad",
+        ]);
         ip(&["-n", node, "link", "set", "br0", "up"]);
         // Forwarding on, and mesh VIPs unreachable from the node: a connect that is not rewritten
         // fails fast (ICMP unreachable) instead of hanging.
@@ -194,6 +206,19 @@ impl Node {
             .args(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
             .status();
         ip(&["-n", node, "route", "add", "unreachable", "10.96.0.0/16"]);
+        let _ = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{node}"))
+            .args(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+            .status();
+        ip(&[
+            "-n",
+            node,
+            "-6",
+            "route",
+            "add",
+            "unreachable",
+            "fd00:96::/32",
+        ]);
         eprintln!("{test}: node {node} on 10.{}.{}.0/24", net.0, net.1);
         Node {
             ns,
@@ -207,6 +232,16 @@ impl Node {
     /// The node's bridge address (capture address host part).
     pub fn ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, self.net.0, self.net.1, 1)
+    }
+
+    /// The node's bridge IPv6 address.
+    pub fn ip6(&self) -> std::net::Ipv6Addr {
+        std::net::Ipv6Addr::new(0xfd00, self.net.0.into(), self.net.1.into(), 0, 0, 0, 0, 1)
+    }
+
+    /// An IPv6 mesh service address in the unreachable VIP range, unique to this node.
+    pub fn vip6(&self, host: u8) -> std::net::Ipv6Addr {
+        std::net::Ipv6Addr::new(0xfd00, 0x96, self.net.0.into(), 0, 0, 0, 0, host.into())
     }
 
     /// A mesh service address in the unreachable VIP range, unique to this node.
@@ -247,7 +282,28 @@ impl Node {
             "dev",
             "eth0",
         ]);
+        let addr6 = std::net::Ipv6Addr::new(
+            0xfd00,
+            self.net.0.into(),
+            self.net.1.into(),
+            0,
+            0,
+            0,
+            0,
+            host.into(),
+        );
+        ip(&[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{addr6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         ip(&["-n", &ns.name, "link", "set", "eth0", "up"]);
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
         ip(&[
             "-n",
             &ns.name,
@@ -257,7 +313,21 @@ impl Node {
             "via",
             &self.ip().to_string(),
         ]);
-        self.pods.push(Pod { ns, ip: addr });
+        ip(&[
+            "-n",
+            &ns.name,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.ip6().to_string(),
+        ]);
+        self.pods.push(Pod {
+            ns,
+            ip: addr,
+            ip6: addr6,
+        });
         self.pods.len() - 1
     }
 

@@ -91,9 +91,10 @@ pub struct RunArgs {
     /// Allow a non-loopback --admin address.
     #[arg(long)]
     pub admin_public: bool,
-    /// Where captured connections arrive (default: the node's primary address, port 15001).
+    /// Where captured connections arrive (default: the node's primary address, port 15001);
+    /// give it twice, an IPv4 and an IPv6 address with one port, to capture both families.
     #[arg(long)]
-    pub capture_listen: Option<SocketAddr>,
+    pub capture_listen: Vec<SocketAddr>,
     /// Enroll this network namespace at start (repeatable), e.g. /run/netns/pod1.
     #[arg(long = "enroll-netns")]
     pub enroll_netns: Vec<PathBuf>,
@@ -281,13 +282,20 @@ impl RunArgs {
             }
             return Ok(None);
         }
-        let listen = match self.capture_listen {
-            Some(a) => a,
-            None => SocketAddr::new(
-                host.primary_address.context(
-                    "--capture-listen not given and no primary address found (no default route?)",
-                )?,
-                crate::dataplane::DEFAULT_CAPTURE_PORT,
+        let (listen, alt) = match self.capture_listen.as_slice() {
+            [] => (
+                SocketAddr::new(
+                    host.primary_address.context(
+                        "--capture-listen not given and no primary address found (no default route?)",
+                    )?,
+                    crate::dataplane::DEFAULT_CAPTURE_PORT,
+                ),
+                None,
+            ),
+            [a] => (*a, None),
+            [a, b] if a.is_ipv4() != b.is_ipv4() && a.port() == b.port() => (*a, Some(*b)),
+            _ => bail!(
+                "--capture-listen: at most one IPv4 and one IPv6 address, with the same port"
             ),
         };
         let mut guard_ports = vec![listen.port()];
@@ -296,6 +304,7 @@ impl RunArgs {
         }
         Ok(Some(crate::dataplane::Options {
             capture: listen,
+            capture_alt: alt,
             enroll: self.enroll_netns.clone(),
             uplinks: self.uplink.clone(),
             guard_ports,

@@ -21,10 +21,13 @@ impl Kernel {
             path: pin_dir.clone(),
             source,
         })?;
-        let (ip4, ip6) = match opts.capture.ip() {
-            IpAddr::V4(v4) => (u32::from_ne_bytes(v4.octets()), [0u32; 4]),
-            IpAddr::V6(_) => (0, NpAddr::from_socket(opts.capture).addr),
-        };
+        let (mut ip4, mut ip6) = (0, [0u32; 4]);
+        for a in std::iter::once(opts.capture).chain(opts.capture_alt) {
+            match a.ip() {
+                IpAddr::V4(v4) => ip4 = u32::from_ne_bytes(v4.octets()),
+                IpAddr::V6(_) => ip6 = NpAddr::from_socket(a).addr,
+            }
+        }
         let port = opts.capture.port().to_be() as u32;
         let globals = Globals {
             ip4,
@@ -195,7 +198,9 @@ impl Kernel {
             }),
             _objects: objects,
             pin_dir,
-            capture: opts.capture,
+            captures: std::iter::once(opts.capture)
+                .chain(opts.capture_alt)
+                .collect(),
             attached,
             splice,
             _lock: lock,

@@ -49,7 +49,7 @@ pub fn desired(snap: &Snapshot, shared: &Shared) -> Vec<(SocketAddr, ListenerRef
 #[derive(Default)]
 struct Listeners {
     active: HashMap<SocketAddr, JoinHandle<()>>,
-    capture: Option<JoinHandle<()>>,
+    capture: HashMap<SocketAddr, JoinHandle<()>>,
 }
 
 impl Listeners {
@@ -59,17 +59,21 @@ impl Listeners {
     /// the next call.
     fn apply(&mut self, shared: &Arc<Shared>, snap: &Snapshot) {
         let mut unbound = std::collections::BTreeMap::new();
-        if self.capture.is_none()
-            && let Some(k) = &shared.kernel
-        {
-            match bind(k.capture()) {
-                Ok(l) => {
-                    tracing::info!(addr = %k.capture(), "capture listener");
-                    self.capture = Some(tokio::spawn(capture_loop(shared.clone(), k.clone(), l)));
+        if let Some(k) = &shared.kernel {
+            for &addr in k.captures() {
+                if self.capture.contains_key(&addr) {
+                    continue;
                 }
-                Err(e) => {
-                    tracing::error!(addr = %k.capture(), error = %e, "cannot listen on the capture address; retrying");
-                    unbound.insert(k.capture(), format!("capture listener: {e}"));
+                match bind(addr) {
+                    Ok(l) => {
+                        tracing::info!(%addr, "capture listener");
+                        let task = tokio::spawn(capture_loop(shared.clone(), k.clone(), l));
+                        self.capture.insert(addr, task);
+                    }
+                    Err(e) => {
+                        tracing::error!(%addr, error = %e, "cannot listen on the capture address; retrying");
+                        unbound.insert(addr, format!("capture listener: {e}"));
+                    }
                 }
             }
         }
@@ -120,7 +124,7 @@ impl Drop for Listeners {
         for (_, t) in self.active.drain() {
             t.abort();
         }
-        if let Some(c) = self.capture.take() {
+        for (_, c) in self.capture.drain() {
             c.abort();
         }
     }

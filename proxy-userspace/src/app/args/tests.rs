@@ -218,3 +218,29 @@ fn the_connection_cap_defaults_to_the_descriptor_limit() {
             .contains("--max-downstream-connections")
     );
 }
+
+#[test]
+fn one_capture_address_per_family_with_one_port() {
+    let c = plan(
+        "--config a.yaml --capture-listen 10.0.0.5:15001 --capture-listen [fd00::5]:15001",
+        &root(),
+    )
+    .options
+    .capture
+    .unwrap();
+    assert_eq!(c.capture_alt, Some("[fd00::5]:15001".parse().unwrap()));
+    assert!(
+        refused(
+            "--config a.yaml --capture-listen 10.0.0.5:15001 --capture-listen 10.0.0.6:15001",
+            &root()
+        )
+        .contains("one IPv4 and one IPv6")
+    );
+    assert!(
+        refused(
+            "--config a.yaml --capture-listen 10.0.0.5:15001 --capture-listen [fd00::5]:15002",
+            &root()
+        )
+        .contains("same port")
+    );
+}
