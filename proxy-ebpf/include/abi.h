@@ -44,7 +44,9 @@ enum np_reason {
 	NP_R_SOCKMAP_ADD = 13,
 	NP_R_SOCKMAP_REDIRECT = 14,
 	NP_R_SOCKMAP_UPSTREAM = 15, /* an upstream's accepting end on this node joined the splice */
-	NP_R_MAX = 16,
+	NP_R_XDP_DROP_FRAG = 16, /* a later fragment of a TCP segment (no port to check) */
+	NP_R_XDP_DROP_MALFORMED = 17, /* cut off, or more headers than are parsed */
+	NP_R_MAX = 18,
 };
 
 /* An IPv4 or IPv6 socket address. IPv4 uses addr[0]. */

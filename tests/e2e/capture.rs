@@ -556,6 +556,88 @@ async fn xdp_guard_drops_outside_traffic_to_proxy_ports_and_denied_sources() {
             .iter()
             .any(|a| a.as_str().unwrap().contains("np_xdp_guard"))
     );
+    // What the guard cannot read a port from is dropped, not passed (raw packets, as an
+    // attacker writes them): a later IPv4 fragment of a TCP segment, a first fragment cut off
+    // inside the TCP header (ports still readable: checked), and an IPv6 segment behind an
+    // extension header.
+    let node_ip = s.node.ip();
+    let (frag, port, bad) = (
+        s.counter("xdp_drop_frag"),
+        s.counter("xdp_drop_port"),
+        s.counter("xdp_drop_malformed"),
+    );
+    nodeproxy_tests::node::in_netns(&outside.path(), || {
+        let raw = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(255)),
+        )
+        .expect("raw socket");
+        let to: SocketAddr = SocketAddr::new(node_ip.into(), 0);
+        let ipv4 = |frag_off: u16, payload: &[u8]| {
+            let mut p = vec![0x45, 0, 0, 0, 0x12, 0x34];
+            p.extend_from_slice(&frag_off.to_be_bytes());
+            p.extend_from_slice(&[64, 6, 0, 0, 192, 168, 250, 2]);
+            p.extend_from_slice(&node_ip.octets());
+            p.extend_from_slice(payload);
+            p
+        };
+        // Offset 8 bytes, no port in it.
+        raw.send_to(&ipv4(0x0001, &[0u8; 24]), &to.into()).unwrap();
+        // First fragment (more fragments), 8 bytes of TCP header: ports 12345 → 15001.
+        let mut tcp8 = 12345u16.to_be_bytes().to_vec();
+        tcp8.extend_from_slice(&15001u16.to_be_bytes());
+        tcp8.extend_from_slice(&[0, 0, 0, 1]);
+        raw.send_to(&ipv4(0x2000, &tcp8), &to.into()).unwrap();
+        // Cut off before the ports: 2 bytes of TCP.
+        raw.send_to(&ipv4(0x2000, &[0x30, 0x39]), &to.into())
+            .unwrap();
+    });
+    ip(&[
+        "-n",
+        &s.node.ns.name,
+        "addr",
+        "add",
+        "fd99::1/64",
+        "dev",
+        &up,
+        "nodad",
+    ]);
+    ip(&[
+        "-n",
+        &outside.name,
+        "addr",
+        "add",
+        "fd99::2/64",
+        "dev",
+        &peer,
+        "nodad",
+    ]);
+    nodeproxy_tests::node::in_netns(&outside.path(), || {
+        // Destination options (nexthdr 60, 8 bytes of padding), then a TCP SYN to 15001.
+        let raw = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(60)),
+        )
+        .expect("raw IPv6 socket");
+        let mut p = vec![6, 0, 1, 4, 0, 0, 0, 0];
+        p.extend_from_slice(&12345u16.to_be_bytes());
+        p.extend_from_slice(&15001u16.to_be_bytes());
+        p.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        let to: SocketAddr = "[fd99::1]:0".parse().unwrap();
+        raw.send_to(&p, &to.into()).unwrap();
+    });
+    eventually(
+        "fragments and extension headers counted",
+        Duration::from_secs(5),
+        || {
+            (s.counter("xdp_drop_frag") > frag
+                && s.counter("xdp_drop_port") >= port + 2
+                && s.counter("xdp_drop_malformed") > bad)
+                .then_some(())
+        },
+    );
 }
 
 /// HTTP/1.1 server for `sockmap_splice_carries_captured_traffic`: GET /N sends N bytes, POST

@@ -17,7 +17,7 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
 /// `enum np_reason`, in order. Keep in sync with proxy-ebpf/include/abi.h.
-pub const REASONS: [&str; 16] = [
+pub const REASONS: [&str; 18] = [
     "not_tcp",
     "not_enrolled",
     "proxy_mark",
@@ -34,6 +34,8 @@ pub const REASONS: [&str; 16] = [
     "sockmap_add",
     "sockmap_redirect",
     "sockmap_upstream",
+    "xdp_drop_frag",
+    "xdp_drop_malformed",
 ];
 /// Index of `NP_R_FASTPATH`.
 pub const R_FASTPATH: usize = 5;
