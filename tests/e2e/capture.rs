@@ -628,12 +628,38 @@ async fn xdp_guard_drops_outside_traffic_to_proxy_ports_and_denied_sources() {
         let to: SocketAddr = "[fd99::1]:0".parse().unwrap();
         raw.send_to(&p, &to.into()).unwrap();
     });
+    // A VLAN-tagged SYN to the capture port (802.1Q, id 100), as a raw Ethernet frame on
+    // the outside link: parsed through the tag.
+    let mac = |ns: &str, dev: &str| -> [u8; 6] {
+        let out = std::process::Command::new("ip")
+            .args(["-n", ns, "-j", "link", "show", dev])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let text = v[0]["address"].as_str().unwrap().to_string();
+        let b: Vec<u8> = text
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        b.try_into().unwrap()
+    };
+    let (dst_mac, src_mac) = (mac(&s.node.ns.name, &up), mac(&outside.name, &peer));
+    let mut frame = dst_mac.to_vec();
+    frame.extend_from_slice(&src_mac);
+    frame.extend_from_slice(&[0x81, 0x00, 0x00, 100, 0x08, 0x00]);
+    frame.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0, 192, 168, 250, 2]);
+    frame.extend_from_slice(&node_ip.octets());
+    frame.extend_from_slice(&12345u16.to_be_bytes());
+    frame.extend_from_slice(&15001u16.to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    let ifname = peer.clone();
+    nodeproxy_tests::node::in_netns(&outside.path(), move || send_frame(&ifname, &frame));
     eventually(
         "fragments and extension headers counted",
         Duration::from_secs(5),
         || {
             (s.counter("xdp_drop_frag") > frag
-                && s.counter("xdp_drop_port") >= port + 2
+                && s.counter("xdp_drop_port") >= port + 3
                 && s.counter("xdp_drop_malformed") > bad)
                 .then_some(())
         },
@@ -672,6 +698,38 @@ class H(http.server.BaseHTTPRequestHandler):
         pass
 http.server.ThreadingHTTPServer((sys.argv[1], 8081), H).serve_forever()
 "#;
+
+/// Send one raw Ethernet frame on `ifname` (AF_PACKET).
+#[allow(unsafe_code)]
+fn send_frame(ifname: &str, frame: &[u8]) {
+    let name = std::ffi::CString::new(ifname).unwrap();
+    // SAFETY: plain system calls on a socket this function owns and closes; `addr` is a fully
+    // initialised sockaddr_ll passed with its size; `frame` outlives the call.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        let n = libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert_eq!(n, frame.len() as isize, "send frame: {err}");
+    }
+}
 
 fn socket_from(src: &str) -> socket2::Socket {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
