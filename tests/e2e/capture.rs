@@ -699,6 +699,59 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer((sys.argv[1], 8081), H).serve_forever()
 "#;
 
+/// 200 requests from the client pod to `to` with Host `host` go through the proxy and split
+/// 80/20 between v1 and v2 (within 3.29 standard deviations), and `end-user: jason` goes to v2.
+async fn split_and_header_route(s: &std::sync::Arc<Scene>, to: SocketAddr, host: &'static str) {
+    let before = s.counter("redirect_proxy");
+    let s2 = s.clone();
+    let bodies = blocking(move || {
+        (0..200)
+            .map(|_| {
+                s2.node.pods[s2.client]
+                    .http_get(to, "/", &[("host", host)])
+                    .unwrap_or_else(|e| panic!("request to {to}: {e}"))
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    assert!(bodies.iter().all(|(st, _)| *st == 200), "{bodies:?}");
+    let v2 = bodies.iter().filter(|(_, b)| b == "v2").count() as f64;
+    let sd = (200.0f64 * 0.2 * 0.8).sqrt();
+    assert!((v2 - 40.0).abs() <= 3.29 * sd + 1.0, "v2 got {v2}/200");
+    assert!(
+        s.counter("redirect_proxy") >= before + 200,
+        "through the proxy"
+    );
+    // An L7 rule applies: the header route.
+    let s2 = s.clone();
+    let (_, body) = blocking(move || {
+        s2.node.pods[s2.client]
+            .http_get(to, "/", &[("host", host), ("end-user", "jason")])
+            .unwrap()
+    })
+    .await;
+    assert_eq!(body, "v2");
+}
+
+/// The `ratings6` ServiceEntry: HTTP on port 80 at IPv6 address `vip`, with `endpoints`
+/// (YAML after `endpoints:`).
+fn ratings6(vip: std::net::Ipv6Addr, endpoints: &str) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ratings6}}
+spec:
+  hosts: [ratings6.default.svc.cluster.local]
+  addresses: [\"{vip}\"]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  endpoints: {endpoints}
+"
+    )
+}
+
 /// Send one raw Ethernet frame on `ifname` (AF_PACKET).
 #[allow(unsafe_code)]
 fn send_frame(ifname: &str, frame: &[u8]) {
@@ -980,42 +1033,7 @@ async fn a_v4_mapped_connect_from_a_dual_stack_socket_is_captured() {
         std::net::SocketAddr::new(s.node.vip(host).to_ipv6_mapped().into(), port)
     };
     let vip = mapped(1, 80);
-    let before = s.counter("redirect_proxy");
-    let s2 = s.clone();
-    let bodies = blocking(move || {
-        (0..200)
-            .map(|_| {
-                s2.node.pods[s2.client]
-                    .http_get(vip, "/", &[("host", "reviews.default.svc.cluster.local")])
-                    .expect("request to ::ffff:VIP")
-            })
-            .collect::<Vec<_>>()
-    })
-    .await;
-    assert!(bodies.iter().all(|(st, _)| *st == 200), "{bodies:?}");
-    let v2 = bodies.iter().filter(|(_, b)| b == "v2").count() as f64;
-    let sd = (200.0f64 * 0.2 * 0.8).sqrt();
-    assert!((v2 - 40.0).abs() <= 3.29 * sd + 1.0, "v2 got {v2}/200");
-    assert!(
-        s.counter("redirect_proxy") >= before + 200,
-        "through the proxy"
-    );
-    // An L7 rule applies: the header route.
-    let s2 = s.clone();
-    let (_, body) = blocking(move || {
-        s2.node.pods[s2.client]
-            .http_get(
-                vip,
-                "/",
-                &[
-                    ("host", "reviews.default.svc.cluster.local"),
-                    ("end-user", "jason"),
-                ],
-            )
-            .unwrap()
-    })
-    .await;
-    assert_eq!(body, "v2");
+    split_and_header_route(&s, vip, "reviews.default.svc.cluster.local").await;
     // The fast path: the TCP service's backend sees the pod itself.
     let s2 = s.clone();
     let db = mapped(2, 5432);
@@ -1036,30 +1054,22 @@ async fn an_ipv6_service_without_an_ipv6_capture_address_fails_closed() {
     let v6: std::net::Ipv6Addr = "fd00:6e70::1".parse().unwrap();
     let cfg = s.dir.0.join("mesh.yaml");
     let mut yaml = std::fs::read_to_string(&cfg).unwrap();
-    yaml.push_str(&format!(
+    yaml.push_str(&ratings6(
+        v6,
+        &format!("[{{address: {}}}]", s.node.pods[s.v2].ip),
+    ));
+    yaml.push_str(
         "---
 apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: ratings6}}
-spec:
-  hosts: [ratings6.default.svc.cluster.local]
-  addresses: [\"{v6}\"]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
-  endpoints: [{{address: {}}}]
----
-apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {{name: ratings6}}
+metadata: {name: ratings6}
 spec:
   hosts: [ratings6.default.svc.cluster.local]
   http:
-  - fault: {{abort: {{httpStatus: 418, percentage: {{value: 100}}}}}}
-    route: [{{destination: {{host: ratings6.default.svc.cluster.local}}}}]
+  - fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: ratings6.default.svc.cluster.local}}]
 ",
-        s.node.pods[s.v2].ip
-    ));
+    );
     std::fs::write(&cfg, yaml).unwrap();
     // Whatever answers at the service address without the mesh: here, a listener in the pod.
     let pod = &s.node.pods[s.client];
@@ -1111,21 +1121,16 @@ async fn an_ipv6_service_is_captured_split_and_fast_pathed() {
     });
     let cfg = s.dir.0.join("mesh.yaml");
     let mut yaml = std::fs::read_to_string(&cfg).unwrap();
+    yaml.push_str(&ratings6(
+        vip,
+        &format!(
+            "\n  - {{address: {}, labels: {{version: v1}}}}\n  - {{address: {}, labels: {{version: v2}}}}",
+            s.node.pods[s.node.pods.len() - 3].ip,
+            s.node.pods[s.v2].ip
+        ),
+    ));
     yaml.push_str(&format!(
         "---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: ratings6}}
-spec:
-  hosts: [ratings6.default.svc.cluster.local]
-  addresses: [\"{vip}\"]
-  location: MESH_INTERNAL
-  resolution: STATIC
-  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
-  endpoints:
-  - {{address: {v1}, labels: {{version: v1}}}}
-  - {{address: {v2}, labels: {{version: v2}}}}
----
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: ratings6}}
@@ -1156,49 +1161,13 @@ spec:
   ports: [{{number: 5432, name: tcp, protocol: TCP, targetPort: 9000}}]
   endpoints: [{{address: \"{e6}\"}}]
 ",
-        v1 = s.node.pods[s.node.pods.len() - 3].ip,
-        v2 = s.node.pods[s.v2].ip,
         e6 = echo.ip6,
     ));
     std::fs::write(&cfg, yaml).unwrap();
     let capture6 = format!("[{}]:15001", s.node.ip6());
     let _proxy = s.start_proxy_with(&["--capture-listen", &capture6]);
-    let before = s.counter("redirect_proxy");
     let to = SocketAddr::new(vip.into(), 80);
-    let s2 = s.clone();
-    let bodies = blocking(move || {
-        (0..200)
-            .map(|_| {
-                s2.node.pods[s2.client]
-                    .http_get(to, "/", &[("host", "ratings6.default.svc.cluster.local")])
-                    .expect("request to the IPv6 VIP")
-            })
-            .collect::<Vec<_>>()
-    })
-    .await;
-    assert!(bodies.iter().all(|(st, _)| *st == 200), "{bodies:?}");
-    let v2 = bodies.iter().filter(|(_, b)| b == "v2").count() as f64;
-    let sd = (200.0f64 * 0.2 * 0.8).sqrt();
-    assert!((v2 - 40.0).abs() <= 3.29 * sd + 1.0, "v2 got {v2}/200");
-    assert!(
-        s.counter("redirect_proxy") >= before + 200,
-        "through the proxy"
-    );
-    let s2 = s.clone();
-    let (_, body) = blocking(move || {
-        s2.node.pods[s2.client]
-            .http_get(
-                to,
-                "/",
-                &[
-                    ("host", "ratings6.default.svc.cluster.local"),
-                    ("end-user", "jason"),
-                ],
-            )
-            .unwrap()
-    })
-    .await;
-    assert_eq!(body, "v2");
+    split_and_header_route(&s, to, "ratings6.default.svc.cluster.local").await;
     // The fast path: the IPv6 endpoint sees the pod's own IPv6 address.
     let before = s.counter("fastpath");
     let s2 = s.clone();

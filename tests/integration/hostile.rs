@@ -351,19 +351,7 @@ async fn slow_heads_that_exhaust_descriptors_cannot_stop_normal_clients() {
         attack.len() > 4096,
         "the attack holds more connections than the proxy has fds"
     );
-    let start = Instant::now();
-    let answer = tokio::time::timeout(
-        Duration::from_secs(5),
-        exchange(
-            &vip,
-            b"GET /ok HTTP/1.1\r\nHost: raw.example\r\nConnection: close\r\n\r\n",
-        ),
-    )
-    .await
-    .expect("answered during the attack");
-    let took = start.elapsed();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(took < Duration::from_secs(1), "answered in {took:?}");
+    answered_within_a_second(&vip).await;
     // Every attack connection ends: shed, or closed by the 4 s head timeout.
     let deadline = Instant::now() + Duration::from_secs(10);
     for mut c in attack {
@@ -374,6 +362,39 @@ async fn slow_heads_that_exhaust_descriptors_cannot_stop_normal_clients() {
             .expect("closed by the head timeout")
             .ok();
     }
+}
+
+/// The canary scenario with all traffic to v1 and `policy` as the DestinationRule's
+/// trafficPolicy.
+fn canary_v1_only(policy: &str) -> Scenario {
+    let s = Scenario::from_config("canary.yaml");
+    let yaml = s
+        .yaml
+        .replace("      weight: 80\n", "      weight: 100\n")
+        .replace("      weight: 20\n", "      weight: 0\n")
+        .replace(
+            "  host: reviews\n",
+            &format!("  host: reviews\n  trafficPolicy: {policy}\n"),
+        );
+    assert!(yaml.contains(policy), "{yaml}");
+    Scenario::from_yaml_on(yaml, s.net.clone())
+}
+
+/// A normal request made during an attack is answered 200 within a second.
+async fn answered_within_a_second(vip: &str) {
+    let start = Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        exchange(
+            vip,
+            b"GET /ok HTTP/1.1\r\nHost: raw.example\r\nConnection: close\r\n\r\n",
+        ),
+    )
+    .await
+    .expect("answered during the attack");
+    let took = start.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(took < Duration::from_secs(1), "answered in {took:?}");
 }
 
 /// Ask for an upgrade; the head of the answer and the connection.
@@ -403,17 +424,7 @@ async fn upgrade(vip: &str) -> (String, TcpStream) {
 /// dialled) and are closed by tcp.idleTimeout; they bypassed both before.
 #[tokio::test]
 async fn upgrades_count_against_max_connections_and_honour_the_idle_timeout() {
-    let s = Scenario::from_config("canary.yaml");
-    let yaml = s
-        .yaml
-        .replace("      weight: 80\n", "      weight: 100\n")
-        .replace("      weight: 20\n", "      weight: 0\n")
-        .replace(
-            "  host: reviews\n",
-            "  host: reviews\n  trafficPolicy: {connectionPool: {tcp: {maxConnections: 1, idleTimeout: 1s}}}\n",
-        );
-    assert!(yaml.contains("maxConnections: 1"), "{yaml}");
-    let s = Scenario::from_yaml_on(yaml, s.net.clone());
+    let s = canary_v1_only("{connectionPool: {tcp: {maxConnections: 1, idleTimeout: 1s}}}");
     let accepted = nodeproxy_tests::backend::upgrade_echo(&format!("{}:8080", s.ip(11))).await;
     let _p = proxy::start(&s, None).await;
     let (head, mut first) = upgrade(&s.vip()).await;
@@ -474,19 +485,7 @@ async fn the_connection_cap_sheds_slow_heads_before_normal_clients() {
     }
     // Past the shed grace, so the waiting heads are the ones to go.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let start = Instant::now();
-    let answer = tokio::time::timeout(
-        Duration::from_secs(5),
-        exchange(
-            &vip,
-            b"GET /ok HTTP/1.1\r\nHost: raw.example\r\nConnection: close\r\n\r\n",
-        ),
-    )
-    .await
-    .expect("answered during the attack");
-    let took = start.elapsed();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(took < Duration::from_secs(1), "answered in {took:?}");
+    answered_within_a_second(&vip).await;
     // The slow heads are shed, not left to their 30 s head timeout.
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut closed = 0;
@@ -624,17 +623,9 @@ fn tokio_stream_from<T>(
 /// upstream (without the upgrades' outcomes it would reach the endpoint).
 #[tokio::test]
 async fn failed_upgrades_eject_their_endpoint() {
-    let s = Scenario::from_config("canary.yaml");
-    let yaml = s
-        .yaml
-        .replace("      weight: 80\n", "      weight: 100\n")
-        .replace("      weight: 20\n", "      weight: 0\n")
-        .replace(
-            "  host: reviews\n",
-            "  host: reviews\n  trafficPolicy: {outlierDetection: {consecutive5xxErrors: 2, interval: 50ms, baseEjectionTime: 30s, maxEjectionPercent: 100}}\n",
-        );
-    assert!(yaml.contains("consecutive5xxErrors: 2"), "{yaml}");
-    let s = Scenario::from_yaml_on(yaml, s.net.clone());
+    let s = canary_v1_only(
+        "{outlierDetection: {consecutive5xxErrors: 2, interval: 50ms, baseEjectionTime: 30s, maxEjectionPercent: 100}}",
+    );
     let backend =
         nodeproxy_tests::backend::Backend::start(&format!("{}:8080", s.ip(11)), "v1").await;
     backend.behaviour.status.store(503, Ordering::SeqCst);
