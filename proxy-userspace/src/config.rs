@@ -280,7 +280,7 @@ impl ConfigSet {
             .iter()
             .flat_map(|(file, text)| {
                 // A UTF-8 byte-order mark (Windows editors) is not part of the first document.
-                split_documents(text.strip_prefix('\u{feff}').unwrap_or(text))
+                split_documents(text)
                     .into_iter()
                     .enumerate()
                     .map(move |(document, (line, doc))| {
@@ -636,6 +636,8 @@ fn push<E: Envelope<T>, T>(
 
 /// Split a multi-document YAML text on `---` lines; returns (1-based first line, text).
 fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    // A UTF-8 byte-order mark (editors on Windows write one) is not part of the YAML.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut docs = Vec::new();
     let mut start_byte = 0;
     let mut start_line = 1;
@@ -729,6 +731,24 @@ mod tests {
             ]
         );
         assert!(diags.iter().all(|d| d.severity == Severity::Warning));
+    }
+
+    #[test]
+    fn a_byte_order_mark_before_the_first_document_is_ignored() {
+        let (set, diags) = load(&format!(
+            "\u{feff}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: r}}\nspec:\n  host: r\n  workloadSelector: {{matchLabels: {{app: web}}}}\n"
+        ));
+        assert!(
+            diags.iter().all(|d| d.severity != Severity::Error),
+            "{diags:#?}"
+        );
+        assert_eq!(set.destination_rules.len(), 1);
+        let sel = set.destination_rules[0]
+            .spec
+            .workload_selector
+            .as_ref()
+            .unwrap();
+        assert_eq!(sel.match_labels.get("app").map(String::as_str), Some("web"));
     }
 
     #[test]

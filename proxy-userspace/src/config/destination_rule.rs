@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::common::{Duration, WorkloadSelector};
+use super::common::Duration;
 
 /// `DestinationRule.spec`.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
@@ -22,9 +22,19 @@ pub struct DestinationRule {
     /// Namespaces the rule is visible to.
     #[serde(default)]
     pub export_to: Vec<String>,
-    /// Client workloads the rule applies to. [later]
+    /// Client workloads the rule applies to (`istio.type.v1beta1.WorkloadSelector`, whose
+    /// field is `matchLabels`, unlike a ServiceEntry's `labels`). [later]
     #[serde(default)]
-    pub workload_selector: Option<WorkloadSelector>,
+    pub workload_selector: Option<MatchLabels>,
+}
+
+/// `istio.type.v1beta1.WorkloadSelector{matchLabels}`.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MatchLabels {
+    /// Labels a workload must carry (all of them).
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
 }
 
 /// `Subset{name, labels, trafficPolicy}`.

@@ -26,7 +26,7 @@ pub fn read_files(paths: &[PathBuf]) -> (Vec<(PathBuf, String)>, Vec<Diagnostic>
 /// How many documents of a YAML text hold anything but blank lines and comments: the number
 /// of objects the file declares (a document that fails to parse still counts).
 pub fn document_count(text: &str) -> usize {
-    split_documents(text.strip_prefix('\u{feff}').unwrap_or(text))
+    split_documents(text)
         .iter()
         .filter(|(_, doc)| {
             doc.lines().any(|l| {
