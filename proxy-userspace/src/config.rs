@@ -735,9 +735,9 @@ mod tests {
 
     #[test]
     fn a_byte_order_mark_before_the_first_document_is_ignored() {
-        let (set, diags) = load(&format!(
-            "\u{feff}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: r}}\nspec:\n  host: r\n  workloadSelector: {{matchLabels: {{app: web}}}}\n"
-        ));
+        let (set, diags) = load(
+            "\u{feff}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: r}\nspec:\n  host: r\n  workloadSelector: {matchLabels: {app: web}}\n",
+        );
         assert!(
             diags.iter().all(|d| d.severity != Severity::Error),
             "{diags:#?}"
