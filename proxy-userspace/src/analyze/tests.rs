@@ -190,3 +190,31 @@ fn unreachable_rule_after_catch_all() {
     ));
     assert_eq!(codes_of(&d), vec![("IST0130", Severity::Warning)]);
 }
+
+#[test]
+fn an_ip_in_sni_hosts_is_a_warning_as_in_istio() {
+    let d = run("apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext}
+spec:
+  hosts: [api.example.com]
+  resolution: DNS
+  ports: [{number: 443, name: tls, protocol: TLS}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ext}
+spec:
+  hosts: [api.example.com]
+  tls:
+  - match: [{port: 443, sniHosts: [api.example.com, 10.1.2.3]}]
+    route: [{destination: {host: api.example.com}}]
+");
+    let ip: Vec<_> = d
+        .iter()
+        .filter(|x| x.message.contains("10.1.2.3"))
+        .map(|x| x.severity)
+        .collect();
+    assert_eq!(ip, vec![Severity::Warning], "{d:#?}");
+    assert!(d.iter().all(|x| x.severity != Severity::Error), "{d:#?}");
+}

@@ -201,6 +201,17 @@ impl Analyzer<'_> {
             for (j, m) in r.matches.iter().enumerate() {
                 for (k, sni) in m.sni_hosts.iter().enumerate() {
                     let s = sni.to_ascii_lowercase();
+                    if s.parse::<std::net::IpAddr>().is_ok() {
+                        // Istio warns and accepts it: clients rarely send an IP as SNI.
+                        e.warn(
+                            codes::SCHEMA,
+                            format!("{base}.match[{j}].sniHosts[{k}]"),
+                            format!(
+                                "SNI host `{sni}` is an IP address: against the SNI spec, and most clients never send one"
+                            ),
+                        );
+                        continue;
+                    }
                     if !vs_hosts.iter().any(|h| host_matches(h, &s) || h == &s) {
                         e.error(
                             codes::SCHEMA,
