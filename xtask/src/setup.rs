@@ -406,14 +406,20 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    /// A directory with fake tools: each records its arguments in `calls` and exits 0.
+    /// A directory with fake tools: each records its arguments in `calls` and exits 0. One at
+    /// a time in this process: a script being written while another test forks can fail to
+    /// execute (ETXTBSY, the writer's descriptor inherited by the child until its exec).
     struct Fake {
         dir: PathBuf,
+        _one: std::sync::MutexGuard<'static, ()>,
     }
+
+    static ONE_FAKE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     impl Fake {
         fn new(tools: &[&str]) -> Self {
             use std::os::unix::fs::PermissionsExt;
+            let one = ONE_FAKE.lock().unwrap_or_else(|e| e.into_inner());
             static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
             let dir = std::env::temp_dir().join(format!(
                 "xtask-setup-{}-{}",
@@ -433,7 +439,7 @@ mod tests {
                 std::fs::write(&p, format!("#!/bin/sh\n{record}")).unwrap();
                 std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
             }
-            Self { dir }
+            Self { dir, _one: one }
         }
 
         fn host(&self, root: bool) -> Host {
