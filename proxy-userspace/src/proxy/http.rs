@@ -141,32 +141,30 @@ fn record(
         service: served.cid.map(|c| snap.service(snap.clusters[c].service)),
         authority: crate::compile::strip_port(authority),
     };
-    let grpc = rec.grpc();
-    let (resp, guards, deadline, flags) = match out {
-        Out::Local(local) => {
-            let routing = Routing {
-                flags: local.flags,
-                route: served.route,
-                cluster: served.cluster,
-                upstream,
-            };
-            let r = local.into_response(grpc);
-            rec.local(&shared.metrics, parties, routing, &r);
-            return r;
-        }
-        Out::Ready(r) => (r, Guards::default(), None, served.flags),
-        Out::Upstream(r, guards, deadline) => {
-            (r.map(|b| b.boxed_unsync()), guards, deadline, served.flags)
-        }
-    };
-    let routing = Routing {
-        flags,
+    let mut routing = Routing {
+        flags: served.flags,
         route: served.route,
         cluster: served.cluster,
         upstream,
     };
-    let end = rec.streamed(&shared.metrics, parties, routing, &resp);
-    resp.map(|body| Guarded::new(body, deadline, guards, Some(end)).boxed_unsync())
+    match out {
+        Out::Local(local) => {
+            routing.flags = local.flags;
+            let r = local.into_response(rec.grpc());
+            rec.local(&shared.metrics, parties, routing, &r);
+            r
+        }
+        Out::Ready(r) => {
+            let end = rec.streamed(&shared.metrics, parties, routing, &r);
+            r.map(|body| Guarded::new(body, None, Guards::default(), Some(end)).boxed_unsync())
+        }
+        // The upstream body is wrapped and boxed once (it was boxed, then wrapped and boxed
+        // again: two allocations and two dynamic calls per frame).
+        Out::Upstream(r, guards, deadline) => {
+            let end = rec.streamed(&shared.metrics, parties, routing, &r);
+            r.map(|body| Guarded::new(body, deadline, guards, Some(end)).boxed_unsync())
+        }
+    }
 }
 
 /// Decide, then carry the decision out.
