@@ -380,6 +380,26 @@ fn canary_v1_only(policy: &str) -> Scenario {
     Scenario::from_yaml_on(yaml, s.net.clone())
 }
 
+/// Read `sock` to its end, which must come within `within` but not before a 1 s timeout could
+/// have fired (900 ms: timer slack); what was read, and how the read ended.
+async fn closed_after_a_timeout(
+    sock: &mut TcpStream,
+    within: Duration,
+    what: &str,
+) -> (Vec<u8>, std::io::Result<usize>) {
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(within, sock.read_to_end(&mut got))
+        .await
+        .expect(what);
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        start.elapsed()
+    );
+    (got, read)
+}
+
 /// A normal request made during an attack is answered 200 within a second.
 async fn answered_within_a_second(vip: &str) {
     let start = Instant::now();
@@ -437,17 +457,14 @@ async fn upgrades_count_against_max_connections_and_honour_the_idle_timeout() {
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     // Silent for longer than idleTimeout: closed.
-    let start = Instant::now();
-    let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), first.read_to_end(&mut rest))
-        .await
-        .expect("closed by the idle timeout")
-        .unwrap();
-    assert!(
-        start.elapsed() >= Duration::from_millis(900),
-        "{:?}",
-        start.elapsed()
-    );
+    closed_after_a_timeout(
+        &mut first,
+        Duration::from_secs(5),
+        "closed by the idle timeout",
+    )
+    .await
+    .1
+    .unwrap();
     // Its slot is free again: a new upgrade goes through.
     let vip = s.vip();
     nodeproxy_tests::eventually_async(Duration::from_secs(5), || {
@@ -530,17 +547,13 @@ async fn h2c_connections_and_bodies_have_timeouts_too() {
         .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
         .await
         .unwrap();
-    let start = Instant::now();
-    let mut sink = Vec::new();
-    tokio::time::timeout(Duration::from_secs(4), silent.read_to_end(&mut sink))
-        .await
-        .expect("a silent h2c connection is closed")
-        .ok();
-    assert!(
-        start.elapsed() >= Duration::from_millis(900),
-        "{:?}",
-        start.elapsed()
-    );
+    let sink = closed_after_a_timeout(
+        &mut silent,
+        Duration::from_secs(4),
+        "a silent h2c connection is closed",
+    )
+    .await
+    .0;
     // A GOAWAY frame (type 7) came before the close.
     assert!(
         sink.windows(4).any(|w| w[3] == 7 && w[..3] == [0, 0, 8]),
