@@ -38,6 +38,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+    println!("cargo:rustc-env=NP_MAP_ABI={:016x}", map_abi(&src)?);
     let clang = find_clang()?;
     let arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".into());
     let (target_arch, multiarch) = match arch.as_str() {
@@ -71,4 +72,18 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The maps' ABI: a hash (FNV-1a, 64 bits) of the two headers that define the pinned maps and
+/// the structs in them. Pinned maps live in a directory named after it, so a proxy adopts the
+/// maps of a predecessor built from the same headers and creates fresh ones otherwise.
+fn map_abi(src: &Path) -> anyhow::Result<u64> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for f in ["lib/common.h", "include/abi.h"] {
+        let bytes = std::fs::read(src.join(f)).with_context(|| format!("read {f}"))?;
+        for b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    Ok(h)
 }

@@ -451,10 +451,22 @@ impl Admin {
         }
     }
 
-    /// Serve on `listener` until the task is dropped.
+    /// Serve on `listener` until the task is dropped, or until the data plane stops accepting
+    /// (a successor serves this socket too: its `/ready` must not be answered by this one).
     pub async fn serve(self, listener: TcpListener) {
+        let mut stopped = self.shared.as_ref().map(|s| s.accepting_stopped());
         loop {
-            let stream = match listener.accept().await {
+            let accepted = match &mut stopped {
+                Some(stop) => tokio::select! {
+                    a = listener.accept() => a,
+                    _ = stop.wait_for(|s| *s) => {
+                        tracing::info!("admin API: a successor serves it now");
+                        return;
+                    }
+                },
+                None => listener.accept().await,
+            };
+            let stream = match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     // EMFILE and the like: back off as the data path does, never spin.
@@ -483,8 +495,17 @@ pub fn is_public(addr: SocketAddr) -> bool {
 }
 
 /// Bind and serve the admin API on a thread with its own runtime. Returns the bound address.
+/// A socket a predecessor passed on for `addr` is used instead of binding a new one.
 pub fn spawn_admin(addr: SocketAddr, admin: Admin) -> std::io::Result<SocketAddr> {
-    let std_listener = std::net::TcpListener::bind(addr)?;
+    let sockets = admin.shared.as_ref().map(|s| s.options.sockets.clone());
+    let inherited = sockets.as_ref().and_then(|s| s.take_inherited(addr));
+    let std_listener = match inherited {
+        Some(l) => l,
+        None => std::net::TcpListener::bind(addr)?,
+    };
+    if let Some(s) = &sockets {
+        s.listening(&std_listener);
+    }
     std_listener.set_nonblocking(true)?;
     let local = std_listener.local_addr()?;
     std::thread::Builder::new()

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use tokio::task::JoinHandle;
 
 pub mod args;
+pub mod handover;
 
 use crate::admin::{Admin, spawn_admin};
 use crate::inspect::diagnostics_text;
@@ -53,6 +54,11 @@ pub struct Options {
     /// Downstream connection cap (`None`: half the open-file limit, each proxied connection
     /// needing a second descriptor upstream).
     pub max_connections: Option<usize>,
+    /// With eBPF capture, when another instance holds the pin directory: take over from it
+    /// (else fail).
+    pub takeover: bool,
+    /// Remove the kernel state when this (not handed over) instance stops.
+    pub uninstall_on_exit: bool,
 }
 
 /// `--source kubernetes`: the client and the source's settings.
@@ -81,6 +87,11 @@ pub struct Running {
     _source: SourceGuard,
     dataplane: JoinHandle<()>,
     stop: tokio::sync::watch::Sender<bool>,
+    /// Set to the successor's pid when one took over (see [`handover`]).
+    pub handed_over: tokio::sync::watch::Receiver<Option<u32>>,
+    /// The predecessor this instance took over from.
+    pub took_over_from: Option<u32>,
+    uninstall_on_exit: bool,
 }
 
 impl Running {
@@ -101,8 +112,12 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.dataplane.abort();
         self.stop.send_replace(true);
-        if let Some(k) = &self.shared.kernel {
-            k.shutdown();
+        if let Some(k) = &self.shared.kernel
+            && self.uninstall_on_exit
+            && !k.is_handed_over()
+            && let Err(e) = k.uninstall()
+        {
+            tracing::error!(error = %format!("{e:#}"), "uninstall the eBPF data path");
         }
     }
 }
@@ -129,14 +144,24 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
             opts.admin
         );
     }
+    let sockets = Arc::new(crate::sockets::Sockets::default());
+    let mut taken = None;
     let kernel = match &opts.capture {
         Some(c) => {
-            let c = c.clone();
-            let k = tokio::task::spawn_blocking(move || crate::dataplane::Kernel::load(&c))
+            let (c, snap, takeover) = (c.clone(), publisher.load(), opts.takeover);
+            let (k, t) = tokio::task::spawn_blocking(move || load_kernel(&c, &snap, takeover))
                 .await
                 .context("load eBPF")??;
+            if let Some(mut t) = t {
+                tracing::info!(
+                    predecessor = t.from,
+                    sockets = t.sockets.len(),
+                    "taking over"
+                );
+                sockets.inherit(std::mem::take(&mut t.sockets));
+                taken = Some(t);
+            }
             let k = Arc::new(k);
-            k.sync(&publisher.load()).context("fill kernel maps")?;
             match k.events() {
                 Ok(ring) => {
                     tokio::spawn(crate::dataplane::spawn_events(ring));
@@ -157,6 +182,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
             timeouts: opts.timeouts,
             allow_upstream: opts.allow_upstream.clone(),
             max_connections: opts.max_connections.unwrap_or_else(default_max_connections),
+            sockets: sockets.clone(),
         },
         kernel,
     );
@@ -232,6 +258,36 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     if let Some(plan) = &opts.cpu_plan {
         plan.pin_runtime(0);
     }
+    // A predecessor stops accepting once this instance serves what it passed on.
+    let took_over_from = match taken {
+        Some(t) => {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+            while shared.applied_version() == 0 {
+                if tokio::time::Instant::now() > deadline {
+                    bail!("the data plane did not start within 30 s; the predecessor serves on");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Some(t.ready()?)
+        }
+        None => None,
+    };
+    let (done, handed_over) = tokio::sync::watch::channel(None);
+    if let Some(k) = &shared.kernel {
+        let (kernel, p) = (k.clone(), publisher.clone());
+        handover::serve(handover::Holder {
+            pin_dir: k.pin_dir().to_path_buf(),
+            kernel: k.clone(),
+            sockets,
+            resync: Box::new(move || {
+                if let Err(e) = kernel.sync(&p.load()) {
+                    tracing::error!(error = %e, "kernel maps not re-synced");
+                }
+            }),
+            done,
+        })
+        .context("start the handover listener")?;
+    }
     Ok(Running {
         admin_addr,
         publisher,
@@ -239,7 +295,29 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
         _source: source,
         dataplane,
         stop,
+        handed_over,
+        took_over_from,
+        uninstall_on_exit: opts.uninstall_on_exit,
     })
+}
+
+/// Lock the pin directory (taking it over from the instance holding it, when allowed) and
+/// load the data path.
+fn load_kernel(
+    c: &crate::dataplane::Options,
+    snap: &crate::compile::Snapshot,
+    takeover: bool,
+) -> anyhow::Result<(crate::dataplane::Kernel, Option<handover::Taken>)> {
+    use crate::dataplane::{Error, Kernel, pinlock::LockError};
+    let (lock, taken) = match Kernel::lock(c) {
+        Ok(lock) => (lock, None),
+        Err(Error::PinLock(LockError::Busy { holder, dir })) if takeover => {
+            let (lock, t) = handover::take_over(&dir, holder)?;
+            (lock, Some(t))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok((Kernel::load(c, lock, snap)?, taken))
 }
 
 /// Half the open-file limit: a proxied connection holds a descriptor downstream and one

@@ -3,16 +3,20 @@
 //! step with each snapshot, enroll network namespaces, and hand the proxy the original
 //! destination of each captured connection.
 //!
-//! Lifecycle: shared maps are pinned by name under `<bpffs>/nodeproxy` (the two socket objects
-//! share them through the pins); links are not pinned, so programs detach when the process exits
-//! — also after SIGKILL. One instance per pin directory: a start takes an exclusive `flock` on
-//! the directory first (`pinlock.rs`; a second instance fails naming the holder's pid), then
-//! removes pins left by a killed predecessor before loading; a clean exit (drop) removes them
-//! too. While no proxy runs, enrolled pods' connects to mesh service
-//! addresses are no longer rewritten: service VIPs are virtual, so those connects fail (fail
-//! closed), while traffic to real pod IPs is untouched (fail open). Nothing stale is left behind.
+//! Lifecycle: the kernel state outlives the process. Maps are pinned by name under
+//! `<bpffs>/nodeproxy/maps-<ABI>` (the ABI is a hash of the headers that define them) and every
+//! program is attached through a link pinned under `<bpffs>/nodeproxy/links` (`links.rs`), so
+//! after an exit or a kill the fast path keeps balancing L4 services and enrolled pods stay
+//! enrolled; connects to L7 services reach the capture address, where nothing listens, and are
+//! refused (fail closed, never around the proxy). A start adopts the pinned maps of the same
+//! ABI (its first sync rewrites every service entry), or creates fresh ones, fills them, and
+//! swaps its programs into the pinned links (`BPF_LINK_UPDATE`: atomic), then removes the old
+//! maps. One instance per pin directory (`pinlock.rs`); a second one takes over from the first
+//! (`crate::handover` in the app) or fails. Only [`uninstall`] removes the pins (and with them
+//! the programs).
 
 pub mod abi;
+mod links;
 mod load;
 pub mod netns;
 pub mod pinlock;
@@ -25,9 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use aya::maps::{HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, RingBuf};
-use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SkMsg, SockOps, Xdp, XdpMode,
-};
+use aya::programs::{CgroupSockAddr, CgroupSockopt, SkMsg, SockOps, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use serde::Serialize;
 
@@ -41,6 +43,10 @@ static GETSOCKOPT_OBJ: &[u8] =
 static SK_MSG_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sk_msg.bpf.o"));
 static SOCKOPS_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sockops.bpf.o"));
 static XDP_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp_guard.bpf.o"));
+
+/// The maps' ABI (a hash of the headers that define them, from build.rs): pinned maps live in
+/// `maps-<MAP_ABI>`.
+pub const MAP_ABI: &str = env!("NP_MAP_ABI");
 
 /// Default bpffs mount point.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
@@ -161,8 +167,10 @@ struct Maps {
 /// What is in the service map for one address.
 #[derive(Debug, Clone)]
 struct Installed {
-    svc: KernelService,
+    /// `None`: adopted from a predecessor's maps, not written by this run yet.
+    svc: Option<KernelService>,
     base: u32,
+    count: usize,
 }
 
 struct State {
@@ -172,7 +180,8 @@ struct State {
     enrolled: BTreeMap<PathBuf, u64>,
 }
 
-/// The loaded and attached data path. Dropping it detaches everything and removes the pins.
+/// The loaded and attached data path. Dropping it closes this process's descriptors only: the
+/// pinned programs and maps stay (see [`uninstall`]).
 pub struct Kernel {
     state: Mutex<State>,
     /// Kept alive: programs and their links.
@@ -180,8 +189,12 @@ pub struct Kernel {
     pin_dir: PathBuf,
     captures: Vec<SocketAddr>,
     attached: Vec<String>,
+    /// The maps were a predecessor's.
+    adopted: bool,
     /// The sk_msg splice's maps (`--sockmap`).
     splice: Option<Splice>,
+    /// A successor took the kernel state over: this instance no longer writes to the maps.
+    handed_over: std::sync::atomic::AtomicBool,
     /// The pin directory's lock: the last field, so it is released after the programs are
     /// detached and the pins removed.
     _lock: pinlock::PinLock,
@@ -235,8 +248,12 @@ fn map_err(
 impl Kernel {
     /// The ring buffer of kernel events (for [`spawn_events`]); taken from the pinned map.
     pub fn events(&self) -> Result<RingBuf<MapData>, Error> {
-        let data = MapData::from_pin(self.pin_dir.join("np_events"))
-            .map_err(map_err("np_events", "open pin"))?;
+        let data = MapData::from_pin(
+            self.pin_dir
+                .join(format!("maps-{MAP_ABI}"))
+                .join("np_events"),
+        )
+        .map_err(map_err("np_events", "open pin"))?;
         RingBuf::try_from(aya::maps::Map::RingBuf(data)).map_err(map_err("np_events", "open"))
     }
 
@@ -253,6 +270,9 @@ impl Kernel {
             path: netns.to_path_buf(),
             source,
         })?;
+        if self.is_handed_over() {
+            return Ok(cookie);
+        }
         let mut st = self.state.lock().expect("kernel lock");
         st.maps
             .netns
@@ -269,6 +289,9 @@ impl Kernel {
 
     /// Remove an enrolled namespace (by the path it was enrolled with).
     pub fn unenroll(&self, path: &Path) -> Result<bool, Error> {
+        if self.is_handed_over() {
+            return Ok(false);
+        }
         let mut st = self.state.lock().expect("kernel lock");
         let Some(cookie) = st.enrolled.remove(path) else {
             return Ok(false);
@@ -289,11 +312,18 @@ impl Kernel {
     /// endpoints are written first, then the service entry is switched to them, then the old
     /// entries are deleted: a live service is never missing from the map.
     pub fn sync(&self, snap: &Snapshot) -> Result<(), Error> {
+        if self.is_handed_over() {
+            return Ok(());
+        }
         let desired = kernel_services(snap);
         let mut st = self.state.lock().expect("kernel lock");
         let st = &mut *st;
         for (addr, ks) in &desired {
-            if st.installed.get(addr).is_some_and(|i| &i.svc == ks) {
+            if st
+                .installed
+                .get(addr)
+                .is_some_and(|i| i.svc.as_ref() == Some(ks))
+            {
                 continue;
             }
             let base = st.next_base;
@@ -327,11 +357,12 @@ impl Kernel {
             if let Some(old) = st.installed.insert(
                 *addr,
                 Installed {
-                    svc: ks.clone(),
+                    svc: Some(ks.clone()),
                     base,
+                    count: ks.backends.len(),
                 },
             ) {
-                remove_backends(&mut st.maps, old.base, old.svc.backends.len());
+                remove_backends(&mut st.maps, old.base, old.count);
             }
         }
         let gone: Vec<SocketAddr> = st
@@ -346,7 +377,7 @@ impl Kernel {
                 Err(e) => return Err(map_err("np_svc", format!("remove {addr}"))(e)),
             }
             if let Some(old) = st.installed.remove(&addr) {
-                remove_backends(&mut st.maps, old.base, old.svc.backends.len());
+                remove_backends(&mut st.maps, old.base, old.count);
             }
         }
         Ok(())
@@ -478,10 +509,22 @@ impl Kernel {
         let services = st
             .installed
             .iter()
+            .filter_map(|(a, i)| Some((a, i.svc.as_ref()?)))
             .map(|(a, i)| {
-                let mode = if i.svc.mode == abi::NP_MODE_FASTPATH { "fastpath" } else { "proxy" };
-                let eps: Vec<String> = i.svc.backends.iter().map(|(e, w)| format!("{e} w={w}")).collect();
-                (a.to_string(), serde_json::json!({ "mode": mode, "endpoints": eps, "whyProxy": i.svc.why_proxy }))
+                let mode = if i.mode == abi::NP_MODE_FASTPATH {
+                    "fastpath"
+                } else {
+                    "proxy"
+                };
+                let eps: Vec<String> = i
+                    .backends
+                    .iter()
+                    .map(|(e, w)| format!("{e} w={w}"))
+                    .collect();
+                (
+                    a.to_string(),
+                    serde_json::json!({ "mode": mode, "endpoints": eps, "whyProxy": i.why_proxy }),
+                )
             })
             .collect();
         KernelStatus {
@@ -505,25 +548,63 @@ fn remove_backends(maps: &mut Maps, base: u32, count: usize) {
 }
 
 impl Kernel {
-    /// Remove the pinned maps (clean shutdown). The links detach when the process exits or
-    /// the Kernel drops, whichever comes first.
-    pub fn shutdown(&self) {
-        match std::fs::remove_dir_all(&self.pin_dir) {
-            Ok(()) => tracing::info!(dir = %self.pin_dir.display(), "pinned maps removed"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::warn!(dir = %self.pin_dir.display(), error = %e, "could not remove pinned maps")
-            }
-        }
+    /// A successor has taken the kernel state over: from now on this instance leaves the maps
+    /// alone (its successor writes them), `false` undoes it (the successor gave up).
+    pub fn set_handed_over(&self, yes: bool) {
+        self.handed_over
+            .store(yes, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// See [`Kernel::set_handed_over`].
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The pin directory's locked descriptor (passed to a successor).
+    pub fn lock_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self._lock.fd()
+    }
+
+    /// Whether the maps were adopted from a predecessor.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Remove every pin: programs detach (their links go with their pins), maps go once the
+    /// last descriptor (this process's) closes.
+    pub fn uninstall(&self) -> Result<(), Error> {
+        remove_pins(&self.pin_dir)
     }
 }
 
-impl Drop for Kernel {
-    fn drop(&mut self) {
-        // Links detach when the objects drop (after this body); the pins are ours to remove.
-        self.shutdown();
-        tracing::info!("eBPF data path detached");
+/// `nodeproxy uninstall`: take the pin directory's lock (refused while an instance runs) and
+/// remove every pin under it, detaching the programs. Returns whether there was anything.
+pub fn uninstall(bpffs: &Path) -> Result<bool, Error> {
+    let dir = Kernel::pin_dir_of(bpffs);
+    if !dir.exists() {
+        return Ok(false);
     }
+    let _lock = pinlock::PinLock::acquire(&dir)?;
+    remove_pins(&dir)?;
+    Ok(true)
+}
+
+fn remove_pins(dir: &Path) -> Result<(), Error> {
+    // Links first: the programs stop before the maps they use go.
+    for sub in [dir.join(links::LINKS_DIR), dir.to_path_buf()] {
+        match std::fs::remove_dir_all(&sub) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(Error::Bpffs { path: sub, source }),
+        }
+    }
+    tracing::info!(dir = %dir.display(), "eBPF programs detached and pins removed");
+    Ok(())
 }
 
 /// Log kernel events from the ring buffer until the task is dropped.
@@ -632,12 +713,16 @@ mod tests {
             bpffs: PathBuf::from(DEFAULT_BPFFS),
             sockmap: true,
         };
-        let k = Kernel::load(&opts)
-            .unwrap_or_else(|e| panic!("{e:#}: {:?}", std::error::Error::source(&e)));
-        assert!(
-            Path::new("/sys/fs/bpf/nodeproxy/np_svc").exists(),
-            "shared maps are pinned"
-        );
+        let load = |opts: &Options| {
+            Kernel::lock(opts)
+                .and_then(|lock| Kernel::load(opts, lock, &Snapshot::default()))
+                .unwrap_or_else(|e| panic!("{e:#}: {:?}", std::error::Error::source(&e)))
+        };
+        let _ = uninstall(Path::new(DEFAULT_BPFFS));
+        let k = load(&opts);
+        let maps = Path::new("/sys/fs/bpf/nodeproxy").join(format!("maps-{MAP_ABI}"));
+        assert!(maps.join("np_svc").exists(), "shared maps are pinned");
+        assert!(!k.adopted());
         let st = k.status();
         assert_eq!(st.attached.len(), 5, "{:?}", st.attached);
         // cgroup/getsockopt answers SO_ORIGINAL_DST for a peer the 4-tuple map knows.
@@ -655,10 +740,31 @@ mod tests {
         assert_eq!(k.take_orig_dst(peer), None, "taken entries are deleted");
         assert_eq!(st.enrolled.len(), 1);
         assert!(k.unenroll(Path::new("/proc/self/ns/net")).unwrap());
+        k.enroll(Path::new("/proc/self/ns/net")).unwrap();
+        assert!(
+            matches!(Kernel::lock(&opts), Err(Error::PinLock(_))),
+            "one instance per pin directory"
+        );
         drop(k);
+        // The programs and maps outlive the process's handles; the next load adopts them and
+        // swaps its programs into the pinned links.
+        let links = Path::new("/sys/fs/bpf/nodeproxy/links");
+        assert!(links.join("np_connect4").exists(), "links are pinned");
+        assert!(maps.join("np_netns").exists(), "maps stay after drop");
+        let k = load(&opts);
+        assert!(k.adopted(), "a second load adopts the pinned maps");
+        let st = k.status();
+        assert!(
+            st.attached
+                .iter()
+                .all(|a| a.contains("updated in place") || a.starts_with("np_sk_msg")),
+            "{:?}",
+            st.attached
+        );
+        k.uninstall().unwrap();
         assert!(
             !Path::new("/sys/fs/bpf/nodeproxy").exists(),
-            "pins removed on drop"
+            "uninstall removes every pin"
         );
     }
 }

@@ -9,7 +9,14 @@ use std::path::Path;
 /// Lowest first. A module may use the modules of the layers below its own, nothing else.
 const LAYERS: &[&[&str]] = &[
     // Shared vocabulary: no dependency on any other module.
-    &["diagnostic", "alloc", "body", "http1", "test_util"],
+    &[
+        "diagnostic",
+        "alloc",
+        "body",
+        "http1",
+        "sockets",
+        "test_util",
+    ],
     &["reply"],
     &["config"],
     &["compile"],

@@ -21,6 +21,7 @@ pub mod kubernetes;
 pub mod proxy;
 pub mod publish;
 pub mod reply;
+pub mod sockets;
 pub mod telemetry;
 #[doc(hidden)]
 pub mod test_util;

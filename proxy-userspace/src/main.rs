@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use nodeproxy::app::args::{AccessLogMode, Host, RunArgs};
+use nodeproxy::app::args::{AccessLogMode, AfterHandover, Host, RunArgs};
 use nodeproxy::diagnostic::has_errors;
 use nodeproxy::inspect;
 
@@ -116,6 +116,13 @@ enum Command {
     },
     /// Run the proxy.
     Run(Box<RunArgs>),
+    /// Detach the eBPF programs and remove every pinned map and link (refused while a
+    /// `nodeproxy run` holds the pin directory).
+    Uninstall {
+        /// bpffs mount point.
+        #[arg(long, default_value = nodeproxy::dataplane::DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
 }
 
 /// Every service port is a listening socket and every proxied connection two more: lift the
@@ -289,6 +296,17 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Uninstall { bpffs } => {
+            if nodeproxy::dataplane::uninstall(&bpffs)? {
+                println!(
+                    "nodeproxy: eBPF programs detached, pins under {} removed",
+                    nodeproxy::dataplane::Kernel::pin_dir_of(&bpffs).display()
+                );
+            } else {
+                println!("nodeproxy: nothing installed under {}", bpffs.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run(args) => {
             let plan = args.plan(&Host::detect())?;
             // Installed even when off: `POST /logging` can switch it on later. Dropped last
@@ -322,16 +340,28 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                         options: k,
                     });
                 }
-                let running = nodeproxy::app::start(options).await?;
-                eprintln!(
-                    "nodeproxy: serving, admin API on http://{}",
-                    running.admin_addr
-                );
                 let mut term =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+                let running = nodeproxy::app::start(options).await?;
+                match running.took_over_from {
+                    Some(pid) => eprintln!(
+                        "nodeproxy: serving (took over from pid {pid}), admin API on http://{}",
+                        running.admin_addr
+                    ),
+                    None => eprintln!(
+                        "nodeproxy: serving, admin API on http://{}",
+                        running.admin_addr
+                    ),
+                }
+                let mut handed = running.handed_over.clone();
+                let successor = tokio::select! {
+                    _ = tokio::signal::ctrl_c() => None,
+                    _ = term.recv() => None,
+                    Ok(pid) = handed.wait_for(|p| p.is_some()) => *pid,
+                };
+                if let Some(pid) = successor {
+                    eprintln!("nodeproxy: handed over to pid {pid}; no longer accepting");
+                    running.shared.stop_accepting();
                 }
                 let drain_time = plan.drain_time;
                 if !drain_time.is_zero() {
@@ -341,6 +371,13 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                     );
                     let left = running.drain(drain_time).await;
                     eprintln!("nodeproxy: drained ({left} connections still open)");
+                }
+                if successor.is_some() && plan.after_handover == AfterHandover::Wait {
+                    eprintln!("nodeproxy: drained; waiting for SIGTERM (--after-handover wait)");
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
                 }
                 drop(running);
                 anyhow::Ok(())

@@ -51,6 +51,8 @@ pub struct ProxyOptions {
     /// Downstream connections past which those waiting for a request are shed (0: no cap);
     /// past twice this, new connections are closed at accept.
     pub max_connections: usize,
+    /// Listening sockets inherited from a predecessor, and those to pass on to a successor.
+    pub sockets: Arc<crate::sockets::Sockets>,
 }
 
 /// Downstream HTTP/1 time limits: what a slow or idle client may hold (a slowloris holds a
@@ -142,6 +144,7 @@ impl Default for ProxyOptions {
             timeouts: Timeouts::default(),
             allow_upstream: Vec::new(),
             max_connections: 0,
+            sockets: Arc::default(),
         }
     }
 }
@@ -260,6 +263,8 @@ pub struct Shared {
     pub shed: ShedSignal,
     /// Listeners the snapshot asks for that could not be bound, with why (retried).
     unbound: std::sync::Mutex<std::collections::BTreeMap<SocketAddr, String>>,
+    /// Set when a successor serves the listening sockets: this process stops accepting.
+    accepting_stopped: tokio::sync::watch::Sender<bool>,
 }
 
 /// Counts a downstream connection while it is served.
@@ -310,6 +315,7 @@ impl Shared {
             draining: std::sync::atomic::AtomicBool::new(false),
             applied: std::sync::atomic::AtomicU64::new(0),
             unbound: std::sync::Mutex::default(),
+            accepting_stopped: tokio::sync::watch::Sender::new(false),
             shed: ShedSignal::default(),
         })
     }
@@ -328,6 +334,17 @@ impl Shared {
     /// Start draining: `/ready` fails and HTTP/1 responses close their connection.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Stop accepting on every listening socket (a successor accepts on them now); the
+    /// connections already accepted are served on.
+    pub fn stop_accepting(&self) {
+        self.accepting_stopped.send_replace(true);
+    }
+
+    /// Resolves once [`Shared::stop_accepting`] was called (at once if it was).
+    pub fn accepting_stopped(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.accepting_stopped.subscribe()
     }
 
     /// Record that listeners and kernel maps now follow snapshot `version`.

@@ -12,15 +12,15 @@ use tokio::io::AsyncWriteExt;
 
 use super::SERIAL;
 
-const ADMIN: &str = "127.0.0.1:15000";
+pub(super) const ADMIN: &str = "127.0.0.1:15000";
 
-struct Scene {
-    node: Node,
-    client: usize,
-    other: usize,
+pub(super) struct Scene {
+    pub(super) node: Node,
+    pub(super) client: usize,
+    pub(super) other: usize,
     /// The pod of the v2 backend (`end-user: jason` goes there).
     v2: usize,
-    dir: TempDir,
+    pub(super) dir: TempDir,
     _backends: Vec<Backend>,
     _echo: tokio::task::JoinHandle<()>,
 }
@@ -89,7 +89,7 @@ spec:
 
 /// A node with a client pod (enrolled), another pod (not enrolled), v1/v2 backends and a TCP
 /// backend that answers with the address it sees as its peer.
-async fn scene(test: &str) -> Scene {
+pub(super) async fn scene(test: &str) -> Scene {
     let mut node = Node::new(test);
     let client = node.add_pod("client");
     let other = node.add_pod("other");
@@ -128,11 +128,22 @@ async fn scene(test: &str) -> Scene {
 }
 
 impl Scene {
-    fn start_proxy(&self) -> nodeproxy_tests::node::ProxyGuard {
+    pub(super) fn start_proxy(&self) -> nodeproxy_tests::node::ProxyGuard {
         self.start_proxy_with(&[])
     }
 
-    fn start_proxy_with(&self, extra: &[&str]) -> nodeproxy_tests::node::ProxyGuard {
+    pub(super) fn start_proxy_with(&self, extra: &[&str]) -> nodeproxy_tests::node::ProxyGuard {
+        let p = self.spawn_proxy(extra);
+        eventually("proxy ready", Duration::from_secs(30), || {
+            self.node
+                .http_get(ADMIN, "/ready")
+                .filter(|(s, _)| *s == 200)
+        });
+        p
+    }
+
+    /// Start the proxy without waiting for it.
+    pub(super) fn spawn_proxy(&self, extra: &[&str]) -> nodeproxy_tests::node::ProxyGuard {
         let cfg = self.dir.0.join("mesh.yaml");
         let capture = format!("{}:15001", self.node.ip());
         let client_ns = self.node.pods[self.client].path();
@@ -152,16 +163,10 @@ impl Scene {
             "off",
         ];
         args.extend_from_slice(extra);
-        let p = self.node.spawn_proxy(&args);
-        eventually("proxy ready", Duration::from_secs(30), || {
-            self.node
-                .http_get(ADMIN, "/ready")
-                .filter(|(s, _)| *s == 200)
-        });
-        p
+        self.node.spawn_proxy(&args)
     }
 
-    fn kernel(&self) -> serde_json::Value {
+    pub(super) fn kernel(&self) -> serde_json::Value {
         let (s, body) = self.node.http_get(ADMIN, "/kernel").expect("admin /kernel");
         assert_eq!(s, 200, "{body}");
         serde_json::from_str(&body).expect("kernel json")
@@ -199,12 +204,12 @@ impl Scene {
         out
     }
 
-    fn vip(&self, host: u8, port: u16) -> SocketAddr {
+    pub(super) fn vip(&self, host: u8, port: u16) -> SocketAddr {
         SocketAddr::new(self.node.vip(host).into(), port)
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
 
@@ -385,69 +390,52 @@ async fn capture_split_routing_fastpath_and_cleanup() {
         "direct connection to the capture port is closed without an answer"
     );
 
-    // SIGTERM detaches everything and removes the pins.
+    // SIGTERM drains and exits; the programs stay attached through their pinned links, so a
+    // pod's fast-path service keeps working with no proxy; `nodeproxy uninstall` removes all.
     assert!(proxy.terminate(), "proxy exits on SIGTERM");
+    assert!(
+        std::path::Path::new("/sys/fs/bpf/nodeproxy/links/np_connect4").exists(),
+        "links stay pinned after SIGTERM"
+    );
+    let s2 = s.clone();
+    let db = s.vip(2, 5432);
+    let seen = blocking(move || {
+        use std::io::Read;
+        let mut c = s2.node.pods[s2.client]
+            .connect(db, Duration::from_secs(2))
+            .expect("fast path without a proxy");
+        let mut b = String::new();
+        c.read_to_string(&mut b).unwrap();
+        b
+    })
+    .await;
+    assert!(!seen.is_empty());
+    let out = std::process::Command::new(nodeproxy_tests::nodeproxy_bin())
+        .arg("uninstall")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         !std::path::Path::new("/sys/fs/bpf/nodeproxy").exists(),
         "pins removed"
     );
+    // Programs are freed a moment after their last link goes.
+    for _ in 0..100 {
+        if bpftool_mentions_ours().is_none_or(|l| l.is_empty()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     if let Some(left) = bpftool_mentions_ours() {
         assert!(
             left.is_empty(),
             "bpftool still lists our programs/links:\n{left}"
         );
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn proxy_down_fails_closed_and_restart_cleans_stale_state() {
-    if !require_root("proxy_down_fails_closed_and_restart_cleans_stale_state") {
-        return;
-    }
-    let _serial = SERIAL.lock().await;
-    let s = std::sync::Arc::new(scene("lifecycle").await);
-    let mut proxy = s.start_proxy();
-    let vip = s.vip(1, 80);
-    let s2 = s.clone();
-    assert_eq!(
-        blocking(move || s2.node.pods[s2.client].http_get(vip, "/", &[]).unwrap().0).await,
-        200
-    );
-    // SIGKILL: no cleanup runs. Links die with the process; pinned maps stay behind.
-    proxy.kill();
-    assert!(
-        std::path::Path::new("/sys/fs/bpf/nodeproxy/np_svc").exists(),
-        "pins survive SIGKILL"
-    );
-    // While down: service VIPs fail (closed), real pod IPs still work (open).
-    let s2 = s.clone();
-    assert!(
-        blocking(move || s2.node.pods[s2.client].connect(vip, Duration::from_secs(2)))
-            .await
-            .is_err(),
-        "fail closed for VIPs"
-    );
-    let v1 = SocketAddr::new(s.node.pods[2].ip.into(), 8080);
-    let s2 = s.clone();
-    assert_eq!(
-        blocking(move || s2.node.pods[s2.client].http_get(v1, "/", &[]).unwrap())
-            .await
-            .1,
-        "v1",
-        "pod IPs unaffected"
-    );
-    // Restart: stale pins are removed before attaching; capture works again.
-    let _proxy = s.start_proxy();
-    let k = s.kernel();
-    assert_eq!(
-        k["counters"]["redirect_proxy"], 0,
-        "fresh maps, no stale counters"
-    );
-    let s2 = s.clone();
-    assert_eq!(
-        blocking(move || s2.node.pods[s2.client].http_get(vip, "/", &[]).unwrap().0).await,
-        200
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -907,67 +895,6 @@ async fn sockmap_splice_carries_captured_traffic() {
         s.counter("sockmap_upstream") >= before + 5,
         "the echo pod's ends joined the sockhash"
     );
-}
-
-/// A second `--capture ebpf` instance on the same pin directory refuses at once, naming the
-/// first; the first keeps its programs, pins and captured traffic.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_second_instance_on_the_pin_directory_refuses_and_the_first_serves_on() {
-    if !require_root("a_second_instance_on_the_pin_directory_refuses_and_the_first_serves_on") {
-        return;
-    }
-    let _serial = SERIAL.lock().await;
-    let s = std::sync::Arc::new(scene("pinlock").await);
-    let first = s.start_proxy();
-    let cfg = s.dir.0.join("mesh.yaml");
-    let capture = format!("{}:15002", s.node.ip());
-    let out = std::process::Command::new("nsenter")
-        .arg(format!("--net={}", s.node.ns.path().display()))
-        .arg(nodeproxy_tests::nodeproxy_bin())
-        .args([
-            "run",
-            "--capture",
-            "ebpf",
-            "--capture-listen",
-            &capture,
-            "--admin",
-            "127.0.0.1:15003",
-            "--config",
-            cfg.to_str().unwrap(),
-        ])
-        .output()
-        .expect("run a second instance");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "the second instance must fail: {stderr}"
-    );
-    assert!(
-        stderr.contains(&format!(
-            "another nodeproxy (pid {}) holds the pin directory",
-            first.pid()
-        )),
-        "{stderr}"
-    );
-    assert!(
-        std::path::Path::new("/sys/fs/bpf/nodeproxy/np_svc").exists(),
-        "the first instance's pins are intact"
-    );
-    let vip = s.vip(1, 80);
-    let s2 = s.clone();
-    let codes = blocking(move || {
-        (0..50)
-            .map(|_| {
-                s2.node.pods[s2.client]
-                    .http_get(vip, "/", &[])
-                    .map(|(c, _)| c)
-                    .unwrap_or(0)
-            })
-            .collect::<Vec<_>>()
-    })
-    .await;
-    assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
-    drop(first);
 }
 
 /// SSRF: a service whose endpoint is the node's loopback (here the proxy's own admin API) is

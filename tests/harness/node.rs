@@ -331,8 +331,9 @@ impl Node {
         self.pods.len() - 1
     }
 
-    /// Start `nodeproxy ARGS` inside the node netns. The guard stops it with SIGTERM (a clean
-    /// detach), SIGKILL after 5 s, and removes pinned maps a killed proxy left behind.
+    /// Start `nodeproxy ARGS` inside the node netns. The guard stops it with SIGTERM (SIGKILL
+    /// after 5 s) and then runs `nodeproxy uninstall`, which removes the kernel state unless
+    /// another instance holds it: each test starts from a clean kernel.
     pub fn spawn_proxy(&self, args: &[&str]) -> ProxyGuard {
         self.spawn_proxy_bin(crate::nodeproxy_bin(), args)
     }
@@ -409,7 +410,13 @@ impl Drop for ProxyGuard {
         if matches!(self.0.0.try_wait(), Ok(None)) {
             self.terminate();
         }
-        let _ = std::fs::remove_dir_all(PIN_DIR);
+        // Refused while another instance (a successor, a restarted proxy) holds the pin
+        // directory: only the last proxy's guard removes the kernel state.
+        let _ = Command::new(crate::nodeproxy_bin())
+            .arg("uninstall")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 

@@ -165,6 +165,8 @@ pub async fn start_custom(
         allow_upstream: Vec::new(),
         cluster_domain: Default::default(),
         max_connections: None,
+        takeover: false,
+        uninstall_on_exit: false,
     };
     f(&mut opts);
     let running = nodeproxy::app::start(opts).await.expect("proxy starts");

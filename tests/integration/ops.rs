@@ -255,6 +255,8 @@ async fn admin_refuses_public_address_without_flag() {
         allow_upstream: Vec::new(),
         cluster_domain: Default::default(),
         max_connections: None,
+        takeover: false,
+        uninstall_on_exit: false,
     })
     .await;
     let err = r.err().expect("refused").to_string();

@@ -47,6 +47,26 @@ pub enum Capture {
     Ebpf,
 }
 
+/// `--takeover`.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+pub enum Takeover {
+    /// Take the listening sockets and the kernel state over from the instance holding the
+    /// pin directory; it drains and exits.
+    Auto,
+    /// Fail when another instance holds the pin directory.
+    Never,
+}
+
+/// `--after-handover`.
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+pub enum AfterHandover {
+    /// Exit once drained.
+    Exit,
+    /// Wait for SIGTERM once drained (a Kubernetes container that exits by itself is
+    /// restarted, and would take over back).
+    Wait,
+}
+
 /// `--cpu-affinity`.
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 pub enum CpuAffinity {
@@ -141,9 +161,22 @@ pub struct RunArgs {
     /// HTTP/1: longest wait between two reads of a request body (then 408 and close).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub body_idle_timeout: std::time::Duration,
-    /// After SIGTERM/SIGINT, how long in-flight connections get to finish (0: stop at once).
+    /// After SIGTERM/SIGINT or a handover, how long in-flight connections get to finish
+    /// (0: stop at once).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub drain_time: std::time::Duration,
+    /// When another instance holds the pin directory (--capture ebpf): `auto` takes its
+    /// listening sockets and kernel state over (it drains and exits), `never` fails.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub takeover: Takeover,
+    /// After handing over to a successor and draining: `exit`, or `wait` for SIGTERM.
+    #[arg(long, value_enum, default_value = "exit")]
+    pub after_handover: AfterHandover,
+    /// On SIGTERM/SIGINT, after draining, detach the eBPF programs and remove the pins. By
+    /// default they stay: enrolled pods keep the kernel fast path while no proxy runs, and
+    /// the next start adopts them (`nodeproxy uninstall` removes them).
+    #[arg(long)]
+    pub uninstall_on_exit: bool,
     /// Access log: `on` (default) or `off`.
     #[arg(long, value_enum, default_value = "on")]
     pub access_log: AccessLogMode,
@@ -201,6 +234,8 @@ pub struct RunPlan {
     pub pin_cpus: bool,
     /// `--drain-time`.
     pub drain_time: Duration,
+    /// `--after-handover`.
+    pub after_handover: AfterHandover,
     /// Where the access log goes.
     pub access_log_file: crate::telemetry::access::Destination,
     /// Its format.
@@ -220,6 +255,9 @@ impl RunArgs {
             _ => {}
         }
         let capture = self.capture(host)?;
+        if capture.is_none() && self.uninstall_on_exit {
+            bail!("--uninstall-on-exit needs --capture ebpf (there is nothing to uninstall)");
+        }
         let kubernetes = match self.source {
             SourceKind::Files => None,
             SourceKind::Kubernetes => {
@@ -256,10 +294,13 @@ impl RunArgs {
                 allow_upstream: self.allow_upstream_cidr,
                 cluster_domain: self.cluster_domain,
                 max_connections: self.max_downstream_connections.map(|n| n as usize),
+                takeover: self.takeover == Takeover::Auto,
+                uninstall_on_exit: self.uninstall_on_exit,
             },
             kubernetes,
             pin_cpus: self.cpu_affinity == CpuAffinity::Auto,
             drain_time: self.drain_time,
+            after_handover: self.after_handover,
             access_log_file: self.access_log_file,
             access_log_format: match self.access_log_format {
                 AccessLogFormat::Text => crate::telemetry::access::Format::Text,

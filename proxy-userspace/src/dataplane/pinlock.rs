@@ -3,19 +3,25 @@
 //! regular files, so no pid file); the holder's pid is read from `/proc/locks` instead.
 //!
 //! The lock is taken before anything in the directory is touched, so a second instance
-//! refuses at once and leaves the first one's pins and programs alone. A deliberate takeover
-//! (the restart/upgrade path) will negotiate with the holder instead of failing here.
+//! refuses at once and leaves the first one's pins and programs alone, unless it takes over:
+//! then the holder passes its locked descriptor along with its sockets ([`PinLock::inherit`]).
+//! A `flock` belongs to the open file description, which both processes then share, and is
+//! released when the last descriptor of it closes: the lock passes from one instance to the
+//! next without a moment unheld. (So it is never unlocked explicitly: `LOCK_UN` would release
+//! it for both.)
+
+#![allow(unsafe_code)]
 
 use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
-
-/// The held lock; released when dropped (or when the process dies, however it dies).
+/// The held lock; released when the last descriptor of it closes (this process's when it
+/// drops or dies, however it dies, unless it was passed to a successor).
 #[derive(Debug)]
 pub struct PinLock {
-    _lock: Flock<File>,
+    file: File,
 }
 
 /// Why the lock was not taken.
@@ -53,14 +59,51 @@ impl PinLock {
         };
         std::fs::create_dir_all(dir).map_err(io)?;
         let file = File::open(dir).map_err(io)?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => Ok(PinLock { _lock: lock }),
-            Err((file, nix::errno::Errno::EWOULDBLOCK)) => Err(LockError::Busy {
+        match lock_exclusive(&file) {
+            Ok(()) => Ok(PinLock { file }),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Err(LockError::Busy {
                 dir: dir.to_path_buf(),
                 holder: holder_pid(&file),
             }),
-            Err((_, e)) => Err(io(std::io::Error::from(e))),
+            Err(e) => Err(io(e)),
         }
+    }
+
+    /// The lock a predecessor passed on (its descriptor of the locked directory): checked to
+    /// be `dir` and to hold the lock (re-locking the same open file description succeeds at
+    /// once; any other description would be refused).
+    pub fn inherit(fd: OwnedFd, dir: &Path) -> Result<PinLock, LockError> {
+        let io = |source| LockError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        let file = File::from(fd);
+        let (got, want) = (
+            file.metadata().map_err(io)?,
+            std::fs::metadata(dir).map_err(io)?,
+        );
+        if (got.dev(), got.ino()) != (want.dev(), want.ino()) {
+            return Err(io(std::io::Error::other(
+                "the descriptor passed as the lock is not the pin directory",
+            )));
+        }
+        lock_exclusive(&file).map_err(io)?;
+        Ok(PinLock { file })
+    }
+
+    /// The locked descriptor, to pass to a successor.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+fn lock_exclusive(file: &File) -> std::io::Result<()> {
+    // SAFETY: flock(2) on a descriptor this `File` owns; no memory is passed.
+    let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -106,7 +149,18 @@ mod tests {
             err.to_string()
                 .contains(&format!("pid {}", std::process::id()))
         );
+        // Passed on (as a successor receives it): the same open file description holds it.
+        let passed = PinLock::inherit(first.fd().try_clone_to_owned().unwrap(), &dir)
+            .expect("an inherited descriptor holds the lock");
         drop(first);
+        assert!(
+            matches!(PinLock::acquire(&dir), Err(LockError::Busy { .. })),
+            "still held through the passed descriptor"
+        );
+        // A descriptor of its own is no lock.
+        let other = File::open(&dir).unwrap();
+        assert!(PinLock::inherit(other.into(), &dir).is_err());
+        drop(passed);
         let again = PinLock::acquire(&dir).expect("free again");
         drop(again);
         std::fs::remove_dir_all(&dir).unwrap();

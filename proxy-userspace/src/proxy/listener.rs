@@ -58,13 +58,20 @@ impl Listeners {
     /// Binding failures (port in use, no permission) are recorded in `shared` and retried by
     /// the next call.
     fn apply(&mut self, shared: &Arc<Shared>, snap: &Snapshot) {
+        if *shared.accepting_stopped().borrow() {
+            // A successor accepts on these sockets now: close this process's descriptors.
+            self.stop(shared);
+            shared.set_unbound(Default::default());
+            return;
+        }
+        let sockets = &shared.options.sockets;
         let mut unbound = std::collections::BTreeMap::new();
         if let Some(k) = &shared.kernel {
             for &addr in k.captures() {
                 if self.capture.contains_key(&addr) {
                     continue;
                 }
-                match bind(addr) {
+                match bind(sockets, addr) {
                     Ok(l) => {
                         tracing::info!(%addr, "capture listener");
                         let task = tokio::spawn(capture_loop(shared.clone(), k.clone(), l));
@@ -83,6 +90,7 @@ impl Listeners {
             if !keep {
                 tracing::info!(%addr, "listener removed");
                 task.abort();
+                sockets.closed(*addr);
             }
             keep
         });
@@ -91,7 +99,7 @@ impl Listeners {
             if self.active.contains_key(&addr) {
                 continue;
             }
-            match bind(addr) {
+            match bind(sockets, addr) {
                 Ok(l) => {
                     if before.contains_key(&addr) {
                         tracing::info!(%addr, "listening (bound after retries)");
@@ -119,13 +127,20 @@ impl Listeners {
     }
 }
 
-impl Drop for Listeners {
-    fn drop(&mut self) {
-        for (_, t) in self.active.drain() {
+impl Listeners {
+    /// Stop accepting everywhere and close this process's listening descriptors.
+    fn stop(&mut self, shared: &Shared) {
+        for (_, t) in self.active.drain().chain(self.capture.drain()) {
             t.abort();
         }
-        for (_, c) in self.capture.drain() {
-            c.abort();
+        shared.options.sockets.clear();
+    }
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        for (_, t) in self.active.drain().chain(self.capture.drain()) {
+            t.abort();
         }
     }
 }
@@ -136,6 +151,8 @@ pub async fn run(shared: Arc<Shared>, publisher: Arc<Publisher>) {
     let mut versions = publisher.subscribe();
     let mut listeners = Listeners::default();
     let sweeper = tokio::spawn(sweep(shared.clone()));
+    let mut stopped = shared.accepting_stopped();
+    let mut first = true;
     loop {
         let snap = publisher.load();
         // The view first: a service the kernel starts redirecting must already be routable.
@@ -146,6 +163,12 @@ pub async fn run(shared: Arc<Shared>, publisher: Arc<Publisher>) {
             tracing::error!(error = %e, "kernel maps not updated; the previous service table stays");
         }
         listeners.apply(&shared, &snap);
+        if std::mem::take(&mut first) {
+            // Sockets a predecessor passed on that this configuration does not listen on.
+            for addr in shared.options.sockets.release_inherited() {
+                tracing::info!(%addr, "inherited listening socket closed: not in this configuration");
+            }
+        }
         shared.set_applied(snap.version);
         // Until the next snapshot, retry what could not be bound.
         let next = loop {
@@ -153,6 +176,7 @@ pub async fn run(shared: Arc<Shared>, publisher: Arc<Publisher>) {
             tokio::select! {
                 changed = versions.changed() => break changed,
                 () = tokio::time::sleep(BIND_RETRY), if retry => listeners.apply(&shared, &snap),
+                Ok(()) = stopped.changed() => listeners.apply(&shared, &snap),
             }
         };
         if next.is_err() {
@@ -270,8 +294,26 @@ async fn room_past_cap(shared: &Shared) -> bool {
     false
 }
 
+/// The socket a predecessor passed on for `addr`, else a new one; recorded to pass on in turn.
 #[allow(unsafe_code)]
-fn bind(addr: SocketAddr) -> std::io::Result<Listener> {
+fn bind(sockets: &crate::sockets::Sockets, addr: SocketAddr) -> std::io::Result<Listener> {
+    let listener = match sockets.take_inherited(addr) {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            tracing::info!(%addr, "listening on the socket passed on by the predecessor");
+            l
+        }
+        None => bind_new(addr)?,
+    };
+    sockets.listening(&listener);
+    // SAFETY: the `TcpListener` owns its file descriptor, returns that same descriptor from
+    // `as_raw_fd` for as long as it lives, and lives exactly as long as the `AsyncFd` that
+    // owns it, which is what `register_with_interest` asks for.
+    unsafe { AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+fn bind_new(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM.nonblocking(),
@@ -283,12 +325,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<Listener> {
     sock.set_tcp_nodelay(true)?;
     sock.bind(&addr.into())?;
     sock.listen(1024)?;
-    let listener = std::net::TcpListener::from(sock);
-    // SAFETY: the `TcpListener` owns its file descriptor, returns that same descriptor from
-    // `as_raw_fd` for as long as it lives, and lives exactly as long as the `AsyncFd` that
-    // owns it, which is what `register_with_interest` asks for.
-    unsafe { AsyncFd::register_with_interest(listener, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)
+    Ok(sock.into())
 }
 
 /// A connection's local address: the listener's when it is bound to one address (no system

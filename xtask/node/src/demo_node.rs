@@ -44,6 +44,8 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         let proxy = node.spawn_proxy_logged(&[
             "run", "--capture", "ebpf", "--capture-listen", &capture, "--admin", ADMIN, "--config", cfg.to_str().context("path")?,
             "--enroll-netns", client_ns.to_str().context("path")?, "--access-log", "off",
+            // A try-out leaves nothing behind: the kernel state goes with the proxy.
+            "--uninstall-on-exit",
         ], &log);
         println!("   (proxy log: {})", log.display());
         let deadline = Instant::now() + Duration::from_secs(30);

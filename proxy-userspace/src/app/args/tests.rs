@@ -244,3 +244,28 @@ fn one_capture_address_per_family_with_one_port() {
         .contains("same port")
     );
 }
+
+#[test]
+fn takeover_is_the_default_and_uninstalling_needs_ebpf() {
+    let p = plan("--config a.yaml", &root());
+    assert!(
+        p.options.takeover,
+        "a second instance takes over by default"
+    );
+    assert!(
+        !p.options.uninstall_on_exit,
+        "kernel state stays by default"
+    );
+    assert_eq!(p.after_handover, AfterHandover::Exit);
+    let p = plan(
+        "--config a.yaml --takeover never --uninstall-on-exit --after-handover wait",
+        &root(),
+    );
+    assert!(!p.options.takeover);
+    assert!(p.options.uninstall_on_exit);
+    assert_eq!(p.after_handover, AfterHandover::Wait);
+    assert!(
+        refused("--config a.yaml --uninstall-on-exit", &user()).contains("needs --capture ebpf")
+    );
+    assert!(parse_error("--config a.yaml --takeover maybe").contains("maybe"));
+}
