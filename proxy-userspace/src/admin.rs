@@ -224,6 +224,13 @@ impl Admin {
     fn handle_ready(&self) -> Response<Full<Bytes>> {
         if self.shared.as_ref().is_some_and(|s| s.draining()) {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        } else if self.kernel().is_some_and(|k| k.is_handed_over()) {
+            // The successor shares this port until it is ready: a probe of its readiness that
+            // this instance answers must not say yes for it.
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "handing over to a successor\n",
+            )
         } else if let Some(unbound) = self
             .shared
             .as_ref()

@@ -262,3 +262,52 @@ async fn admin_refuses_public_address_without_flag() {
     let err = r.err().expect("refused").to_string();
     assert!(err.contains("--admin-public"), "{err}");
 }
+
+/// The DaemonSet upgrades by takeover: the new pod starts beside the old one (maxSurge 1,
+/// maxUnavailable 0, no host port that would keep the two apart), the old one waits for its
+/// deletion after handing over, and the grace period covers the drain.
+#[test]
+fn the_daemonset_rolls_by_takeover() {
+    let text =
+        std::fs::read_to_string(nodeproxy_tests::repo_path("deploy/daemonset.yaml")).unwrap();
+    let ds: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(rolling["maxSurge"].as_u64(), Some(1), "{rolling:?}");
+    assert_eq!(rolling["maxUnavailable"].as_u64(), Some(0), "{rolling:?}");
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert!(
+        c["ports"].is_null(),
+        "hostNetwork ports are host ports: {:?}",
+        c["ports"]
+    );
+    let args: Vec<&str> = c["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(args.contains(&"--after-handover=wait"), "{args:?}");
+    assert!(!args.iter().any(|a| a.starts_with("--takeover=never")));
+    let drain = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--drain-time="))
+        .map(|d| std::time::Duration::from_secs(d.trim_end_matches('s').parse().unwrap()))
+        .expect("--drain-time in seconds");
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        std::time::Duration::from_secs(grace) > drain,
+        "grace {grace}s must cover the drain {drain:?}"
+    );
+    // The flags are `run`'s.
+    let out = std::process::Command::new(nodeproxy_tests::nodeproxy_bin())
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

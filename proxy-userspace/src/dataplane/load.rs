@@ -103,7 +103,11 @@ impl Kernel {
         } else {
             kernel.carry_over(&older, "np_netns");
         }
-        kernel.sync(snap)?;
+        // Nothing published yet (the Kubernetes source fills the first snapshot later): the
+        // adopted table stays as it is until then, rather than being emptied.
+        if snap.version > 0 {
+            kernel.sync(snap)?;
+        }
         for p in &opts.enroll {
             kernel.enroll(p)?;
         }
