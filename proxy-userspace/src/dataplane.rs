@@ -221,6 +221,11 @@ pub struct KernelStatus {
     pub pin_dir: PathBuf,
     /// Enrolled namespaces and their cookies.
     pub enrolled: BTreeMap<PathBuf, u64>,
+    /// Entries of the kernel's enrollment map (besides `enrolled`, those adopted from a
+    /// predecessor that this instance has not enrolled again).
+    pub enrolled_in_kernel: usize,
+    /// Whether the maps were adopted from a predecessor.
+    pub adopted: bool,
     /// Service map: address → mode, endpoints, why the proxy is needed.
     pub services: BTreeMap<String, serde_json::Value>,
     /// Counters by reason (socket programs and XDP guard).
@@ -527,11 +532,14 @@ impl Kernel {
                 )
             })
             .collect();
+        use aya::maps::IterableMap;
         KernelStatus {
             capture: self.capture(),
             attached: self.attached.clone(),
             pin_dir: self.pin_dir.clone(),
             enrolled: st.enrolled.clone(),
+            enrolled_in_kernel: st.maps.netns.keys().flatten().count(),
+            adopted: self.adopted,
             services,
             counters,
         }
@@ -761,6 +769,23 @@ mod tests {
             "{:?}",
             st.attached
         );
+        let cookie = st.enrolled[Path::new("/proc/self/ns/net")];
+        drop(k);
+        // Maps of another ABI (as an upgrade that changed a map leaves them): fresh maps are
+        // made and filled, the programs swapped in, the enrollments carried over, the old
+        // maps removed.
+        let old = Path::new("/sys/fs/bpf/nodeproxy/maps-0ldab1");
+        std::fs::rename(&maps, old).unwrap();
+        let mut no_enroll = opts.clone();
+        no_enroll.enroll.clear();
+        let k = load(&no_enroll);
+        assert!(!k.adopted(), "maps of another ABI are not adopted");
+        assert!(!old.exists(), "the old maps are removed once the programs use the new ones");
+        assert!(maps.join("np_netns").exists());
+        let st = k.status();
+        assert_eq!(st.enrolled_in_kernel, 1, "the enrollment is carried over");
+        assert!(st.attached.iter().any(|a| a.contains("updated in place")), "{:?}", st.attached);
+        assert_eq!(k.enroll(Path::new("/proc/self/ns/net")).unwrap(), cookie);
         k.uninstall().unwrap();
         assert!(
             !Path::new("/sys/fs/bpf/nodeproxy").exists(),

@@ -7,6 +7,7 @@
 mod load;
 mod procs;
 pub mod report;
+mod restart;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,7 +29,7 @@ pub struct Options {
     #[arg(long)]
     pub quick: bool,
     /// Run only this workload (h1-keepalive, h1-newconn, h2c, latency-10k, tcp-bulk,
-    /// route-scale, idle-memory, netns).
+    /// route-scale, idle-memory, netns, restart).
     #[arg(long)]
     pub only: Option<String>,
     /// Output directory (default target/bench/<timestamp>).
@@ -36,7 +37,7 @@ pub struct Options {
     pub out: Option<PathBuf>,
 }
 
-const WORKLOADS: [&str; 8] = [
+const WORKLOADS: [&str; 9] = [
     "h1-keepalive",
     "h1-newconn",
     "h2c",
@@ -45,6 +46,7 @@ const WORKLOADS: [&str; 8] = [
     "route-scale",
     "idle-memory",
     "netns",
+    "restart",
 ];
 
 const BACKEND_V1: u16 = 18081;
@@ -441,6 +443,13 @@ pub fn run(opts: Options) -> anyhow::Result<()> {
             netns_workloads(&mut ctx)?;
         } else {
             println!("== netns: skipped (needs root for network namespaces and eBPF)");
+        }
+    }
+    if run_it("restart") {
+        if nix::unistd::geteuid().is_root() {
+            restart::restart(&mut ctx)?;
+        } else {
+            println!("== restart: skipped (needs root for eBPF)");
         }
     }
 
