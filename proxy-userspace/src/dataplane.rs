@@ -532,7 +532,6 @@ impl Kernel {
                 )
             })
             .collect();
-        use aya::maps::IterableMap;
         KernelStatus {
             capture: self.capture(),
             attached: self.attached.clone(),

@@ -322,9 +322,8 @@ impl AccessLog {
     }
 
     /// Record the status sent downstream.
-    pub fn with_status(mut self, s: StatusCode) -> Self {
+    pub fn set_status(&mut self, s: StatusCode) {
         self.status = s.as_u16();
-        self
     }
 
     /// Log a local reply now (`upstream`: the last host tried, if any).
