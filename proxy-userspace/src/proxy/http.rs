@@ -276,8 +276,8 @@ fn forwarded(
     served.flags = served.flags.with(result.flags);
     served.ep = result.ep;
     match result.response {
-        Ok((resp, guards, deadline)) => {
-            let resp = response_headers(resp, rule, plan, result.upstream_ms, cookie);
+        Ok((mut resp, guards, deadline)) => {
+            response_headers(resp.headers_mut(), rule, plan, result.upstream_ms, cookie);
             Out::Upstream(resp, guards, deadline)
         }
         Err(local) => Out::Local(LocalReply {
@@ -351,30 +351,29 @@ fn mirror(shared: &Shared, view: &View, rule: &HttpRule, plan: &Plan<'_>, ureq: 
 
 /// The response's headers: hop-by-hop removed, the rule's and destination's response
 /// mutations, `x-envoy-upstream-service-time`, a generated affinity cookie, CORS.
+/// In place: the response is not taken apart and put together again (each a copy of it).
 fn response_headers(
-    resp: Response<ResponseBody>,
+    headers: &mut http::HeaderMap,
     rule: &HttpRule,
     plan: &Plan<'_>,
     upstream_ms: u128,
     cookie: Option<String>,
-) -> Response<ResponseBody> {
-    let (mut parts, body) = resp.into_parts();
-    super::headers::strip_hop_by_hop(&mut parts.headers);
-    rule.headers.apply_response(&mut parts.headers);
-    plan.dest.headers.apply_response(&mut parts.headers);
-    parts.headers.insert(
+) {
+    super::headers::strip_hop_by_hop(headers);
+    rule.headers.apply_response(headers);
+    plan.dest.headers.apply_response(headers);
+    headers.insert(
         X_ENVOY_UPSTREAM_SERVICE_TIME.clone(),
         HeaderValue::from(upstream_ms as u64),
     );
     if let Some(cookie) = cookie
         && let Ok(v) = HeaderValue::from_str(&cookie)
     {
-        parts.headers.append(header::SET_COOKIE, v);
+        headers.append(header::SET_COOKIE, v);
     }
     if let (Some(c), Some(o)) = (&rule.cors, &plan.cors_origin) {
-        respond::cors_headers(c, o, &mut parts.headers);
+        respond::cors_headers(c, o, headers);
     }
-    Response::from_parts(parts, body)
 }
 
 /// Account for a request the HTTP/1.1 server refused before it could be parsed (400, 431).
