@@ -779,11 +779,18 @@ mod tests {
         no_enroll.enroll.clear();
         let k = load(&no_enroll);
         assert!(!k.adopted(), "maps of another ABI are not adopted");
-        assert!(!old.exists(), "the old maps are removed once the programs use the new ones");
+        assert!(
+            !old.exists(),
+            "the old maps are removed once the programs use the new ones"
+        );
         assert!(maps.join("np_netns").exists());
         let st = k.status();
         assert_eq!(st.enrolled_in_kernel, 1, "the enrollment is carried over");
-        assert!(st.attached.iter().any(|a| a.contains("updated in place")), "{:?}", st.attached);
+        assert!(
+            st.attached.iter().any(|a| a.contains("updated in place")),
+            "{:?}",
+            st.attached
+        );
         assert_eq!(k.enroll(Path::new("/proc/self/ns/net")).unwrap(), cookie);
         k.uninstall().unwrap();
         assert!(

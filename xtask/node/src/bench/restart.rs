@@ -21,7 +21,11 @@ fn config(path: &Path) -> anyhow::Result<()> {
     for i in 0..SERVICES {
         let (a, b) = (i / 250, i % 250 + 1);
         // One in four plain TCP (kernel fast path), the rest HTTP with a route each.
-        let (proto, name) = if i % 4 == 0 { ("TCP", "tcp") } else { ("HTTP", "http") };
+        let (proto, name) = if i % 4 == 0 {
+            ("TCP", "tcp")
+        } else {
+            ("HTTP", "http")
+        };
         yaml.push_str(&format!(
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: s{i}}}\nspec:\n  hosts: [s{i}.restart.local]\n  addresses: [10.97.{a}.{b}]\n  location: MESH_INTERNAL\n  resolution: STATIC\n  ports: [{{number: 80, name: {name}, protocol: {proto}}}]\n  endpoints: [{{address: 10.98.{a}.{b}}}, {{address: 10.99.{a}.{b}}}]\n---\n"
         ));
@@ -38,7 +42,14 @@ fn spawn(ctx: &Ctx, cfg: &Path, log: &Path) -> anyhow::Result<Child> {
     let log = std::fs::File::create(log)?;
     Command::new(nodeproxy_bin(&ctx.root))
         .args(["run", "--capture", "ebpf", "--capture-listen", CAPTURE])
-        .args(["--admin", ADMIN, "--access-log", "off", "--drain-time", "1s"])
+        .args([
+            "--admin",
+            ADMIN,
+            "--access-log",
+            "off",
+            "--drain-time",
+            "1s",
+        ])
         .arg("--config")
         .arg(cfg)
         .stdout(Stdio::null())
