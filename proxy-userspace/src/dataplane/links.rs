@@ -59,8 +59,8 @@ fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
     }
 }
 
-/// `BPF_OBJ_GET`: a descriptor of the object pinned at `path`.
-fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+/// `BPF_OBJ_PIN` (`fd`: the object) and `BPF_OBJ_GET` (`fd`: 0) at `path`.
+fn obj_at(cmd: libc::c_long, path: &Path, fd: u32) -> std::io::Result<libc::c_long> {
     #[repr(C)]
     struct ObjAttr {
         pathname: u64,
@@ -71,30 +71,22 @@ fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let attr = ObjAttr {
         pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
+        bpf_fd: fd,
         file_flags: 0,
     };
-    let fd = sys_bpf(BPF_OBJ_GET, &attr)?;
+    sys_bpf(cmd, &attr)
+}
+
+/// `BPF_OBJ_GET`: a descriptor of the object pinned at `path`.
+fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+    let fd = obj_at(BPF_OBJ_GET, path, 0)?;
     // SAFETY: the kernel returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// `BPF_OBJ_PIN`: pin `fd` at `path` (on bpffs).
 fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
-    #[repr(C)]
-    struct ObjAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let attr = ObjAttr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: fd.as_raw_fd() as u32,
-        file_flags: 0,
-    };
-    sys_bpf(BPF_OBJ_PIN, &attr).map(drop)
+    obj_at(BPF_OBJ_PIN, path, fd.as_raw_fd() as u32).map(drop)
 }
 
 /// `BPF_LINK_CREATE`: attach `prog` to `target` (a cgroup's descriptor, or an interface index
