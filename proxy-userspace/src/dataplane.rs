@@ -12,7 +12,7 @@
 //! ABI (its first sync rewrites every service entry), or creates fresh ones, fills them, and
 //! swaps its programs into the pinned links (`BPF_LINK_UPDATE`: atomic), then removes the old
 //! maps. One instance per pin directory (`pinlock.rs`); a second one takes over from the first
-//! (`crate::handover` in the app) or fails. Only [`uninstall`] removes the pins (and with them
+//! (`app/handover.rs`) or fails. Only [`uninstall`] removes the pins (and with them
 //! the programs).
 
 pub mod abi;
