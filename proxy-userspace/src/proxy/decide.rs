@@ -399,7 +399,7 @@ fn plan<'a>(
     // gRPC: the client's grpc-timeout is honoured, capped by the route timeout when there is one.
     let grpc_timeout = head
         .headers
-        .get("grpc-timeout")
+        .get(&super::headers::GRPC_TIMEOUT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout);
     let timeout = match (rule.timeout, grpc_timeout) {

@@ -294,10 +294,9 @@ impl Retries<'_> {
     }
 
     /// An answer: recorded for outlier detection; true when it is to be retried (URX when a
-    /// retriable answer ran out of retries).
+    /// retriable answer ran out of retries). The caller keeps `ep` as the last one tried.
     fn retry_answer(&mut self, resp: &Response<ResponseBody>, ep: &Arc<EndpointState>) -> bool {
         outlier::record(self.state, ep, Outcome::Status(resp.status().as_u16()));
-        self.last_ep = Some(ep.clone());
         let retriable = response_retriable(&self.retry.retry_on, resp);
         if retriable && self.deadline.is_none_or(|d| Instant::now() < d) && self.again(true) {
             self.avoid(ep);
@@ -392,13 +391,14 @@ pub async fn forward(
         match attempt {
             Ok((resp, ep, mut guards)) => {
                 if r.retry_answer(&resp, &ep) {
+                    r.last_ep = Some(ep);
                     continue;
                 }
                 guards.retry = r.slot.take();
                 return Forwarded {
                     response: Ok((resp, guards, r.deadline)),
                     flags: r.flags,
-                    ep: r.last_ep,
+                    ep: Some(ep),
                     upstream_ms: start.elapsed().as_millis(),
                 };
             }

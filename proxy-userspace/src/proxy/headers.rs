@@ -11,6 +11,7 @@ pub(crate) static X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
     HeaderName::from_static("x-envoy-upstream-service-time");
 pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub(crate) static X_ENVOY_RATELIMITED: HeaderName = HeaderName::from_static("x-envoy-ratelimited");
+pub(crate) static GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
@@ -40,13 +41,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .any(|f| f.as_ref() == Some(&header::CONNECTION))
     {
         // Fields the sender named in `Connection` are this hop's too (`Connection:
-        // keep-alive, X-Secret`). `Upgrade` stays: the upgrade path forwards it on purpose.
+        // keep-alive, X-Secret`). `Upgrade` and `Host` stay (the upgrade path forwards
+        // `Upgrade` on purpose). The usual tokens (`close`, `keep-alive`, the hop-by-hop names
+        // removed below anyway) name nothing else: they are passed over without making a
+        // header name (an allocation each), so the usual message allocates nothing here.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
-            .filter(|h| *h != header::UPGRADE && *h != header::HOST)
+            .map(<[u8]>::trim_ascii)
+            .filter(|t| !names_nothing_else(t))
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
             .collect();
         for name in named {
             headers.remove(name);
@@ -55,6 +60,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in found.into_iter().flatten() {
         headers.remove(name);
     }
+}
+
+/// A `Connection` token that names no field to remove besides the hop-by-hop ones (or one
+/// that stays: `Upgrade`, `Host`).
+fn names_nothing_else(token: &[u8]) -> bool {
+    // The two usual ones first.
+    token.eq_ignore_ascii_case(b"keep-alive")
+        || token.eq_ignore_ascii_case(b"close")
+        || token.is_empty()
+        || token.eq_ignore_ascii_case(b"upgrade")
+        || token.eq_ignore_ascii_case(b"host")
+        || HOP_BY_HOP
+            .iter()
+            .any(|h| token.eq_ignore_ascii_case(h.as_str().as_bytes()))
 }
 
 /// A random 128-bit request id in hex, without going through `fmt`.
@@ -79,6 +98,32 @@ pub fn shadow_host(host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hop_by_hop_fields_and_the_ones_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, X-Secret ,close"),
+            ("connection", "Upgrade, TE, host"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("host", "a"),
+            ("x-kept", "2"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["host", "upgrade", "x-kept"]);
+        for t in ["close", "Keep-Alive", "", "TE", "proxy-connection"] {
+            assert!(names_nothing_else(t.as_bytes()), "{t}");
+        }
+        assert!(!names_nothing_else(b"x-secret"));
+    }
 
     #[test]
     fn shadow_suffix_goes_before_the_port() {

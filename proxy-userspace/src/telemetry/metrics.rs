@@ -607,20 +607,65 @@ pub struct SeriesKey {
     pub grpc: Option<u32>,
 }
 
+/// [`SeriesKey`] borrowed: what a request looks its series up with (no string is cloned
+/// per request). Hashes as `SeriesKey` does: the same fields in the same order, `Arc<str>`
+/// hashing as `str`.
+#[derive(Debug, Clone, Copy, Hash)]
+pub struct SeriesKeyRef<'a> {
+    /// Client workload.
+    pub source: &'a str,
+    /// Client namespace.
+    pub source_ns: &'a str,
+    /// Response code.
+    pub code: u16,
+    /// Response flags bits.
+    pub flags: u32,
+    /// gRPC status.
+    pub grpc: Option<u32>,
+}
+
+impl hashbrown::Equivalent<SeriesKey> for SeriesKeyRef<'_> {
+    fn equivalent(&self, k: &SeriesKey) -> bool {
+        self.code == k.code
+            && self.flags == k.flags
+            && self.grpc == k.grpc
+            && *self.source == *k.source
+            && *self.source_ns == *k.source_ns
+    }
+}
+
 /// An endpoint's metric series by the rest of the label set: a request served by a known
 /// endpoint finds its series without building and hashing the full label set.
 #[derive(Debug, Default)]
-pub struct SeriesCache(std::sync::RwLock<crate::compile::FastMap<SeriesKey, Series>>);
+pub struct SeriesCache(
+    std::sync::RwLock<hashbrown::HashMap<SeriesKey, Series, foldhash::fast::RandomState>>,
+);
 
 impl SeriesCache {
-    /// The cached series for `key`, made with `make` on first use.
-    pub fn get(&self, key: SeriesKey, make: impl FnOnce() -> Series) -> Series {
+    /// The cached series for `key`, made with `make` on first use (then the key's strings
+    /// are shared, once).
+    pub fn get(
+        &self,
+        key: SeriesKeyRef<'_>,
+        source: &Side,
+        make: impl FnOnce() -> Series,
+    ) -> Series {
         // Read-mostly: a read lock does not contend between worker threads.
         if let Some(s) = self.0.read().expect("series lock").get(&key) {
             return s.clone();
         }
         let s = make();
-        self.0.write().expect("series lock").insert(key, s.clone());
+        let owned = SeriesKey {
+            source: source.workload.clone(),
+            source_ns: source.namespace.clone(),
+            code: key.code,
+            flags: key.flags,
+            grpc: key.grpc,
+        };
+        self.0
+            .write()
+            .expect("series lock")
+            .insert(owned, s.clone());
         s
     }
 }

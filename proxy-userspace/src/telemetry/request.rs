@@ -8,7 +8,7 @@ use std::time::Instant;
 use http::{HeaderMap, Request, Response, StatusCode, header};
 
 use super::AccessLog;
-use super::metrics::{HttpLabels, Metrics, Series, SeriesCache, SeriesKey, Side, peers};
+use super::metrics::{HttpLabels, Metrics, Series, SeriesCache, SeriesKeyRef, Side, peers};
 use crate::body::OnEnd;
 use crate::compile::Service;
 use crate::reply::Flags;
@@ -143,13 +143,14 @@ impl RequestRecord {
         // The endpoint's series cache spares building and hashing the full label set.
         let series = match p.endpoint {
             Some((_, cache)) => cache.get(
-                SeriesKey {
-                    source: p.source.workload.clone(),
-                    source_ns: p.source.namespace.clone(),
+                SeriesKeyRef {
+                    source: &p.source.workload,
+                    source_ns: &p.source.namespace,
                     code: status.as_u16(),
                     flags: flags.bits(),
                     grpc: grpc_status.parse().ok(),
                 },
+                p.source,
                 make,
             ),
             None => make(),
