@@ -2,8 +2,10 @@
 //! instance's place without a refused connection (HAProxy's `-x`, Envoy's hot restart).
 //!
 //! The instance holding the pin directory listens on the abstract unix socket
-//! `nodeproxy-handover:<pin dir>` (SOCK_SEQPACKET; abstract, so nothing is left on disk; only
-//! a peer with this process's uid is answered). A successor:
+//! `nodeproxy-handover:<pin dir>` (SOCK_SEQPACKET; abstract, so nothing is left on disk). Any
+//! user can bind an abstract name, so both ends check the other's uid (SO_PEERCRED) against
+//! their own, and a successor checks that each socket passed is a TCP socket listening on the
+//! address it is passed for. A successor:
 //! 1. connects and asks (`{"version":1,"pid":N}`);
 //! 2. receives, with SCM_RIGHTS, the locked descriptor of the pin directory (the lock is
 //!    shared from then on and passes to it when the old process exits) and every listening
@@ -107,6 +109,17 @@ pub fn take_over(pin_dir: &Path, holder: Option<u32>) -> anyhow::Result<(PinLock
             pin_dir.display()
         );
     }
+    // Any user may bind an abstract name: only a peer of this process's uid is a nodeproxy
+    // whose sockets and lock may be taken.
+    let cred = socket::getsockopt(&conn, sockopt::PeerCredentials)?;
+    if cred.uid() != nix::unistd::geteuid().as_raw() {
+        bail!(
+            "the handover socket of {} is held by pid {} of uid {}, not by a nodeproxy of this user: refusing to take anything from it (the pin directory is held{holder}; stop that instance first)",
+            pin_dir.display(),
+            cred.pid(),
+            cred.uid()
+        );
+    }
     recv_timeout(&conn, Duration::from_secs(30))?;
     let req = serde_json::to_vec(&Request {
         version: VERSION,
@@ -136,7 +149,10 @@ pub fn take_over(pin_dir: &Path, holder: Option<u32>) -> anyhow::Result<(PinLock
                 fds.len()
             );
         }
-        sockets.extend(batch.sockets.into_iter().zip(fds));
+        for (addr, fd) in batch.sockets.into_iter().zip(fds) {
+            check_listening(&fd, addr)?;
+            sockets.push((addr, fd));
+        }
         if batch.last {
             break;
         }
@@ -150,6 +166,20 @@ pub fn take_over(pin_dir: &Path, holder: Option<u32>) -> anyhow::Result<(PinLock
             conn,
         },
     ))
+}
+
+/// A passed socket must be what it is said to be: a listening TCP socket bound to `addr`.
+fn check_listening(fd: &OwnedFd, addr: SocketAddr) -> anyhow::Result<()> {
+    let s = socket2::SockRef::from(fd);
+    let bound = s.local_addr().ok().and_then(|a| a.as_socket());
+    let tcp = s.r#type().ok() == Some(socket2::Type::STREAM);
+    let listening = socket::getsockopt(fd, sockopt::AcceptConn).unwrap_or(false);
+    if bound != Some(addr) || !tcp || !listening {
+        bail!(
+            "takeover reply: the socket passed for {addr} is not a TCP socket listening there (bound to {bound:?})"
+        );
+    }
+    Ok(())
 }
 
 fn recv_with_fds(conn: &OwnedFd) -> anyhow::Result<(Vec<u8>, Vec<OwnedFd>)> {
@@ -324,4 +354,83 @@ fn serve_one(holder: &Holder, listener: OwnedFd) -> anyhow::Result<u32> {
         "successor ready: this instance stops accepting and drains"
     );
     Ok(req.pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Another user binds the abstract name first (any user can): a successor refuses to
+    /// take a lock or a socket from it, naming its uid.
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_squatter_of_the_handover_name_is_refused() {
+        if !crate::test_util::require_root("a_squatter_of_the_handover_name_is_refused") {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("np-handover-squat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let addr = name(&dir).unwrap();
+        let (ready_r, ready_w) = nix::unistd::pipe().unwrap();
+        // SAFETY: the child only makes system calls (setuid, socket, bind, listen, write,
+        // accept, pause) and exits with `_exit`; it touches no lock another thread may hold.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid == 0 {
+            unsafe {
+                if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+                    libc::_exit(2);
+                }
+            }
+            let Ok(l) = seqpacket() else {
+                unsafe { libc::_exit(3) }
+            };
+            if socket::bind(l.as_raw_fd(), &addr).is_err()
+                || socket::listen(&l, Backlog::new(4).unwrap()).is_err()
+            {
+                unsafe { libc::_exit(4) };
+            }
+            let _ = nix::unistd::write(&ready_w, b"x");
+            loop {
+                let _ = socket::accept(l.as_raw_fd());
+            }
+        }
+        drop(ready_w);
+        let mut b = [0u8; 1];
+        assert_eq!(
+            nix::unistd::read(&ready_r, &mut b).unwrap(),
+            1,
+            "squatter bound"
+        );
+        let err = match take_over(&dir, Some(1)) {
+            Ok(_) => panic!("took over from a squatter"),
+            Err(e) => format!("{e:#}"),
+        };
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(err.contains("uid 65534"), "{err}");
+    }
+
+    #[test]
+    fn a_passed_socket_must_listen_on_the_address_it_is_passed_for() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = l.local_addr().unwrap();
+        let fd: OwnedFd = l.into();
+        check_listening(&fd, at).unwrap();
+        let other: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert!(check_listening(&fd, other).is_err(), "another address");
+        let c = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream: OwnedFd = std::net::TcpStream::connect(c.local_addr().unwrap())
+            .unwrap()
+            .into();
+        let local = socket2::SockRef::from(&stream)
+            .local_addr()
+            .unwrap()
+            .as_socket()
+            .unwrap();
+        assert!(check_listening(&stream, local).is_err(), "not listening");
+    }
 }
