@@ -14,6 +14,7 @@ pub mod registry;
 pub mod route;
 mod rules;
 mod snapshot;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};

@@ -66,6 +66,18 @@ impl TestCa {
         std::fs::write(dir.join(format!("{name}.key")), leaf.key_pem).expect("write key");
     }
 
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A root store holding this CA.
+    pub fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.issuer.der().clone()).expect("root");
+        roots
+    }
+
     /// A client config trusting this CA.
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();

@@ -12,4 +12,5 @@ mod ops;
 mod readme;
 mod reload;
 mod simulate;
+mod tls_origination;
 mod traffic;

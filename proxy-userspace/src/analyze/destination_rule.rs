@@ -79,6 +79,17 @@ impl Analyzer<'_> {
             )
         }))
         .collect::<Vec<_>>();
+        let tls = std::iter::once((format!("{base}.tls"), tp.tls.as_ref())).chain(
+            tp.port_level_settings
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (format!("{base}.portLevelSettings[{i}].tls"), p.tls.as_ref())),
+        );
+        for (f, t) in tls {
+            if let Some(t) = t {
+                client_tls(e, &f, t);
+            }
+        }
         for (i, p) in tp.port_level_settings.iter().enumerate() {
             if p.port.is_none() {
                 e.error(
@@ -249,6 +260,37 @@ impl Analyzer<'_> {
                 check_duration(e, format!("{of}.baseEjectionTime"), od.base_ejection_time);
             }
         }
+    }
+}
+
+/// `ClientTLSSettings` as Istio validates them, and what nodeproxy does not do.
+fn client_tls(e: &Emit<'_>, f: &str, t: &config::ClientTls) {
+    use config::TlsMode;
+    if t.mode == TlsMode::Mutual
+        && t.credential_name.is_none()
+        && (t.client_certificate.is_none() || t.private_key.is_none())
+    {
+        e.error(
+            codes::SCHEMA,
+            f.to_string(),
+            "mode MUTUAL needs clientCertificate and privateKey (or credentialName)",
+        );
+    }
+    if t.insecure_skip_verify == Some(true)
+        && (t.ca_certificates.is_some() || !t.subject_alt_names.is_empty())
+    {
+        e.error(
+            codes::SCHEMA,
+            format!("{f}.insecureSkipVerify"),
+            "insecureSkipVerify cannot be set together with caCertificates or subjectAltNames",
+        );
+    }
+    if t.mode == TlsMode::IstioMutual {
+        e.warn(
+            codes::SCHEMA_WARNING,
+            format!("{f}.mode"),
+            "mode ISTIO_MUTUAL needs mesh identities (istiod-issued certificates), which nodeproxy does not have: this traffic is sent without TLS",
+        );
     }
 }
 

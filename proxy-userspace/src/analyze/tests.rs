@@ -218,3 +218,25 @@ spec:
     assert_eq!(ip, vec![Severity::Warning], "{d:#?}");
     assert!(d.iter().all(|x| x.severity != Severity::Error), "{d:#?}");
 }
+
+#[test]
+fn destination_rule_tls_as_istio_validates_it() {
+    let dr = |tls: &str| {
+        run(&format!(
+            "{REGISTRY}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: r}}\nspec:\n  host: reviews\n  trafficPolicy:\n    tls: {tls}\n"
+        ))
+    };
+    assert!(dr("{mode: SIMPLE, sni: reviews.example}").is_empty());
+    let mutual = dr("{mode: MUTUAL, caCertificates: /ca.pem}");
+    assert_eq!(codes_of(&mutual), vec![("IST0106", Severity::Error)]);
+    assert!(
+        mutual[0].message.contains("clientCertificate"),
+        "{mutual:?}"
+    );
+    let both = dr("{mode: SIMPLE, insecureSkipVerify: true, subjectAltNames: [a]}");
+    assert_eq!(codes_of(&both), vec![("IST0106", Severity::Error)]);
+    let istio = dr("{mode: ISTIO_MUTUAL}");
+    assert_eq!(codes_of(&istio).len(), 1);
+    assert_eq!(istio[0].severity, Severity::Warning);
+    assert!(istio[0].message.contains("without TLS"), "{istio:?}");
+}

@@ -161,6 +161,16 @@ pub struct ClusterPolicy {
     /// Outlier detection (absent = off).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outlier: Option<OutlierPolicy>,
+    /// TLS origination (absent = plain text).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "shared")]
+    pub tls: Option<std::sync::Arc<super::tls::TlsOrigination>>,
+}
+
+fn shared<S: serde::Serializer, T: Serialize>(
+    v: &Option<std::sync::Arc<T>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    v.as_deref().serialize(s)
 }
 
 /// The four layered components, still as written.
@@ -169,6 +179,7 @@ struct Components {
     lb: Option<LoadBalancerSettings>,
     pool: Option<ConnectionPoolSettings>,
     outlier: Option<OutlierDetection>,
+    tls: Option<crate::config::ClientTls>,
 }
 
 fn port_entry(tp: &TrafficPolicy, port: u16) -> Option<Components> {
@@ -179,6 +190,7 @@ fn port_entry(tp: &TrafficPolicy, port: u16) -> Option<Components> {
             lb: p.load_balancer.clone(),
             pool: p.connection_pool.clone(),
             outlier: p.outlier_detection.clone(),
+            tls: p.tls.clone(),
         })
 }
 
@@ -190,6 +202,7 @@ pub fn effective(dr: Option<&DestinationRule>, subset: Option<&str>, port: u16) 
             lb: tp.load_balancer.clone(),
             pool: tp.connection_pool.clone(),
             outlier: tp.outlier_detection.clone(),
+            tls: tp.tls.clone(),
         });
     }
     let sub_tp = dr
@@ -209,6 +222,9 @@ pub fn effective(dr: Option<&DestinationRule>, subset: Option<&str>, port: u16) 
                 if stp.outlier_detection.is_some() {
                     c.outlier = stp.outlier_detection.clone();
                 }
+                if stp.tls.is_some() {
+                    c.tls = stp.tls.clone();
+                }
             }
         }
     }
@@ -216,6 +232,7 @@ pub fn effective(dr: Option<&DestinationRule>, subset: Option<&str>, port: u16) 
         lb: lb_policy(c.lb.as_ref()),
         pool: pool_limits(c.pool.as_ref()),
         outlier: c.outlier.as_ref().map(outlier_policy),
+        tls: c.tls.as_ref().and_then(super::tls::TlsOrigination::of),
     }
 }
 

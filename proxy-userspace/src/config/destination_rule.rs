@@ -64,9 +64,9 @@ pub struct TrafficPolicy {
     /// Passive ejection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
-    /// Client-side TLS. [later]
+    /// Client-side TLS: origination to the destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<serde_yaml::Value>,
+    pub tls: Option<ClientTls>,
     /// Per-port overrides, replacing whole components.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_level_settings: Vec<PortTrafficPolicy>,
@@ -97,9 +97,9 @@ pub struct PortTrafficPolicy {
     /// Passive ejection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
-    /// Client-side TLS. [later]
+    /// Client-side TLS: origination to the destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<serde_yaml::Value>,
+    pub tls: Option<ClientTls>,
 }
 
 /// `LoadBalancerSettings`: `simple` or `consistentHash`, plus locality.
@@ -347,4 +347,52 @@ pub struct OutlierDetection {
     /// Codes that count as errors. [later]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection_http_error_codes: Option<serde_yaml::Value>,
+}
+
+/// `ClientTLSSettings`: how the proxy speaks TLS to the destination.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientTls {
+    /// `DISABLE` (default), `SIMPLE`, `MUTUAL`, `ISTIO_MUTUAL`.
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// MUTUAL: the client certificate (PEM file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<String>,
+    /// MUTUAL: its private key (PEM file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    /// CA certificates to verify the server with (PEM file; default: the system's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
+    /// Certificates from a Secret. [later]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_name: Option<String>,
+    /// Names the server certificate must carry (default: the SNI).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    /// SNI sent (default: the destination host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// Do not verify the server certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure_skip_verify: Option<bool>,
+    /// Certificate revocation list. [later]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_crl: Option<String>,
+}
+
+/// `ClientTLSSettings.TLSmode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TlsMode {
+    /// Plain text.
+    #[default]
+    Disable,
+    /// TLS, server verified.
+    Simple,
+    /// TLS with a client certificate.
+    Mutual,
+    /// Istio's mesh mTLS (needs mesh identities nodeproxy does not have).
+    IstioMutual,
 }

@@ -13,7 +13,8 @@ pub(super) fn later_fields(kind: Kind) -> Vec<String> {
         "connectionPool.http.http2KeepAlive",
         "outlierDetection.outlierDetectionHttpErrorCodes",
         "loadBalancer.consistentHash.httpCookie.attributes",
-        "tls",
+        "tls.credentialName",
+        "tls.caCrl",
     ];
     let policy_only = ["tunnel", "proxyProtocol", "retryBudget"];
     let mut out = Vec::new();

@@ -85,6 +85,10 @@ fn fast_path(snap: &Snapshot, l: &crate::compile::Listener) -> KernelService {
         if p.outlier.is_some() {
             return KernelService::proxy("outlier detection");
         }
+        if p.tls.is_some() {
+            // Never balanced in plain text by the kernel (the proxy refuses it, closed).
+            return KernelService::proxy("TLS origination (DestinationRule tls)");
+        }
         if p.pool.max_connections != UNLIMITED {
             return KernelService::proxy("connection limits");
         }
@@ -163,6 +167,19 @@ mod tests {
         assert_eq!(
             tcp.backends.iter().map(|b| b.1).collect::<Vec<_>>(),
             vec![800_000, 200_000]
+        );
+    }
+
+    /// TLS origination is never done by the kernel: a TCP service whose DestinationRule asks
+    /// for it is not balanced in plain text (the proxy refuses it instead).
+    #[test]
+    fn tls_origination_keeps_tcp_off_the_fast_path() {
+        let s = snap(&format!(
+            "{SE}  trafficPolicy:\n    tls: {{mode: SIMPLE}}\n"
+        ));
+        assert_eq!(
+            kernel_services(&s)[&"10.9.0.1:5432".parse().unwrap()].why_proxy,
+            Some("TLS origination (DestinationRule tls)")
         );
     }
 

@@ -84,6 +84,14 @@ pub async fn proxy(shared: Arc<Shared>, conn: Arc<ConnInfo>, down: TcpStream, sn
         }
         .log()
     };
+    if policy.tls.is_some() {
+        // TLS origination is for HTTP; a TCP connection is never sent in plain text instead.
+        tracing::warn!(cluster = %state.key.name(), "TCP to a cluster whose DestinationRule originates TLS: not supported, refused");
+        log(Flags::UF, 0, 0);
+        let mut down = down;
+        let _ = down.shutdown().await;
+        return;
+    }
     let first = pool::FirstByte::Either;
     let up = match pool::connect_tcp(&ep.target, &policy.pool, first, &state.guard).await {
         Ok(s) => s,

@@ -214,11 +214,12 @@ pub async fn forward(
         )
     };
     // An HTTP/1 request first: what follows the upgrade is spliced from its first byte too.
-    let stream = pool::connect_tcp(
+    let stream = pool::connect_upstream(
+        state,
         &ep.target,
         &policy.pool,
         pool::FirstByte::Proxy,
-        &state.guard,
+        false,
     )
     .await
     .map_err(|e| connect_failure(format!("{e:?}")))?;

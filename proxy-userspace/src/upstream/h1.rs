@@ -32,7 +32,7 @@ const INLINE_BODY: usize = 16 * 1024;
 /// drop (dropping closes it).
 #[derive(Debug)]
 pub struct H1Conn {
-    io: TcpStream,
+    io: UpstreamIo,
     buf: BytesMut,
     /// Requests sent on it.
     pub(crate) used: u32,
@@ -80,7 +80,7 @@ fn termination() -> Reset {
 
 impl H1Conn {
     /// A new connection on `io`, already counted in `cluster` and `ep` by the caller.
-    pub fn new(io: TcpStream, cluster: &Arc<ClusterState>, ep: &Arc<EndpointState>) -> H1Conn {
+    pub fn new(io: UpstreamIo, cluster: &Arc<ClusterState>, ep: &Arc<EndpointState>) -> H1Conn {
         H1Conn {
             io,
             buf: BytesMut::new(),
@@ -105,8 +105,17 @@ impl H1Conn {
     /// Can this idle connection carry another request: not closed by the peer, nothing
     /// unexpected sent. Costs no system call unless the socket became readable while idle.
     pub fn usable_idle(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        let would_block = |r: std::io::Result<usize>| matches!(r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        match &self.io {
+            UpstreamIo::Tcp(tcp) => would_block(tcp.try_read(&mut [0u8; 1])),
+            // Peeked, not read: a byte taken from under TLS would break its record stream.
+            UpstreamIo::Tls(tls) => {
+                let tcp = tls.get_ref().0;
+                would_block(tcp.try_io(tokio::io::Interest::READABLE, || {
+                    socket2::SockRef::from(tcp).peek(&mut [std::mem::MaybeUninit::uninit(); 1])
+                }))
+            }
+        }
     }
 
     /// Send one request and read the response head. The body reads the rest and returns the
@@ -581,5 +590,54 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "GET / HTTP/1.1\r\nhost: a\r\nx-envoy-attempt-count: 1\r\n\r\n"
         );
+    }
+}
+
+/// An upstream connection's transport: TCP, or TLS over it (`DestinationRule` `tls`).
+#[derive(Debug)]
+pub enum UpstreamIo {
+    /// Plain text.
+    Tcp(TcpStream),
+    /// TLS originated by the proxy.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }

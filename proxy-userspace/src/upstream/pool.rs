@@ -265,7 +265,7 @@ async fn connect(
     } else {
         FirstByte::Proxy
     };
-    let stream = match connect_tcp(&ep.target, limits, first, &cluster.guard).await {
+    let io = match connect_upstream(cluster, &ep.target, limits, first, h2).await {
         Ok(s) => s,
         Err(e) => {
             release_connection(Some(cluster), Some(ep));
@@ -273,7 +273,7 @@ async fn connect(
         }
     };
     if h2 {
-        let io = TokioIo::new(stream);
+        let io = TokioIo::new(io);
         let (c2, e2) = (cluster.clone(), ep.clone());
         let (send, conn) = match http2::Builder::new(TokioExecutor::new())
             .handshake(io)
@@ -300,8 +300,53 @@ async fn connect(
         drop(conns);
         Ok(Lease::H2(send))
     } else {
-        Ok(Lease::H1(H1Conn::new(stream, cluster, ep)))
+        Ok(Lease::H1(H1Conn::new(io, cluster, ep)))
     }
+}
+
+/// A new connection to `target` of `cluster`: TCP, and TLS over it when the cluster's
+/// `DestinationRule` originates TLS (`h2`: offered by ALPN).
+pub async fn connect_upstream(
+    cluster: &ClusterState,
+    target: &Target,
+    limits: &PoolLimits,
+    first: FirstByte,
+    h2: bool,
+) -> Result<super::h1::UpstreamIo, PoolError> {
+    let stream = connect_tcp(target, limits, first, &cluster.guard).await?;
+    let tls = cluster.policy.load().tls.clone();
+    match tls {
+        None => Ok(super::h1::UpstreamIo::Tcp(stream)),
+        Some(tls) => originate_tls(&tls, &cluster.key.host, h2, stream, limits)
+            .await
+            .map(|s| super::h1::UpstreamIo::Tls(Box::new(s))),
+    }
+}
+
+/// The TLS handshake of a cluster with `DestinationRule` `tls` (SIMPLE, MUTUAL), within the
+/// connect timeout. A configuration that could not be made fails here, with its reason: never
+/// plain text instead.
+async fn originate_tls(
+    tls: &crate::compile::tls::TlsOrigination,
+    host: &str,
+    h2: bool,
+    stream: TcpStream,
+    limits: &PoolLimits,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, PoolError> {
+    let failed = |e: String| PoolError::Connect(format!("TLS_error: {e}"));
+    let config = tls.config.as_ref().map_err(|e| failed(e.clone()))?;
+    let name = tls.server_name(host).map_err(failed)?;
+    let mut config = (**config).clone();
+    config.alpn_protocols = vec![if h2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    tokio::time::timeout(limits.connect_timeout, connector.connect(name, stream))
+        .await
+        .map_err(|_| PoolError::ConnectTimeout)?
+        .map_err(|e| failed(e.to_string()))
 }
 
 impl EndpointPool {

@@ -1,0 +1,225 @@
+//! DestinationRule `tls` (SIMPLE, MUTUAL): the proxy originates TLS to the destination, with
+//! the SNI and server verification Istio's settings ask for, and never falls back to plain text.
+
+use std::sync::{Arc, Mutex};
+
+use nodeproxy_tests::http_get;
+use nodeproxy_tests::proxy::{self, Scenario, unique_net};
+use nodeproxy_tests::tls::{Leaf, TestCa};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// What a TLS backend saw of each handshake: the SNI, and whether a client certificate came.
+type Seen = Arc<Mutex<Vec<(Option<String>, bool)>>>;
+
+/// An HTTPS backend answering `200 <name>`; with `client_ca`, it requires a client
+/// certificate issued by that CA.
+async fn https_backend(
+    addr: &str,
+    leaf: Leaf,
+    client_ca: Option<&TestCa>,
+    name: &'static str,
+) -> Seen {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        Some(ca) => builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(ca.roots()),
+                provider,
+            )
+            .build()
+            .unwrap(),
+        ),
+        None => builder.with_no_client_auth(),
+    };
+    let cfg = builder
+        .with_single_cert(vec![leaf.cert_der], leaf.key_der)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let l = TcpListener::bind(addr).await.unwrap();
+    let seen: Seen = Arc::default();
+    let out = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(mut t) = acceptor.accept(s).await else {
+                    return;
+                };
+                let (_, c) = t.get_ref();
+                seen.lock().unwrap().push((
+                    c.server_name().map(str::to_string),
+                    c.peer_certificates().is_some(),
+                ));
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match t.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{name}",
+                    name.len()
+                );
+                let _ = t.write_all(resp.as_bytes()).await;
+                let _ = t.shutdown().await;
+            });
+        }
+    });
+    out
+}
+
+fn config(net: &str, dir: &std::path::Path, tls: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api}}
+spec:
+  hosts: [api.example]
+  addresses: [{net}1]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8443}}]
+  endpoints: [{{address: {net}11}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: api}}
+spec:
+  host: api.example
+  trafficPolicy:
+    tls: {tls}
+",
+        tls = tls.replace("DIR", &dir.display().to_string())
+    )
+}
+
+async fn get(net: &str) -> (u16, String) {
+    let addr = format!("{net}1:80");
+    tokio::task::spawn_blocking(move || http_get(&addr, "/").expect("an answer"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn simple_sends_tls_with_the_host_as_sni_and_verifies_the_server() {
+    let net = unique_net();
+    let ca = TestCa::new();
+    let dir = nodeproxy_tests::proxy::TempDir::new();
+    std::fs::write(dir.0.join("ca.pem"), ca.cert_pem()).unwrap();
+    let seen = https_backend(
+        &format!("{net}11:8443"),
+        ca.leaf(&["api.example"]),
+        None,
+        "secret",
+    )
+    .await;
+    let s = Scenario::from_yaml_on(
+        config(&net, &dir.0, "{mode: SIMPLE, caCertificates: DIR/ca.pem}"),
+        net.clone(),
+    );
+    let _p = proxy::start(&s, None).await;
+    let (status, body) = get(&net).await;
+    assert_eq!((status, body.as_str()), (200, "secret"));
+    assert_eq!(
+        seen.lock().unwrap().first().cloned(),
+        Some((Some("api.example".to_string()), false)),
+        "a TLS handshake with the destination host as SNI"
+    );
+}
+
+#[tokio::test]
+async fn a_server_without_the_subject_alt_name_fails_the_request_closed() {
+    let net = unique_net();
+    let ca = TestCa::new();
+    let dir = nodeproxy_tests::proxy::TempDir::new();
+    std::fs::write(dir.0.join("ca.pem"), ca.cert_pem()).unwrap();
+    let _seen = https_backend(
+        &format!("{net}11:8443"),
+        ca.leaf(&["api.example"]),
+        None,
+        "secret",
+    )
+    .await;
+    let s = Scenario::from_yaml_on(
+        config(
+            &net,
+            &dir.0,
+            "{mode: SIMPLE, caCertificates: DIR/ca.pem, sni: api.example, subjectAltNames: [billing.example]}",
+        ),
+        net.clone(),
+    );
+    let _p = proxy::start(&s, None).await;
+    let (status, body) = get(&net).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("TLS_error"), "{body}");
+}
+
+#[tokio::test]
+async fn mutual_presents_the_client_certificate() {
+    let net = unique_net();
+    let ca = TestCa::new();
+    let dir = nodeproxy_tests::proxy::TempDir::new();
+    std::fs::write(dir.0.join("ca.pem"), ca.cert_pem()).unwrap();
+    let client = ca.leaf(&["client.example"]);
+    std::fs::write(dir.0.join("client.pem"), &client.cert_pem).unwrap();
+    std::fs::write(dir.0.join("client.key"), &client.key_pem).unwrap();
+    let seen = https_backend(
+        &format!("{net}11:8443"),
+        ca.leaf(&["api.example"]),
+        Some(&ca),
+        "mtls",
+    )
+    .await;
+    let s = Scenario::from_yaml_on(
+        config(
+            &net,
+            &dir.0,
+            "{mode: MUTUAL, caCertificates: DIR/ca.pem, clientCertificate: DIR/client.pem, privateKey: DIR/client.key}",
+        ),
+        net.clone(),
+    );
+    let _p = proxy::start(&s, None).await;
+    let (status, body) = get(&net).await;
+    assert_eq!((status, body.as_str()), (200, "mtls"));
+    assert_eq!(seen.lock().unwrap().first().map(|s| s.1), Some(true));
+}
+
+/// A CA file that cannot be read: the requests fail (503, the reason in the body), nothing
+/// reaches the destination in plain text.
+#[tokio::test]
+async fn an_unreadable_ca_never_falls_back_to_plain_text() {
+    let net = unique_net();
+    let dir = nodeproxy_tests::proxy::TempDir::new();
+    let l = TcpListener::bind(format!("{net}11:8443")).await.unwrap();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut b = [0u8; 256];
+            let n = s.read(&mut b).await.unwrap_or(0);
+            g.lock().unwrap().extend_from_slice(&b[..n]);
+        }
+    });
+    let s = Scenario::from_yaml_on(
+        config(
+            &net,
+            &dir.0,
+            "{mode: SIMPLE, caCertificates: DIR/missing.pem}",
+        ),
+        net.clone(),
+    );
+    let _p = proxy::start(&s, None).await;
+    let (status, body) = get(&net).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("caCertificates"), "{body}");
+    assert!(
+        !String::from_utf8_lossy(&got.lock().unwrap()).contains("GET /"),
+        "a request reached the destination in plain text"
+    );
+}
