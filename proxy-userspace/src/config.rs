@@ -719,14 +719,14 @@ mod tests {
     #[test]
     fn later_fields_are_warned_not_rejected() {
         let (set, diags) = load(
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL}\n  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy:\n      loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 10s}\n",
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a\n  trafficPolicy:\n    tls: {mode: SIMPLE, credentialName: c}\n  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy:\n      loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 10s}\n",
         );
         assert_eq!(set.destination_rules.len(), 1);
         let fields: Vec<_> = diags.iter().filter_map(|d| d.field.clone()).collect();
         assert_eq!(
             fields,
             vec![
-                "spec.trafficPolicy.tls",
+                "spec.trafficPolicy.tls.credentialName",
                 "spec.subsets[0].trafficPolicy.loadBalancer.warmupDurationSecs"
             ]
         );

@@ -99,6 +99,21 @@ spec:
     )
 }
 
+/// A fresh address range, a CA, and a directory holding the CA as `ca.pem`.
+fn pki() -> (String, TestCa, nodeproxy_tests::proxy::TempDir) {
+    let ca = TestCa::new();
+    let dir = nodeproxy_tests::proxy::TempDir::new();
+    std::fs::write(dir.0.join("ca.pem"), ca.cert_pem()).unwrap();
+    (unique_net(), ca, dir)
+}
+
+/// Start the proxy on `tls` and GET through it.
+async fn start_and_get(net: &str, dir: &std::path::Path, tls: &str) -> (u16, String) {
+    let s = Scenario::from_yaml_on(config(net, dir, tls), net.to_string());
+    let _p = proxy::start(&s, None).await;
+    get(net).await
+}
+
 async fn get(net: &str) -> (u16, String) {
     let addr = format!("{net}1:80");
     tokio::task::spawn_blocking(move || http_get(&addr, "/").expect("an answer"))
@@ -108,10 +123,7 @@ async fn get(net: &str) -> (u16, String) {
 
 #[tokio::test]
 async fn simple_sends_tls_with_the_host_as_sni_and_verifies_the_server() {
-    let net = unique_net();
-    let ca = TestCa::new();
-    let dir = nodeproxy_tests::proxy::TempDir::new();
-    std::fs::write(dir.0.join("ca.pem"), ca.cert_pem()).unwrap();
+    let (net, ca, dir) = pki();
     let seen = https_backend(
         &format!("{net}11:8443"),
         ca.leaf(&["api.example"]),
@@ -119,12 +131,8 @@ async fn simple_sends_tls_with_the_host_as_sni_and_verifies_the_server() {
         "secret",
     )
     .await;
-    let s = Scenario::from_yaml_on(
-        config(&net, &dir.0, "{mode: SIMPLE, caCertificates: DIR/ca.pem}"),
-        net.clone(),
-    );
-    let _p = proxy::start(&s, None).await;
-    let (status, body) = get(&net).await;
+    let (status, body) =
+        start_and_get(&net, &dir.0, "{mode: SIMPLE, caCertificates: DIR/ca.pem}").await;
     assert_eq!((status, body.as_str()), (200, "secret"));
     assert_eq!(
         seen.lock().unwrap().first().cloned(),
@@ -135,10 +143,7 @@ async fn simple_sends_tls_with_the_host_as_sni_and_verifies_the_server() {
 
 #[tokio::test]
 async fn a_server_without_the_subject_alt_name_fails_the_request_closed() {
-    let net = unique_net();
-    let ca = TestCa::new();
-    let dir = nodeproxy_tests::proxy::TempDir::new();
-    std::fs::write(dir.0.join("ca.pem"), ca.cert_pem()).unwrap();
+    let (net, ca, dir) = pki();
     let _seen = https_backend(
         &format!("{net}11:8443"),
         ca.leaf(&["api.example"]),
@@ -146,26 +151,14 @@ async fn a_server_without_the_subject_alt_name_fails_the_request_closed() {
         "secret",
     )
     .await;
-    let s = Scenario::from_yaml_on(
-        config(
-            &net,
-            &dir.0,
-            "{mode: SIMPLE, caCertificates: DIR/ca.pem, sni: api.example, subjectAltNames: [billing.example]}",
-        ),
-        net.clone(),
-    );
-    let _p = proxy::start(&s, None).await;
-    let (status, body) = get(&net).await;
+    let (status, body) = start_and_get(&net, &dir.0, "{mode: SIMPLE, caCertificates: DIR/ca.pem, sni: api.example, subjectAltNames: [billing.example]}").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("TLS_error"), "{body}");
 }
 
 #[tokio::test]
 async fn mutual_presents_the_client_certificate() {
-    let net = unique_net();
-    let ca = TestCa::new();
-    let dir = nodeproxy_tests::proxy::TempDir::new();
-    std::fs::write(dir.0.join("ca.pem"), ca.cert_pem()).unwrap();
+    let (net, ca, dir) = pki();
     let client = ca.leaf(&["client.example"]);
     std::fs::write(dir.0.join("client.pem"), &client.cert_pem).unwrap();
     std::fs::write(dir.0.join("client.key"), &client.key_pem).unwrap();
@@ -176,16 +169,7 @@ async fn mutual_presents_the_client_certificate() {
         "mtls",
     )
     .await;
-    let s = Scenario::from_yaml_on(
-        config(
-            &net,
-            &dir.0,
-            "{mode: MUTUAL, caCertificates: DIR/ca.pem, clientCertificate: DIR/client.pem, privateKey: DIR/client.key}",
-        ),
-        net.clone(),
-    );
-    let _p = proxy::start(&s, None).await;
-    let (status, body) = get(&net).await;
+    let (status, body) = start_and_get(&net, &dir.0, "{mode: MUTUAL, caCertificates: DIR/ca.pem, clientCertificate: DIR/client.pem, privateKey: DIR/client.key}").await;
     assert_eq!((status, body.as_str()), (200, "mtls"));
     assert_eq!(seen.lock().unwrap().first().map(|s| s.1), Some(true));
 }
@@ -206,16 +190,12 @@ async fn an_unreadable_ca_never_falls_back_to_plain_text() {
             g.lock().unwrap().extend_from_slice(&b[..n]);
         }
     });
-    let s = Scenario::from_yaml_on(
-        config(
-            &net,
-            &dir.0,
-            "{mode: SIMPLE, caCertificates: DIR/missing.pem}",
-        ),
-        net.clone(),
-    );
-    let _p = proxy::start(&s, None).await;
-    let (status, body) = get(&net).await;
+    let (status, body) = start_and_get(
+        &net,
+        &dir.0,
+        "{mode: SIMPLE, caCertificates: DIR/missing.pem}",
+    )
+    .await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("caCertificates"), "{body}");
     assert!(
