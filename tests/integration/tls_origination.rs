@@ -203,3 +203,31 @@ async fn an_unreadable_ca_never_falls_back_to_plain_text() {
         "a request reached the destination in plain text"
     );
 }
+
+/// Certificate files are read again when they change: a CA rotated on disk is used by the
+/// next connection, without a configuration change.
+#[tokio::test]
+async fn a_rotated_ca_file_is_used_by_the_next_connection() {
+    let (net, old_ca, dir) = pki();
+    let new_ca = TestCa::new();
+    let _seen = https_backend(
+        &format!("{net}11:8443"),
+        new_ca.leaf(&["api.example"]),
+        None,
+        "rotated",
+    )
+    .await;
+    let s = Scenario::from_yaml_on(
+        config(&net, &dir.0, "{mode: SIMPLE, caCertificates: DIR/ca.pem}"),
+        net.clone(),
+    );
+    let _p = proxy::start(&s, None).await;
+    let (status, body) = get(&net).await;
+    assert_eq!(status, 503, "the server's CA is not trusted yet: {body}");
+    drop(old_ca);
+    // A later modification time than the first file's, also on coarse-grained clocks.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    std::fs::write(dir.0.join("ca.pem"), new_ca.cert_pem()).unwrap();
+    let (status, body) = get(&net).await;
+    assert_eq!((status, body.as_str()), (200, "rotated"));
+}

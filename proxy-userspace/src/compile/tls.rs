@@ -18,14 +18,20 @@ use crate::config::{ClientTls, TlsMode};
 const SYSTEM_CAS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// What a cluster's connections do about TLS.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TlsOrigination {
     /// The settings as written.
     pub settings: ClientTls,
-    /// The client configuration, or why there is none.
+    /// The client configuration made from the files as they were (their modification times).
     #[serde(skip)]
-    pub config: Result<Arc<ClientConfig>, String>,
+    loaded: std::sync::Mutex<Loaded>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    config: Result<Arc<ClientConfig>, String>,
+    stamps: Vec<Option<std::time::SystemTime>>,
 }
 
 impl PartialEq for TlsOrigination {
@@ -43,8 +49,25 @@ impl TlsOrigination {
         }
         Some(Arc::new(TlsOrigination {
             settings: tls.clone(),
-            config: client_config(tls).map(Arc::new),
+            loaded: std::sync::Mutex::new(Loaded {
+                stamps: stamps(tls),
+                config: client_config(tls).map(Arc::new),
+            }),
         }))
+    }
+
+    /// The client configuration for a new connection, or why there is none. Made again when a
+    /// file it was made from changed (a rotated certificate is used by the next connection;
+    /// three `stat`s per new connection, none per request).
+    pub fn config(&self) -> Result<Arc<ClientConfig>, String> {
+        let now = stamps(&self.settings);
+        let mut l = self.loaded.lock().expect("tls lock");
+        if l.stamps != now {
+            tracing::info!(files = ?files(&self.settings), "TLS origination files changed: reloaded");
+            l.config = client_config(&self.settings).map(Arc::new);
+            l.stamps = now;
+        }
+        l.config.clone()
     }
 
     /// The name sent as SNI and verified (unless `subjectAltNames` says otherwise): `sni`, else
@@ -53,6 +76,26 @@ impl TlsOrigination {
         let name = self.settings.sni.as_deref().unwrap_or(host);
         ServerName::try_from(name.to_string()).map_err(|e| format!("SNI `{name}`: {e}"))
     }
+}
+
+/// The files a setting is made from.
+fn files(tls: &ClientTls) -> Vec<&str> {
+    let ca = match (tls.insecure_skip_verify, &tls.ca_certificates) {
+        (Some(true), _) => None,
+        (_, Some(ca)) => Some(ca.as_str()),
+        (_, None) => Some(SYSTEM_CAS),
+    };
+    ca.into_iter()
+        .chain(tls.client_certificate.as_deref())
+        .chain(tls.private_key.as_deref())
+        .collect()
+}
+
+fn stamps(tls: &ClientTls) -> Vec<Option<std::time::SystemTime>> {
+    files(tls)
+        .iter()
+        .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+        .collect()
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

@@ -334,9 +334,9 @@ async fn originate_tls(
     limits: &PoolLimits,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, PoolError> {
     let failed = |e: String| PoolError::Connect(format!("TLS_error: {e}"));
-    let config = tls.config.as_ref().map_err(|e| failed(e.clone()))?;
+    let config = tls.config().map_err(failed)?;
     let name = tls.server_name(host).map_err(failed)?;
-    let mut config = (**config).clone();
+    let mut config = (*config).clone();
     config.alpn_protocols = vec![if h2 {
         b"h2".to_vec()
     } else {
