@@ -21,6 +21,7 @@ mod load;
 pub mod netns;
 pub mod pinlock;
 pub mod services;
+mod sys;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -395,7 +396,8 @@ impl Kernel {
         use aya::maps::IterableMap;
         use std::os::fd::AsFd;
         // One system call per captured connection instead of a lookup and a delete.
-        match lookup_and_delete::<NpAddr, NpAddr>(st.maps.orig_tuple.map().fd().as_fd(), &key) {
+        match sys::lookup_and_delete::<NpAddr, NpAddr>(st.maps.orig_tuple.map().fd().as_fd(), &key)
+        {
             Ok(orig) => orig?.to_socket(),
             // Kernels before 5.14 have no lookup-and-delete on hash maps (EINVAL, or the
             // kernel-internal ENOTSUPP, 524).
@@ -450,7 +452,8 @@ impl Kernel {
         };
         use aya::maps::IterableMap;
         use std::os::fd::AsFd;
-        match lookup_and_delete::<abi::NpSockKey, u32>(maps.upstream.map().fd().as_fd(), &key) {
+        match sys::lookup_and_delete::<abi::NpSockKey, u32>(maps.upstream.map().fd().as_fd(), &key)
+        {
             Ok(Some(1)) if splice => {}
             // 0: the peer is not on this node (or was accepted after this connect returned);
             // or the peer may speak first.
@@ -649,55 +652,6 @@ pub async fn spawn_events(ring: RingBuf<MapData>) {
 
 fn bytes_of_mut(ev: &mut abi::NpEvent) -> &mut [u8] {
     abi::event_bytes_mut(ev)
-}
-
-/// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a hash map: read and remove an entry in one system call
-/// (aya 0.14 offers it only for queues and stacks). `Ok(None)`: no such key.
-#[allow(unsafe_code)]
-fn lookup_and_delete<K: aya::Pod, V: aya::Pod>(
-    map: std::os::fd::BorrowedFd<'_>,
-    key: &K,
-) -> std::io::Result<Option<V>> {
-    use std::os::fd::AsRawFd;
-    /// The map-element member of `union bpf_attr` (`map_fd`, `key`, `value`, `flags`).
-    #[repr(C)]
-    struct ElemAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
-    }
-    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
-    let mut value = std::mem::MaybeUninit::<V>::zeroed();
-    let attr = ElemAttr {
-        map_fd: map.as_raw_fd() as u32,
-        _pad: 0,
-        key: key as *const K as u64,
-        value: value.as_mut_ptr() as u64,
-        flags: 0,
-    };
-    // SAFETY: `attr` is a valid, fully initialised prefix of `union bpf_attr` for this command
-    // (the kernel reads `size` bytes and zero-fills the rest); `key` and `value` point to live
-    // values of the map's key and value types (K and V are the map's `#[repr(C)]` ABI types),
-    // and the kernel writes at most the map's value size into `value`.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
-            &attr as *const ElemAttr,
-            std::mem::size_of::<ElemAttr>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::ENOENT) => Ok(None),
-            _ => Err(e),
-        };
-    }
-    // SAFETY: the call succeeded, so the kernel wrote the entry's value (V is plain data).
-    Ok(Some(unsafe { value.assume_init() }))
 }
 
 #[cfg(test)]

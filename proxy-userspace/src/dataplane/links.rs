@@ -5,28 +5,12 @@
 //! runs two of ours); only where no link is pinned yet (or the pinned one is dead) does it
 //! attach and pin a new one.
 
-#![allow(unsafe_code)]
-
-use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use super::Error;
-
-const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_LINK_UPDATE: libc::c_long = 29;
-
-/// `enum bpf_attach_type` values of the programs attached through links.
-pub(super) mod attach_type {
-    pub const CGROUP_SOCK_OPS: u32 = 3;
-    pub const CGROUP_INET4_CONNECT: u32 = 10;
-    pub const CGROUP_INET6_CONNECT: u32 = 11;
-    pub const CGROUP_GETSOCKOPT: u32 = 21;
-    pub const XDP: u32 = 37;
-}
+pub(super) use super::sys::{attach_type, link_create};
+use super::sys::{link_update, obj_get, obj_pin};
 
 /// The subdirectory of the pin directory holding the links.
 pub(super) const LINKS_DIR: &str = "links";
@@ -38,98 +22,6 @@ pub enum How {
     Updated,
     /// A new link was created and pinned.
     Attached,
-}
-
-fn sys_bpf<T>(cmd: libc::c_long, attr: &T) -> std::io::Result<libc::c_long> {
-    // SAFETY: `attr` is a live, fully initialised `#[repr(C)]` prefix of `union bpf_attr` for
-    // `cmd` (the kernel reads `size` bytes and treats the rest as zero); every pointer in it
-    // points to memory that outlives the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *const T,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-/// `BPF_OBJ_PIN` (`fd`: the object) and `BPF_OBJ_GET` (`fd`: 0) at `path`.
-fn obj_at(cmd: libc::c_long, path: &Path, fd: u32) -> std::io::Result<libc::c_long> {
-    #[repr(C)]
-    struct ObjAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let attr = ObjAttr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: fd,
-        file_flags: 0,
-    };
-    sys_bpf(cmd, &attr)
-}
-
-/// `BPF_OBJ_GET`: a descriptor of the object pinned at `path`.
-fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
-    let fd = obj_at(BPF_OBJ_GET, path, 0)?;
-    // SAFETY: the kernel returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// `BPF_OBJ_PIN`: pin `fd` at `path` (on bpffs).
-fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
-    obj_at(BPF_OBJ_PIN, path, fd.as_raw_fd() as u32).map(drop)
-}
-
-/// `BPF_LINK_CREATE`: attach `prog` to `target` (a cgroup's descriptor, or an interface index
-/// for XDP) as `attach_type`; the link lives as long as its descriptor or its pin.
-pub(super) fn link_create(
-    prog: BorrowedFd<'_>,
-    target: u32,
-    attach_type: u32,
-) -> std::io::Result<OwnedFd> {
-    #[repr(C)]
-    struct CreateAttr {
-        prog_fd: u32,
-        target: u32,
-        attach_type: u32,
-        flags: u32,
-    }
-    let attr = CreateAttr {
-        prog_fd: prog.as_raw_fd() as u32,
-        target,
-        attach_type,
-        flags: 0,
-    };
-    let fd = sys_bpf(BPF_LINK_CREATE, &attr)?;
-    // SAFETY: the kernel returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// `BPF_LINK_UPDATE`: make `link` run `prog` instead of its current program.
-fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> std::io::Result<()> {
-    #[repr(C)]
-    struct UpdateAttr {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
-    let attr = UpdateAttr {
-        link_fd: link.as_raw_fd() as u32,
-        new_prog_fd: prog.as_raw_fd() as u32,
-        flags: 0,
-        old_prog_fd: 0,
-    };
-    sys_bpf(BPF_LINK_UPDATE, &attr).map(drop)
 }
 
 /// The pin path of `program`'s link (one per interface for XDP).

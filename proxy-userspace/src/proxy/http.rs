@@ -116,7 +116,8 @@ pub fn handle(
 
 /// Record the request (metrics, access log): now for a reply made here, when the body ends for
 /// an upstream response. Inlined, as `forwarded`: their by-value arguments (the response,
-/// several hundred bytes) are not copied for the call.
+/// several hundred bytes) are then not copied for the call (callgrind, measured side by side:
+/// 27,947 instructions per HTTP/1.1 request inlined, 28,053 not).
 #[inline(always)]
 fn record(
     shared: &Shared,
