@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use crate::compile::registry::{Registry, Resolution, expand_host, host_matches};
+use crate::compile::scopes::Exported;
 use crate::compile::{
     DrIndex, MESH_GATEWAY, RetryOn, StrMatch, compile_match, header_rules, qualify_gateway,
 };
@@ -32,6 +33,7 @@ pub fn analyze(set: &ConfigSet) -> Vec<Diagnostic> {
         drs,
         out: Vec::new(),
         se_ports: HashMap::new(),
+        vs_export: Exported::All,
     };
     for vs in &set.virtual_services {
         a.virtual_service(vs);
@@ -56,6 +58,8 @@ struct Analyzer<'a> {
     out: Vec<Diagnostic>,
     /// (host, port) → (protocol, `ns/name`) of the first ServiceEntry declaring it.
     se_ports: HashMap<(String, u32), (String, String)>,
+    /// Who sees the VirtualService being analyzed (its subsets must be defined for them).
+    vs_export: Exported,
 }
 
 /// Collects the diagnostics of one object: `e.error(code, field, message)` instead of
@@ -125,10 +129,82 @@ fn check_percent(e: &Emit<'_>, field: String, p: Option<Percent>) {
     }
 }
 
+/// Istio's `exportTo` rules: `.`, `*` or namespace names (`~` on ServiceEntries only), no
+/// duplicates (`.` and the own namespace count as one), `*` and `~` alone; a DestinationRule
+/// with a workloadSelector is exported to its own namespace only.
+fn check_export_to(
+    e: &Emit<'_>,
+    ns: &str,
+    list: &[String],
+    service_entry: bool,
+    dr_selector: bool,
+) {
+    let mut seen = HashSet::new();
+    for (i, v) in list.iter().enumerate() {
+        let field = format!("spec.exportTo[{i}]");
+        let key = if v == "." { ns } else { v.as_str() };
+        if !seen.insert(key.to_string()) {
+            e.error(
+                codes::SCHEMA,
+                field,
+                format!(
+                    "duplicate exportTo entry `{v}`{}",
+                    if v == "." || key == ns && list.iter().any(|x| x == ".") {
+                        format!(" (`.` is namespace {ns})")
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
+            continue;
+        }
+        let ok = v == "."
+            || v == "*"
+            || (v == "~" && service_entry)
+            || crate::config::is_dns1123_label(v);
+        if !ok {
+            e.error(
+                codes::SCHEMA,
+                field,
+                format!(
+                    "invalid exportTo value `{v}`: `.`, `*`{} or a namespace name",
+                    if service_entry { ", `~`" } else { "" }
+                ),
+            );
+        }
+    }
+    if list.len() > 1 && list.iter().any(|v| v == "*") {
+        e.error(
+            codes::SCHEMA,
+            "spec.exportTo",
+            "`*` (every namespace) cannot be combined with other exportTo values",
+        );
+    }
+    if list.len() > 1 && list.iter().any(|v| v == "~") {
+        e.error(
+            codes::SCHEMA,
+            "spec.exportTo",
+            "`~` (no namespace) cannot be combined with other exportTo values",
+        );
+    }
+    if dr_selector && !list.is_empty() {
+        if !seen.contains(ns) {
+            e.error(codes::SCHEMA, "spec.exportTo", "a DestinationRule with a workloadSelector cannot be exported beyond its own namespace");
+        } else if seen.len() > 1 {
+            e.error(
+                codes::SCHEMA,
+                "spec.exportTo",
+                "a DestinationRule with a workloadSelector cannot have several exportTo entries",
+            );
+        }
+    }
+}
+
 impl Analyzer<'_> {
-    /// Two mesh VirtualServices for one host (IST0109).
+    /// Two mesh VirtualServices for one host that some client namespace both sees (IST0109;
+    /// `exportTo` scopes them, as Istio's analyzer does).
     fn host_conflicts(&mut self) {
-        let mut owners: HashMap<String, (String, usize)> = HashMap::new();
+        let mut owners: HashMap<String, Vec<(String, Exported)>> = HashMap::new();
         for vs in &self.set.virtual_services {
             let on_mesh =
                 vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == MESH_GATEWAY);
@@ -136,23 +212,27 @@ impl Analyzer<'_> {
                 continue;
             }
             let me = format!("{}/{}", vs.namespace, vs.name);
+            let seen_by = Exported::of(&vs.spec.export_to, &vs.namespace);
             for (i, h) in vs.spec.hosts.iter().enumerate() {
                 let host = expand_host(h, &vs.namespace, &self.set.cluster_domain);
-                match owners.get(&host) {
-                    Some((other, _)) if *other != me => {
-                        self.out.push(
-                            Diagnostic::new(
-                                codes::CONFLICTING_HOSTS,
-                                Severity::Error,
-                                format!("host `{host}` is also claimed by VirtualService {other}: mesh VirtualServices are not merged, one would be ignored"),
-                            )
-                            .on(vs.object_ref("VirtualService"), vs.source.clone())
-                            .at(format!("spec.hosts[{i}]")),
-                        );
-                    }
-                    _ => {
-                        owners.insert(host, (me.clone(), i));
-                    }
+                let claimed = owners.entry(host.clone()).or_default();
+                let other = claimed
+                    .iter()
+                    .find(|(o, x)| *o != me && x.overlaps(&seen_by))
+                    .map(|(o, _)| o.clone());
+                if !claimed.iter().any(|(o, _)| *o == me) {
+                    claimed.push((me.clone(), seen_by.clone()));
+                }
+                if let Some(other) = other {
+                    self.out.push(
+                        Diagnostic::new(
+                            codes::CONFLICTING_HOSTS,
+                            Severity::Error,
+                            format!("host `{host}` is also claimed by VirtualService {other}, and some namespace sees both (exportTo): mesh VirtualServices are not merged, one would be ignored"),
+                        )
+                        .on(vs.object_ref("VirtualService"), vs.source.clone())
+                        .at(format!("spec.hosts[{i}]")),
+                    );
                 }
             }
         }

@@ -13,6 +13,7 @@ pub mod policy;
 pub mod registry;
 pub mod route;
 mod rules;
+pub mod scopes;
 mod snapshot;
 pub mod tls;
 
@@ -42,10 +43,55 @@ use registry::{expand_host, host_matches, hosts_intersect, kube_aliases};
 /// Compile a config set. Analysis must have passed; anything that still cannot be built is
 /// returned as error diagnostics, never a panic.
 pub fn compile(set: &ConfigSet) -> Result<Snapshot, Vec<Diagnostic>> {
+    let plan = scopes::plan(set);
+    if plan.len() == 1 && plan[0].client_namespace().is_none() && plan[0].hides_nothing() {
+        return compile_scope(set, None);
+    }
+    let mut base = compile_scope(&plan[0].filter(set), None)?;
+    for scope in plan.iter().skip(1) {
+        let mut snap = compile_scope(&scope.filter(set), scope.client_namespace())?;
+        // A cluster that is the default scope's in all but name shares its run-time state.
+        let name = scope.namespaces.join(",");
+        for c in &mut snap.clusters {
+            let same = base
+                .cluster(&c.key)
+                .map(|id| &base.clusters[id])
+                .is_some_and(|b| {
+                    b.policy == c.policy
+                        && b.endpoints == c.endpoints
+                        && b.passthrough == c.passthrough
+                        && b.dns == c.dns
+                        && b.protocol == c.protocol
+                });
+            if !same {
+                c.key.scope = Some(name.clone());
+            }
+        }
+        snap.cluster_index = snap
+            .clusters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.key.clone(), i))
+            .collect();
+        let index = base.scoped.len();
+        for ns in &scope.namespaces {
+            base.scope_index.insert(ns.clone(), index);
+        }
+        base.scoped.push(Scoped {
+            namespaces: scope.namespaces.clone(),
+            snapshot: std::sync::Arc::new(snap),
+        });
+    }
+    Ok(base)
+}
+
+/// Compile the set one scope sees (`client_ns`: the namespace first on the DestinationRule
+/// lookup path).
+fn compile_scope(set: &ConfigSet, client_ns: Option<&str>) -> Result<Snapshot, Vec<Diagnostic>> {
     let mut c = Compiler {
         set,
         snap: Snapshot::default(),
-        drs: DrIndex::new(set),
+        drs: DrIndex::for_client(set, client_ns),
         errors: Vec::new(),
         vs_exact: HashMap::new(),
         vs_wildcard: Vec::new(),
@@ -85,7 +131,7 @@ impl<'a> Compiler<'a> {
     fn build_clusters(&mut self) {
         let services = self.snap.registry.services.clone();
         for (sid, svc) in services.iter().enumerate() {
-            let dr = self.drs.for_host(&svc.host);
+            let dr = self.drs.for_host(&svc.host, &svc.namespace);
             let mut subsets: Vec<Option<&Subset>> = vec![None];
             if let Some(d) = &dr {
                 subsets.extend(d.subsets.iter().map(Some));
@@ -96,6 +142,7 @@ impl<'a> Compiler<'a> {
                         host: svc.host.clone(),
                         subset: subset.map(|s| s.name.clone()),
                         port: port.number,
+                        scope: None,
                     };
                     let policy = policy::effective(
                         dr.as_ref(),
@@ -175,6 +222,7 @@ impl<'a> Compiler<'a> {
             host: svc.host.clone(),
             subset: None,
             port,
+            scope: None,
         };
         let name = key.name();
         let cluster = self

@@ -126,6 +126,18 @@ pub struct ConfigSet {
     pub cluster_domain: ClusterDomain,
 }
 
+/// A Kubernetes namespace or other DNS-1123 label: 1-63 of `a-z0-9-`, alphanumeric at both
+/// ends.
+pub fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
 /// The Kubernetes cluster domain (`<name>.<ns>.svc.<domain>`), `cluster.local` by default.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterDomain(String);

@@ -258,6 +258,8 @@ pub struct SimRequest {
     pub headers: Vec<(String, String)>,
     /// Client labels.
     pub source_labels: BTreeMap<String, String>,
+    /// Client namespace (what it sees by `exportTo`; `sourceNamespace` matches).
+    pub source_namespace: Option<String>,
 }
 
 /// What `simulate` found.
@@ -391,6 +393,14 @@ fn sim_listener(snap: &Snapshot, req: &SimRequest, port: u16) -> Result<Listener
 /// Evaluate a request against the snapshot without sending anything: the proxy's own decision
 /// (`proxy::decide`), every fault and weight draw enumerated.
 pub fn simulate(snap: &Snapshot, req: &SimRequest) -> Result<SimResult, String> {
+    let snap = match req
+        .source_namespace
+        .as_deref()
+        .and_then(|ns| snap.scope_of_namespace(ns))
+    {
+        Some(i) => &*snap.scoped[i].snapshot,
+        None => snap,
+    };
     let mut headers = HeaderMap::new();
     for (k, v) in &req.headers {
         let name = HeaderName::from_bytes(k.trim().to_ascii_lowercase().as_bytes())
@@ -428,7 +438,7 @@ pub fn simulate(snap: &Snapshot, req: &SimRequest) -> Result<SimResult, String> 
     let _ = conn.source_info.set(SourceInfo {
         ip: None,
         labels: req.source_labels.clone(),
-        namespace: None,
+        namespace: req.source_namespace.clone(),
     });
     let head = Head {
         method: &method,

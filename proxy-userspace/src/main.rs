@@ -98,6 +98,9 @@ enum Command {
         /// Client workload label `k=v` (repeatable).
         #[arg(long = "source-label")]
         source_labels: Vec<String>,
+        /// Client namespace: what it sees by `exportTo` and `sourceNamespace` matches.
+        #[arg(long = "source-namespace")]
+        source_namespace: Option<String>,
         /// Output format.
         #[arg(long, short, value_enum, default_value = "text")]
         output: Output,
@@ -231,6 +234,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
             method,
             headers,
             source_labels,
+            source_namespace,
             output,
         } => {
             let snap = snapshot_or_report(&paths)?;
@@ -258,6 +262,7 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                 method,
                 headers,
                 source_labels,
+                source_namespace,
             };
             let result = inspect::simulate(&snap, &req).map_err(anyhow::Error::msg)?;
             match output {

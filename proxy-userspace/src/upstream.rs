@@ -298,13 +298,33 @@ pub struct View {
     pub snapshot: Arc<Snapshot>,
     /// Cluster states, indexed like `snapshot.clusters`.
     pub clusters: Vec<Arc<ClusterState>>,
+    /// The views of the snapshot's scopes (`snapshot.scoped`), in order.
+    pub scoped: Vec<View>,
 }
 
 impl View {
+    /// The view a client at `ip` routes by: its namespace's scope, or this one.
+    #[inline]
+    pub fn for_client(&self, ip: std::net::IpAddr) -> &View {
+        if self.scoped.is_empty() {
+            return self;
+        }
+        match self.snapshot.scope_of(ip) {
+            Some(i) => &self.scoped[i],
+            None => self,
+        }
+    }
+
     /// Every cluster's counters, for the metrics exposition.
     pub fn samples(&self) -> Vec<crate::telemetry::metrics::ClusterSample> {
+        // A scope's own clusters once each (the others are the default scope's states).
         self.clusters
             .iter()
+            .chain(
+                self.scoped
+                    .iter()
+                    .flat_map(|v| v.clusters.iter().filter(|c| c.key.scope.is_some())),
+            )
             .map(|st| {
                 let s = &st.stats;
                 let counters = [
@@ -350,7 +370,31 @@ impl Clusters {
     /// Build the view for a new snapshot, reusing state of clusters that still exist.
     pub fn sync(&self, snapshot: Arc<Snapshot>) -> View {
         let mut states = self.states.lock().expect("clusters lock");
-        let clusters: Vec<Arc<ClusterState>> = snapshot
+        let scoped = (0..snapshot.scoped.len())
+            .map(|i| {
+                let clusters = self.states_for(&mut states, &snapshot.scoped[i].snapshot);
+                View {
+                    snapshot: snapshot.scoped[i].snapshot.clone(),
+                    clusters,
+                    scoped: Vec::new(),
+                }
+            })
+            .collect();
+        let clusters = self.states_for(&mut states, &snapshot);
+        states.retain(|_, w| w.strong_count() > 0);
+        View {
+            snapshot,
+            clusters,
+            scoped,
+        }
+    }
+
+    fn states_for(
+        &self,
+        states: &mut HashMap<ClusterKey, Weak<ClusterState>>,
+        snapshot: &Snapshot,
+    ) -> Vec<Arc<ClusterState>> {
+        snapshot
             .clusters
             .iter()
             .map(|c| {
@@ -368,8 +412,6 @@ impl Clusters {
                 states.insert(c.key.clone(), Arc::downgrade(&st));
                 st
             })
-            .collect();
-        states.retain(|_, w| w.strong_count() > 0);
-        View { snapshot, clusters }
+            .collect()
     }
 }

@@ -77,6 +77,7 @@ pub fn route(snap: &Snapshot, host: &str, headers: &[(&str, &str)]) -> String {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             source_labels: BTreeMap::new(),
+            source_namespace: None,
         },
     )
     .expect("simulate");

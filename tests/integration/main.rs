@@ -3,6 +3,7 @@
 
 mod behaviour;
 mod cli;
+mod export_to;
 mod hostile;
 mod http1_wire;
 mod kube_watch;

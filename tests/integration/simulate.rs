@@ -168,6 +168,7 @@ async fn compare(s: &Scenario) -> usize {
                 method: p.method.clone(),
                 headers: p.headers.clone(),
                 source_labels: BTreeMap::new(),
+                source_namespace: None,
             },
         )
         .unwrap_or_else(|e| panic!("{}: simulate {p:?}: {e}", s.path.display()));

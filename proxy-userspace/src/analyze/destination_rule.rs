@@ -6,6 +6,13 @@ use super::*;
 impl Analyzer<'_> {
     pub(super) fn destination_rule(&mut self, dr: &Object<config::DestinationRule>) {
         let e = Emit::new(dr.object_ref("DestinationRule"), &dr.source);
+        check_export_to(
+            &e,
+            &dr.namespace,
+            &dr.spec.export_to,
+            false,
+            dr.spec.workload_selector.is_some(),
+        );
         let host = expand_host(&dr.spec.host, &dr.namespace, &self.set.cluster_domain);
         let services = self.registry.matching(&host);
         if services.is_empty() {

@@ -6,6 +6,7 @@ impl Analyzer<'_> {
     pub(super) fn service_entry(&mut self, se: &Object<config::ServiceEntry>) {
         let e = Emit::new(se.object_ref("ServiceEntry"), &se.source);
         let s = &se.spec;
+        check_export_to(&e, &se.namespace, &s.export_to, true, false);
         if s.hosts.is_empty() {
             e.error(codes::SCHEMA, "spec.hosts", "ServiceEntry has no hosts");
         }

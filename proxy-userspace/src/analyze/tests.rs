@@ -240,3 +240,78 @@ fn destination_rule_tls_as_istio_validates_it() {
     assert_eq!(istio[0].severity, Severity::Warning);
     assert!(istio[0].message.contains("without TLS"), "{istio:?}");
 }
+
+#[test]
+fn export_to_values_are_checked_as_istio_does() {
+    let vs = |export: &str| {
+        format!(
+            "{REGISTRY}apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: r}}
+spec:
+  hosts: [reviews]
+  exportTo: {export}
+  http: [{{route: [{{destination: {{host: reviews}}}}]}}]
+"
+        )
+    };
+    for (export, ok) in [
+        ("[.]", true),
+        ("['*']", true),
+        ("[., team1]", true),
+        ("[., default]", false),
+        ("[team1, team1]", false),
+        ("['*', team1]", false),
+        ("['~']", false),
+        ("[Team1]", false),
+        ("[-x]", false),
+    ] {
+        let d = run(&vs(export));
+        let errors: Vec<_> = d.iter().filter(|d| d.severity == Severity::Error).collect();
+        assert_eq!(errors.is_empty(), ok, "{export}: {errors:#?}");
+    }
+    let se = |export: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: x}}
+spec:
+  hosts: [x.example.com]
+  exportTo: {export}
+  resolution: DNS
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+"
+        )
+    };
+    assert!(
+        run(&se("['~']"))
+            .iter()
+            .all(|d| d.severity != Severity::Error)
+    );
+    assert!(
+        run(&se("['~', a]"))
+            .iter()
+            .any(|d| d.severity == Severity::Error)
+    );
+    let dr = |export: &str| {
+        format!(
+            "{REGISTRY}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: r}}
+spec:
+  host: reviews
+  workloadSelector: {{matchLabels: {{app: a}}}}
+  exportTo: {export}
+"
+        )
+    };
+    let run_dr = |export: &str| {
+        let mut set = ConfigSet::default();
+        let mut diags = Vec::new();
+        set.load_str(Path::new("t.yaml"), &dr(export), &mut diags);
+        analyze(&set).iter().any(|d| d.severity == Severity::Error)
+    };
+    assert!(!run_dr("[.]"));
+    assert!(run_dr("[other]"));
+    assert!(run_dr("[., other]"));
+}

@@ -5,10 +5,12 @@ use super::*;
 
 impl Analyzer<'_> {
     pub(super) fn virtual_service(&mut self, vs: &Object<VirtualService>) {
+        self.vs_export = Exported::of(&vs.spec.export_to, &vs.namespace);
         let e = Emit::new(vs.object_ref("VirtualService"), &vs.source);
         let spec = &vs.spec;
         let ns = &vs.namespace;
         let on_mesh = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == MESH_GATEWAY);
+        check_export_to(&e, ns, &spec.export_to, false, false);
         if spec.http.is_empty() && spec.tcp.is_empty() && spec.tls.is_empty() {
             e.error(
                 codes::SCHEMA,
@@ -366,10 +368,7 @@ impl Analyzer<'_> {
             _ => {}
         }
         if let Some(subset) = &d.subset {
-            let defined = self
-                .drs
-                .for_host(&host)
-                .is_some_and(|dr| dr.subsets.iter().any(|s| &s.name == subset));
+            let defined = self.drs.defines_subset(&host, subset, &self.vs_export);
             if !defined {
                 e.error(codes::NOT_FOUND, format!("{field}.subset"), format!("subset `{subset}` of host `{host}` is not defined by any DestinationRule: requests routed to it fail with 503 NC"));
             }

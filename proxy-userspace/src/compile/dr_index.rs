@@ -1,11 +1,18 @@
 //! DestinationRules by host, merged as Istio merges them.
 
+use super::scopes::{Exported, ROOT_NAMESPACE};
 use super::*;
 
-/// DestinationRules indexed by expanded host; several for one host are merged (subsets
-/// unioned, first wins; top-level policy from the first that has one).
+/// DestinationRules indexed by expanded host. Rules of several namespaces for one host: the
+/// lookup path picks one namespace (the client's when the scope has one, then the service's,
+/// then `istio-system`, then the first in load order); that namespace's rules are merged
+/// (subsets unioned, first wins; top-level policy from the first that has one).
 pub struct DrIndex {
     rules: Vec<(String, DestinationRule, String)>,
+    /// Namespace and visibility of each rule.
+    meta: Vec<(String, super::scopes::Exported)>,
+    /// The client namespace first on the lookup path.
+    client_ns: Option<String>,
     /// Exact host → indices into `rules`, in order.
     exact: HashMap<String, Vec<usize>>,
     /// Wildcard hosts → indices (few in practice; scanned).
@@ -15,6 +22,21 @@ pub struct DrIndex {
 impl DrIndex {
     /// Index every DR of the set.
     pub fn new(set: &ConfigSet) -> Self {
+        Self::for_client(set, None)
+    }
+
+    /// Index every DR of the set for clients of namespace `client_ns`.
+    pub fn for_client(set: &ConfigSet, client_ns: Option<&str>) -> Self {
+        let meta = set
+            .destination_rules
+            .iter()
+            .map(|d| {
+                (
+                    d.namespace.clone(),
+                    super::scopes::Exported::of(&d.spec.export_to, &d.namespace),
+                )
+            })
+            .collect();
         let rules: Vec<(String, DestinationRule, String)> = set
             .destination_rules
             .iter()
@@ -37,28 +59,52 @@ impl DrIndex {
         }
         DrIndex {
             rules,
+            meta,
+            client_ns: client_ns.map(str::to_string),
             exact,
             wildcard,
         }
     }
 
-    /// The merged rule for a service host: exact host rules first, else the most specific
-    /// wildcard.
-    pub fn for_host(&self, host: &str) -> Option<DestinationRule> {
-        let chosen: Vec<&(String, DestinationRule, String)> = match self.exact.get(host) {
-            Some(ix) => ix.iter().map(|i| &self.rules[*i]).collect(),
+    /// The rules (indices) for a host: exact host rules, else the most specific wildcard.
+    fn candidates(&self, host: &str) -> Vec<usize> {
+        match self.exact.get(host) {
+            Some(ix) => ix.clone(),
             None => {
-                let mut wild: Vec<_> = self
+                let mut wild: Vec<usize> = self
                     .wildcard
                     .iter()
-                    .map(|i| &self.rules[*i])
-                    .filter(|(h, _, _)| host_matches(h, host))
+                    .copied()
+                    .filter(|i| host_matches(&self.rules[*i].0, host))
                     .collect();
-                let best = wild.iter().map(|(h, _, _)| h.len()).max()?;
-                wild.retain(|(h, _, _)| h.len() == best);
+                let Some(best) = wild.iter().map(|i| self.rules[*i].0.len()).max() else {
+                    return Vec::new();
+                };
+                wild.retain(|i| self.rules[*i].0.len() == best);
                 wild
             }
-        };
+        }
+    }
+
+    /// The merged rule for a service host of namespace `service_ns`, by the lookup path.
+    pub fn for_host(&self, host: &str, service_ns: &str) -> Option<DestinationRule> {
+        let all = self.candidates(host);
+        let first_ns = &self.meta[*all.first()?].0;
+        let ns = [
+            self.client_ns.as_deref(),
+            Some(service_ns),
+            Some(ROOT_NAMESPACE),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|n| all.iter().any(|i| self.meta[*i].0 == *n))
+        .unwrap_or(first_ns)
+        .to_string();
+        let chosen: Vec<&(String, DestinationRule, String)> = all
+            .iter()
+            .filter(|i| self.meta[**i].0 == ns)
+            .map(|i| &self.rules[*i])
+            .collect();
         let mut merged = chosen.first()?.1.clone();
         for (_, dr, _) in chosen.iter().skip(1) {
             if merged.traffic_policy.is_none() {
@@ -71,6 +117,14 @@ impl DrIndex {
             }
         }
         Some(merged)
+    }
+
+    /// Is `subset` of `host` defined by a rule some client of `seen_by` also sees?
+    pub fn defines_subset(&self, host: &str, subset: &str, seen_by: &Exported) -> bool {
+        self.candidates(host).into_iter().any(|i| {
+            self.meta[i].1.overlaps(seen_by)
+                && self.rules[i].1.subsets.iter().any(|s| s.name == subset)
+        })
     }
 
     /// Every (expanded host, origin) for analysis.

@@ -61,6 +61,7 @@ impl Compiler<'_> {
                     host: svc.host.clone(),
                     subset: None,
                     port: port.number,
+                    scope: None,
                 });
                 let scope = Scope {
                     gateways: vec![MESH_GATEWAY.into()],

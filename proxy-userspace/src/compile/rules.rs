@@ -73,6 +73,7 @@ impl Compiler<'_> {
             host,
             subset: d.subset.clone(),
             port,
+            scope: None,
         };
         let name = key.name();
         match self.snap.cluster(&key) {

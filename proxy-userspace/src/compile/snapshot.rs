@@ -20,9 +20,24 @@ pub struct ClusterKey {
     pub subset: Option<String>,
     /// Service port.
     pub port: u16,
+    /// The client namespaces of an `exportTo` scope whose policy or endpoints for this
+    /// cluster differ from the default scope's (None: the default scope's cluster). Not part
+    /// of the Envoy name: it keeps run-time state apart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
 }
 
 impl ClusterKey {
+    /// The key of a cluster of the default scope.
+    pub fn new(host: String, subset: Option<String>, port: u16) -> ClusterKey {
+        ClusterKey {
+            host,
+            subset,
+            port,
+            scope: None,
+        }
+    }
+
     /// Envoy's cluster name: `outbound|9080|v1|reviews.default.svc.cluster.local`.
     pub fn name(&self) -> String {
         format!(
@@ -261,9 +276,52 @@ pub struct Snapshot {
     pub(super) port_index: FastMap<u16, usize>,
     #[serde(skip)]
     pub(super) gateway_index: FastMap<u16, usize>,
+    /// What clients of other namespaces see, when `exportTo` (or a client namespace's own
+    /// DestinationRule) makes it differ from this, the default scope.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scoped: Vec<Scoped>,
+    #[serde(skip)]
+    pub(super) scope_index: FastMap<String, usize>,
+}
+
+/// The snapshot a group of client namespaces sees.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Scoped {
+    /// The client namespaces.
+    pub namespaces: Vec<String>,
+    /// Their snapshot (its own `scoped` is empty).
+    pub snapshot: std::sync::Arc<Snapshot>,
 }
 
 impl Snapshot {
+    /// The scope of a client address (index into `scoped`): by the namespace of the workload
+    /// at that address. None: the default scope (this snapshot).
+    pub fn scope_of(&self, ip: IpAddr) -> Option<usize> {
+        if self.scoped.is_empty() {
+            return None;
+        }
+        self.scope_of_namespace(&self.registry.workload(ip)?.namespace)
+    }
+
+    /// The scope of clients of namespace `ns`.
+    pub fn scope_of_namespace(&self, ns: &str) -> Option<usize> {
+        self.scope_index.get(ns).copied()
+    }
+
+    /// The snapshot clients at `ip` see.
+    pub fn for_client(&self, ip: IpAddr) -> &Snapshot {
+        match self.scope_of(ip) {
+            Some(i) => &self.scoped[i].snapshot,
+            None => self,
+        }
+    }
+
+    /// This snapshot and every scoped one.
+    pub fn all_scopes(&self) -> impl Iterator<Item = &Snapshot> {
+        std::iter::once(self).chain(self.scoped.iter().map(|s| &*s.snapshot))
+    }
+
     /// The mesh listener for a connection's original destination: exact address:port first,
     /// then a port-only service (no addresses).
     pub fn mesh_listener(&self, dst: SocketAddr) -> Option<&Listener> {

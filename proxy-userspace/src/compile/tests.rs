@@ -74,6 +74,7 @@ fn listeners_and_vhosts_are_found_by_address_and_host() {
             host: "reviews.default.svc.cluster.local".into(),
             subset: Some("v2".into()),
             port: 80,
+            scope: None,
         })
         .unwrap();
     assert_eq!(snap.clusters[c].endpoints.len(), 1);
@@ -207,4 +208,63 @@ proptest! {
             None => prop_assert_eq!(got, RuleMatch::NoMatch),
         }
     }
+}
+
+/// The DestinationRule of a client's own namespace comes first on the lookup path; other
+/// clients get the service namespace's. Run-time state stays apart only where policy differs.
+#[test]
+fn destination_rule_lookup_path_by_client_namespace() {
+    let yaml = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews, namespace: prod}
+spec:
+  hosts: [reviews.prod.svc.cluster.local]
+  addresses: [127.0.61.1]
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints: [{address: 127.0.61.11}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: prod}
+spec:
+  host: reviews
+  trafficPolicy: {loadBalancer: {simple: RANDOM}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: client}
+spec:
+  host: reviews.prod.svc.cluster.local
+  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: c, namespace: client}
+spec: {address: 127.0.61.50}
+";
+    let snap = snapshot(yaml);
+    let algo = |s: &Snapshot| s.clusters[0].policy.lb.algorithm.clone();
+    assert_eq!(
+        algo(&snap),
+        policy::LbAlgorithm::Random,
+        "service namespace's rule"
+    );
+    let mine = snap.for_client("127.0.61.50".parse().unwrap());
+    assert_eq!(
+        algo(mine),
+        policy::LbAlgorithm::RoundRobin,
+        "the client's own"
+    );
+    assert_eq!(mine.clusters[0].key.scope.as_deref(), Some("client"));
+    let other = snap.for_client("127.0.61.99".parse().unwrap());
+    assert!(std::ptr::eq(other, &snap));
+    assert_eq!(snap.scoped.len(), 1);
+}
+
+/// Without restricted exports and contested rules there is one scope: nothing is copied.
+#[test]
+fn one_scope_without_export_to() {
+    let snap = snapshot(SE);
+    assert!(snap.scoped.is_empty());
 }

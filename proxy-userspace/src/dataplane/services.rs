@@ -41,8 +41,31 @@ impl KernelService {
 /// Resolution of route weights times endpoint weights.
 const SCALE: u64 = 1_000_000;
 
-/// Every mesh service address and what the kernel does with it.
+/// Every mesh service address and what the kernel does with it. The kernel does not know
+/// the client's namespace at connect(): an address whose handling differs between `exportTo`
+/// scopes, or that only some scopes have, goes to the proxy.
 pub fn kernel_services(snap: &Snapshot) -> BTreeMap<SocketAddr, KernelService> {
+    let mut out = scope_services(snap);
+    for scoped in &snap.scoped {
+        let other = scope_services(&scoped.snapshot);
+        for (addr, svc) in &other {
+            if out.get(addr) != Some(svc) {
+                out.insert(
+                    *addr,
+                    KernelService::proxy("handled differently by client namespace (exportTo)"),
+                );
+            }
+        }
+        for (addr, svc) in out.iter_mut() {
+            if !other.contains_key(addr) {
+                *svc = KernelService::proxy("handled differently by client namespace (exportTo)");
+            }
+        }
+    }
+    out
+}
+
+fn scope_services(snap: &Snapshot) -> BTreeMap<SocketAddr, KernelService> {
     let mut out = BTreeMap::new();
     for l in &snap.listeners {
         let (ListenerKind::Mesh { .. }, Some(ip)) = (&l.kind, l.address) else {

@@ -79,7 +79,8 @@ pub fn handle(
     async move {
         let http1 = req.version() < http::Version::HTTP_2;
         let start = Instant::now();
-        let view = shared.view.load_full();
+        let views = shared.view.load_full();
+        let view = views.for_client(conn.peer.ip());
         let mut rec = RequestRecord::start(&req, conn.peer, start);
         // Cheap handles (shared bytes) kept for the metric labels after the request is consumed.
         let (uri_authority, host) = (
@@ -94,7 +95,7 @@ pub fn handle(
         let mut served = Served::default();
         let out = serve(
             &shared,
-            &view,
+            view,
             &conn,
             req,
             authority,
@@ -103,7 +104,7 @@ pub fn handle(
             start,
         )
         .await;
-        let resp = record(&shared, &view, &conn, authority, served, rec, out);
+        let resp = record(&shared, view, &conn, authority, served, rec, out);
         if http1 && shared.draining() {
             let mut resp = resp;
             resp.headers_mut()
@@ -174,7 +175,7 @@ fn record(
 #[allow(clippy::manual_async_fn, clippy::too_many_arguments)] // see `handle`
 fn serve<'v>(
     shared: &Arc<Shared>,
-    view: &'v Arc<View>,
+    view: &'v View,
     conn: &ConnInfo,
     req: Request<RequestBody>,
     authority: &str,

@@ -25,7 +25,16 @@ const BIND_RETRY: Duration = Duration::from_millis(500);
 /// Addresses to listen on for a snapshot in `--capture none` mode.
 pub fn desired(snap: &Snapshot, shared: &Shared) -> Vec<(SocketAddr, ListenerRef)> {
     let mut out = Vec::new();
-    for l in &snap.listeners {
+    let mut seen = std::collections::HashSet::new();
+    // Every scope's: an address only some namespaces see (exportTo) is still listened on.
+    for l in snap.all_scopes().flat_map(|s| &s.listeners) {
+        if !seen.insert((
+            l.address,
+            l.port,
+            matches!(l.kind, ListenerKind::Gateway { .. }),
+        )) {
+            continue;
+        }
         match (&l.kind, l.address) {
             // With eBPF capture, service addresses are virtual: connects reach the capture port.
             (ListenerKind::Mesh { .. }, Some(_)) if shared.kernel.is_some() => {}
@@ -360,7 +369,8 @@ pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, accepted
     }
     let _active = shared.track_connection();
     let (protocol, tls_config) = {
-        let view = shared.view.load();
+        let views = shared.view.load();
+        let view = views.for_client(conn.peer.ip());
         let Some(l) = conn.listener.lookup(&view.snapshot) else {
             return;
         };
@@ -457,19 +467,21 @@ async fn sweep(shared: Arc<Shared>) {
     let mut last_idle_sweep = Instant::now();
     loop {
         tick.tick().await;
-        let view = shared.view.load_full();
+        let views = shared.view.load_full();
         let now = Instant::now();
-        for (c, st) in view.snapshot.clusters.iter().zip(&view.clusters) {
-            if c.policy.outlier.is_some() {
-                outlier::maybe_sweep(st, now);
+        for view in std::iter::once(&*views).chain(&views.scoped) {
+            for (c, st) in view.snapshot.clusters.iter().zip(&view.clusters) {
+                if c.policy.outlier.is_some() {
+                    outlier::maybe_sweep(st, now);
+                }
             }
         }
         if now.duration_since(last_idle_sweep) >= Duration::from_secs(1) {
             last_idle_sweep = now;
             // Clusters without open connections have nothing to sweep (most, with 10k services).
-            for st in view
-                .clusters
-                .iter()
+            for st in std::iter::once(&*views)
+                .chain(&views.scoped)
+                .flat_map(|v| &v.clusters)
                 .filter(|st| st.connections.load(std::sync::atomic::Ordering::Relaxed) > 0)
             {
                 let idle_timeout = st.policy.load().pool.idle_timeout;

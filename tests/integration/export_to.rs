@@ -1,0 +1,221 @@
+//! `exportTo`: a VirtualService, DestinationRule or ServiceEntry exported to some namespaces
+//! only applies to clients of those namespaces. Clients are told apart by source address:
+//! WorkloadEntries give `{net}11` namespace team1 and `{net}12` team2; `{net}13` is no known
+//! workload (it sees only what is exported to every namespace).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use nodeproxy_tests::backend::Backend;
+use nodeproxy_tests::eventually_async;
+use nodeproxy_tests::proxy::{self, Scenario, unique_net};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// GET `/` from source address `src` to `dst` with Host `host`: (status, body), or None when
+/// the connection is refused or closed without an answer.
+async fn get_from(src: &str, dst: &str, host: &str) -> Option<(u16, String)> {
+    let sock = tokio::net::TcpSocket::new_v4().ok()?;
+    sock.bind(format!("{src}:0").parse().ok()?).ok()?;
+    let mut s = sock.connect(dst.parse().ok()?).await.ok()?;
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string())?;
+    Some((status, body))
+}
+
+fn clients(net: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: client, namespace: team1}}
+spec: {{address: {net}11, labels: {{app: client}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: client, namespace: team2}}
+spec: {{address: {net}12, labels: {{app: client}}}}
+"
+    )
+}
+
+/// Bodies of `n` requests from `src`, counted.
+async fn tally(src: &str, dst: &str, host: &str, n: usize) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for _ in 0..n {
+        let (status, body) = get_from(src, dst, host).await.expect("an answer");
+        assert_eq!(status, 200, "from {src}: {body}");
+        *out.entry(body).or_default() += 1;
+    }
+    out
+}
+
+#[tokio::test]
+async fn each_team_routes_a_shared_service_by_its_own_private_rules() {
+    let net = unique_net();
+    let _v1 = Backend::start(&format!("{net}21:8080"), "v1").await;
+    let _v2 = Backend::start(&format!("{net}22:8080"), "v2").await;
+    let mut yaml = clients(&net);
+    yaml += &format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ratings, namespace: shared}}
+spec:
+  hosts: [ratings.shared.example]
+  addresses: [{net}1]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  endpoints:
+  - {{address: {net}21, labels: {{version: v1}}}}
+  - {{address: {net}22, labels: {{version: v2}}}}
+"
+    );
+    for (team, version) in [("team1", "v1"), ("team2", "v2")] {
+        yaml += &format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: ratings, namespace: {team}}}
+spec:
+  host: ratings.shared.example
+  exportTo: [.]
+  subsets: [{{name: mine, labels: {{version: {version}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: ratings, namespace: {team}}}
+spec:
+  hosts: [ratings.shared.example]
+  exportTo: [.]
+  http:
+  - route: [{{destination: {{host: ratings.shared.example, subset: mine}}}}]
+"
+        );
+    }
+    let s = Scenario::from_yaml_on(yaml, net.clone());
+    let check = nodeproxy_tests::nodeproxy(&["validate", s.path.to_str().unwrap()]);
+    assert!(
+        check.status.success(),
+        "two teams' private rules for one host validate: {}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let _p = proxy::start(&s, None).await;
+    let vip = format!("{net}1:80");
+    let host = "ratings.shared.example";
+    let t1 = tally(&format!("{net}11"), &vip, host, 8).await;
+    assert_eq!(t1, BTreeMap::from([("v1".to_string(), 8)]), "team1");
+    let t2 = tally(&format!("{net}12"), &vip, host, 8).await;
+    assert_eq!(t2, BTreeMap::from([("v2".to_string(), 8)]), "team2");
+    // Anyone else sees neither team's rules: the service's own endpoints, both of them.
+    let other = tally(&format!("{net}13"), &vip, host, 8).await;
+    assert_eq!(
+        other.len(),
+        2,
+        "an unknown client is balanced over both: {other:?}"
+    );
+}
+
+#[tokio::test]
+async fn each_team_reaches_its_own_service_of_the_same_name() {
+    let net = unique_net();
+    let _a = Backend::start(&format!("{net}21:8080"), "team1-ratings").await;
+    let _b = Backend::start(&format!("{net}22:8080"), "team2-ratings").await;
+    let mut yaml = clients(&net);
+    for (team, ep) in [("team1", 21), ("team2", 22)] {
+        yaml += &format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ratings, namespace: {team}}}
+spec:
+  hosts: [ratings.example.com]
+  addresses: [{net}1]
+  exportTo: [.]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  endpoints: [{{address: {net}{ep}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: ratings, namespace: {team}}}
+spec:
+  hosts: [ratings.example.com]
+  exportTo: [.]
+  http:
+  - route: [{{destination: {{host: ratings.example.com}}}}]
+    timeout: 5s
+"
+        );
+    }
+    let s = Scenario::from_yaml_on(yaml, net.clone());
+    let check = nodeproxy_tests::nodeproxy(&["validate", s.path.to_str().unwrap()]);
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let _p = proxy::start(&s, None).await;
+    let vip = format!("{net}1:80");
+    let host = "ratings.example.com";
+    let src1 = format!("{net}11");
+    eventually_async(Duration::from_secs(5), || get_from(&src1, &vip, host)).await;
+    let t1 = tally(&src1, &vip, host, 4).await;
+    assert_eq!(t1, BTreeMap::from([("team1-ratings".to_string(), 4)]));
+    let t2 = tally(&format!("{net}12"), &vip, host, 4).await;
+    assert_eq!(t2, BTreeMap::from([("team2-ratings".to_string(), 4)]));
+    // A client of no team: the service does not exist for it.
+    let other = get_from(&format!("{net}13"), &vip, host).await;
+    assert!(
+        other.as_ref().is_none_or(|(s, _)| *s == 404),
+        "not routed for an unknown client: {other:?}"
+    );
+}
+
+#[tokio::test]
+async fn overlapping_exports_of_one_host_conflict_and_disjoint_ones_do_not() {
+    let vs = |ns: &str, export: &str| {
+        format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: r, namespace: {ns}}}
+spec:
+  hosts: [ratings.example.com]
+  exportTo: {export}
+  http: [{{route: [{{destination: {{host: ratings.example.com}}}}]}}]
+"
+        )
+    };
+    let se = "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ratings, namespace: shared}
+spec:
+  hosts: [ratings.example.com]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+";
+    for (yaml, conflict) in [
+        (format!("{se}{}{}", vs("a", "[.]"), vs("b", "[.]")), false),
+        (format!("{se}{}{}", vs("a", "[.]"), vs("b", "[a]")), true),
+        (format!("{se}{}{}", vs("a", "[.]"), vs("b", "['*']")), true),
+        (format!("{se}{}{}", vs("a", "[b, c]"), vs("b", "[.]")), true),
+        (format!("{se}{}{}", vs("a", "[c]"), vs("b", "[d]")), false),
+    ] {
+        let s = Scenario::from_yaml_on(yaml, unique_net());
+        let out = nodeproxy_tests::nodeproxy(&["validate", s.path.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert_eq!(text.contains("IST0109"), conflict, "{}\n{text}", s.yaml);
+        assert_eq!(out.status.success(), !conflict, "{text}");
+    }
+}
