@@ -68,6 +68,9 @@ enum Command {
         /// Only this port.
         #[arg(long)]
         port: Option<u16>,
+        /// The routes clients of this namespace see (`exportTo`).
+        #[arg(long = "source-namespace")]
+        source_namespace: Option<String>,
         /// Output format.
         #[arg(long, short, value_enum, default_value = "text")]
         output: Output,
@@ -200,9 +203,17 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
             paths,
             host,
             port,
+            source_namespace,
             output,
         } => {
-            let snap = snapshot_or_report(&paths)?;
+            let all = snapshot_or_report(&paths)?;
+            let snap = match source_namespace
+                .as_deref()
+                .and_then(|ns| all.scope_of_namespace(ns))
+            {
+                Some(i) => &*all.scoped[i].snapshot,
+                None => &all,
+            };
             match output {
                 Output::Json => {
                     let tables: Vec<_> = snap
@@ -221,7 +232,18 @@ fn run(cli: Cli, log: nodeproxy::admin::LogControl) -> anyhow::Result<ExitCode> 
                         )?
                     )
                 }
-                Output::Text => print!("{}", inspect::routes_text(&snap, host.as_deref(), port)),
+                Output::Text => {
+                    print!("{}", inspect::routes_text(snap, host.as_deref(), port));
+                    if source_namespace.is_none() {
+                        for s in &all.scoped {
+                            println!(
+                                "clients of namespace(s) {} see other routes (exportTo): --source-namespace {}",
+                                s.namespaces.join(", "),
+                                s.namespaces[0]
+                            );
+                        }
+                    }
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -88,7 +88,7 @@ metadata: {{name: ratings, namespace: {team}}}
 spec:
   host: ratings.shared.example
   exportTo: [.]
-  subsets: [{{name: mine, labels: {{version: {version}}}}}]
+  subsets: [{{name: {version}, labels: {{version: {version}}}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -97,7 +97,7 @@ spec:
   hosts: [ratings.shared.example]
   exportTo: [.]
   http:
-  - route: [{{destination: {{host: ratings.shared.example, subset: mine}}}}]
+  - route: [{{destination: {{host: ratings.shared.example, subset: {version}}}}}]
 "
         );
     }
@@ -108,6 +108,31 @@ spec:
         "two teams' private rules for one host validate: {}",
         String::from_utf8_lossy(&check.stdout)
     );
+    // simulate and routes show what each namespace sees.
+    for (ns, cluster) in [
+        (Some("team1"), "outbound|80|v1|ratings.shared.example"),
+        (Some("team2"), "outbound|80|v2|ratings.shared.example"),
+        (None, "outbound|80||ratings.shared.example"),
+    ] {
+        let file = s.path.to_str().unwrap();
+        let mut args = vec![
+            "simulate",
+            file,
+            "--host",
+            "ratings.shared.example",
+            "--port",
+            "80",
+        ];
+        args.extend(ns.map(|n| ["--source-namespace", n]).into_iter().flatten());
+        let out = nodeproxy_tests::nodeproxy(&args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(cluster), "{ns:?}: {text}");
+        let mut args = vec!["routes", file];
+        args.extend(ns.map(|n| ["--source-namespace", n]).into_iter().flatten());
+        let out = nodeproxy_tests::nodeproxy(&args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(cluster), "{ns:?}: {text}");
+    }
     let _p = proxy::start(&s, None).await;
     let vip = format!("{net}1:80");
     let host = "ratings.shared.example";
