@@ -223,4 +223,21 @@ mod tests {
             NP_MODE_PROXY
         );
     }
+
+    /// The kernel cannot tell a client's namespace at connect(): a TCP route exported to one
+    /// namespace only keeps the service in the proxy for everyone, and a plain service no
+    /// scope changes keeps the fast path.
+    #[test]
+    fn a_route_some_namespaces_see_keeps_the_proxy() {
+        let other = "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: other}\nspec:\n  hosts: [other.example]\n  addresses: [10.9.0.2]\n  resolution: STATIC\n  ports: [{number: 5432, name: tcp, protocol: TCP}]\n  endpoints: [{address: 10.9.0.21}]\n";
+        let s = snap(&format!(
+            "{SE}{other}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: db, namespace: team1}}\nspec:\n  hosts: [db.example]\n  exportTo: [.]\n  tcp:\n  - route: [{{destination: {{host: db.example, subset: a, port: {{number: 5432}}}}}}]\n"
+        ));
+        let k = kernel_services(&s);
+        assert_eq!(
+            k[&"10.9.0.1:5432".parse().unwrap()].why_proxy,
+            Some("handled differently by client namespace (exportTo)")
+        );
+        assert_eq!(k[&"10.9.0.2:5432".parse().unwrap()].mode, NP_MODE_FASTPATH);
+    }
 }
