@@ -39,6 +39,7 @@ pub fn analyze(set: &ConfigSet) -> Vec<Diagnostic> {
         a.virtual_service(vs);
     }
     a.host_conflicts();
+    a.delegation();
     for dr in &set.destination_rules {
         a.destination_rule(dr);
     }
@@ -201,6 +202,29 @@ fn check_export_to(
 }
 
 impl Analyzer<'_> {
+    /// Delegated rules left out of their root (missing or hidden delegate, a conflict).
+    fn delegation(&mut self) {
+        for d in crate::compile::delegate::merged(self.set).1 {
+            let Some(vs) = self
+                .set
+                .virtual_services
+                .iter()
+                .find(|v| format!("{}/{}", v.namespace, v.name) == d.root)
+            else {
+                continue;
+            };
+            self.out.push(
+                Diagnostic::new(
+                    codes::DELEGATE_DROPPED,
+                    Severity::Warning,
+                    format!("{}: left out of the route table", d.why),
+                )
+                .on(vs.object_ref("VirtualService"), vs.source.clone())
+                .at(format!("spec.http[{}].delegate", d.rule)),
+            );
+        }
+    }
+
     /// Two mesh VirtualServices for one host that some client namespace both sees (IST0109;
     /// `exportTo` scopes them, as Istio's analyzer does).
     fn host_conflicts(&mut self) {

@@ -7,6 +7,7 @@
 //! by Host (hash, then one hash probe per DNS label for wildcards), then the host's rules.
 
 mod convert;
+pub mod delegate;
 mod dr_index;
 mod listeners;
 pub mod policy;
@@ -43,6 +44,7 @@ use registry::{expand_host, host_matches, hosts_intersect, kube_aliases};
 /// Compile a config set. Analysis must have passed; anything that still cannot be built is
 /// returned as error diagnostics, never a panic.
 pub fn compile(set: &ConfigSet) -> Result<Snapshot, Vec<Diagnostic>> {
+    let set = &*delegate::merge(set);
     let plan = scopes::plan(set);
     if plan.len() == 1 && plan[0].client_namespace().is_none() && plan[0].hides_nothing() {
         return compile_scope(set, None);

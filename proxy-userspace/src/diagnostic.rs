@@ -123,6 +123,12 @@ pub mod codes {
         id: "NP1003",
         name: "NodeLocalEndpoint",
     };
+    /// A delegated rule left out: its delegate is missing or not exported to the root's
+    /// namespace, delegates again, or its matches are outside the root rule's.
+    pub const DELEGATE_DROPPED: Code = Code {
+        id: "NP1004",
+        name: "DelegateRuleDropped",
+    };
     /// A fault without a percentage never fires.
     pub const FAULT_NEVER_FIRES: Code = Code {
         id: "NP1002",

@@ -119,6 +119,42 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// A raw HTTP/1.1 answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawReply {
+    /// Status code.
+    pub status: u16,
+    /// Status line and headers, as received.
+    pub head: String,
+    /// Body.
+    pub body: String,
+}
+
+/// GET `path` with Host `host` on `dst`, from source address `src` when given (its port
+/// picked by the kernel); None when refused or closed without an answer.
+pub async fn get_from(src: Option<&str>, dst: &str, host: &str, path: &str) -> Option<RawReply> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().ok()?;
+    if let Some(src) = src {
+        sock.bind(format!("{src}:0").parse().ok()?).ok()?;
+    }
+    let mut s = sock.connect(dst.parse().ok()?).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some(RawReply {
+        status: head.split_whitespace().nth(1)?.parse().ok()?,
+        head: head.to_ascii_lowercase(),
+        body: body.to_string(),
+    })
+}
+
 pub mod apiserver;
 pub mod backend;
 pub mod node;

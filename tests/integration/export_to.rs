@@ -9,26 +9,12 @@ use std::time::Duration;
 use nodeproxy_tests::backend::Backend;
 use nodeproxy_tests::eventually_async;
 use nodeproxy_tests::proxy::{self, Scenario, unique_net};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// GET `/` from source address `src` to `dst` with Host `host`: (status, body), or None when
-/// the connection is refused or closed without an answer.
+/// GET `/` from source address `src`: (status, body).
 async fn get_from(src: &str, dst: &str, host: &str) -> Option<(u16, String)> {
-    let sock = tokio::net::TcpSocket::new_v4().ok()?;
-    sock.bind(format!("{src}:0").parse().ok()?).ok()?;
-    let mut s = sock.connect(dst.parse().ok()?).await.ok()?;
-    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+    nodeproxy_tests::get_from(Some(src), dst, host, "/")
         .await
-        .ok()?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|x| x.1.to_string())?;
-    Some((status, body))
+        .map(|r| (r.status, r.body))
 }
 
 fn clients(net: &str) -> String {

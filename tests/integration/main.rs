@@ -3,6 +3,7 @@
 
 mod behaviour;
 mod cli;
+mod delegation;
 mod export_to;
 mod hostile;
 mod http1_wire;

@@ -18,12 +18,37 @@ impl Analyzer<'_> {
                 "VirtualService has no http, tcp or tls rules",
             );
         }
-        if spec.hosts.is_empty() {
-            e.error(
-                codes::SCHEMA,
-                "spec.hosts",
-                "VirtualService has no hosts (delegate VirtualServices are not supported)",
-            );
+        // No hosts: a delegate, whose rules a root VirtualService takes in.
+        let delegate = spec.hosts.is_empty();
+        if delegate {
+            for (bad, what) in [
+                (!spec.gateways.is_empty(), "gateways"),
+                (!spec.tls.is_empty(), "tls routes"),
+                (!spec.tcp.is_empty(), "tcp routes"),
+            ] {
+                if bad {
+                    e.error(
+                        codes::SCHEMA,
+                        "spec",
+                        format!("a delegate VirtualService (no hosts) may not have {what}"),
+                    );
+                }
+            }
+            let used = self.set.virtual_services.iter().any(|root| {
+                root.spec.http.iter().any(|r| {
+                    r.delegate.as_ref().is_some_and(|d| {
+                        d.name == vs.name
+                            && d.namespace.as_deref().unwrap_or(&root.namespace) == vs.namespace
+                    })
+                })
+            });
+            if !used {
+                e.info(
+                    codes::DELEGATE_DROPPED,
+                    "spec.hosts",
+                    "VirtualService without hosts and no root VirtualService delegates to it: it applies to nothing",
+                );
+            }
         }
         for (i, h) in spec.hosts.iter().enumerate() {
             if h == "*" && on_mesh {
@@ -70,10 +95,26 @@ impl Analyzer<'_> {
                     format!("rule is unreachable: rule {c} before it matches every request"),
                 );
             }
+            if r.delegate.is_some() {
+                if delegate {
+                    e.error(
+                        codes::SCHEMA,
+                        format!("{base}.delegate"),
+                        "a delegate's rule cannot delegate again",
+                    );
+                }
+                if !r.route.is_empty() || r.redirect.is_some() {
+                    e.error(
+                        codes::SCHEMA,
+                        base.clone(),
+                        "a rule with delegate may not have route or redirect",
+                    );
+                }
+            }
             let actions = [
                 !r.route.is_empty(),
                 r.redirect.is_some(),
-                r.direct_response.is_some(),
+                r.direct_response.is_some() && r.delegate.is_none(),
                 r.delegate.is_some(),
             ]
             .iter()

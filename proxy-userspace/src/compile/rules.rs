@@ -217,7 +217,10 @@ impl Compiler<'_> {
         };
         Ok(HttpRule {
             name: r.name.clone(),
-            origin: format!("VirtualService/{}/{}", vs.namespace, vs.name),
+            origin: match &r.delegated_from {
+                Some(d) => format!("VirtualService/{}/{} < {d}", vs.namespace, vs.name),
+                None => format!("VirtualService/{}/{}", vs.namespace, vs.name),
+            },
             matches,
             action,
             fault,

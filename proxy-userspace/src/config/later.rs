@@ -22,7 +22,6 @@ pub(super) fn later_fields(kind: Kind) -> Vec<String> {
         Kind::VirtualService => {
             out.extend(
                 [
-                    "spec.http[].delegate",
                     "spec.http[].match[].statPrefix",
                     "spec.http[].retries.retryRemoteLocalities",
                     "spec.tcp[].match[].sourceSubnet",

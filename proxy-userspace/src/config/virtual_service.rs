@@ -30,6 +30,17 @@ pub struct VirtualService {
     pub export_to: Vec<String>,
 }
 
+/// `http[].delegate`: the VirtualService whose rules replace a root rule.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Delegate {
+    /// Its name.
+    pub name: String,
+    /// Its namespace (default: the root's).
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
 /// One `http[]` rule.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -49,9 +60,12 @@ pub struct HttpRoute {
     /// Answer locally with a fixed response.
     #[serde(default)]
     pub direct_response: Option<Box<HttpDirectResponse>>,
-    /// Delegate to another VirtualService. [later]
+    /// Replace this rule by the rules of another VirtualService (one without hosts).
     #[serde(default)]
-    pub delegate: Option<Box<serde_yaml::Value>>,
+    pub delegate: Option<Delegate>,
+    /// Set on a rule merged in from a delegate: the delegate's `ns/name` (not YAML).
+    #[serde(skip)]
+    pub delegated_from: Option<String>,
     /// Rewrite the path or authority before forwarding.
     #[serde(default)]
     pub rewrite: Option<Box<HttpRewrite>>,
