@@ -106,6 +106,14 @@ impl<'o> Emit<'o> {
     }
 }
 
+/// No `*`, or only a leading `*.` (`*.example.com`; `foo.*.com` and `*foo.com` are invalid).
+fn wildcard_ok(h: &str) -> bool {
+    match h.strip_prefix("*.") {
+        Some(rest) => !rest.contains('*'),
+        None => !h.contains('*'),
+    }
+}
+
 fn check_duration(e: &Emit<'_>, field: String, d: Option<config::Duration>) {
     if let Some(d) = d
         && d.get() < Duration::from_millis(1)

@@ -164,6 +164,8 @@ impl<'a> Compiler<'a> {
                             workload: e.workload.clone(),
                         })
                         .collect();
+                    let resolve_requested_host =
+                        endpoints_of_wildcard(svc).map(|e| e.port_for(port));
                     let passthrough = svc.resolution == Resolution::None
                         || policy.lb.algorithm == policy::LbAlgorithm::Passthrough;
                     let id = self.snap.clusters.len();
@@ -177,6 +179,7 @@ impl<'a> Compiler<'a> {
                         endpoints,
                         passthrough,
                         dns: matches!(svc.resolution, Resolution::Dns | Resolution::DnsRoundRobin),
+                        resolve_requested_host,
                     });
                 }
             }
@@ -258,6 +261,20 @@ impl<'a> Compiler<'a> {
                 .on(vs.object_ref("VirtualService"), vs.source.clone())
                 .at(field),
         );
+    }
+}
+
+/// The one endpoint of a wildcard host resolved by name (DNS without endpoints): the name
+/// is the pattern itself, so each request's host is resolved instead.
+fn endpoints_of_wildcard(svc: &Service) -> Option<&registry::Endpoint> {
+    match svc.endpoints.as_slice() {
+        [e] if svc.host.starts_with("*.")
+            && matches!(svc.resolution, Resolution::Dns | Resolution::DnsRoundRobin)
+            && e.address == EndpointAddress::Dns(svc.host.clone()) =>
+        {
+            Some(e)
+        }
+        _ => None,
     }
 }
 

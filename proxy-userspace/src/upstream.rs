@@ -96,6 +96,11 @@ impl EndpointState {
         EndpointState::new(Target::Addr(addr), 1, Default::default())
     }
 
+    /// A one-off endpoint reached by name (a wildcard DNS entry resolves the requested host).
+    pub fn transient_name(host: String, port: u16) -> EndpointState {
+        EndpointState::new(Target::Name(host, port), 1, Default::default())
+    }
+
     /// Is it in the LB set?
     pub fn healthy(&self) -> bool {
         !self.ejected.load(Ordering::Relaxed)

@@ -6,6 +6,7 @@ mod capture;
 mod demo;
 mod kubernetes;
 mod lifecycle;
+mod wildcard;
 
 /// One proxy attaches to the cgroup root at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -16,3 +16,4 @@ mod reload;
 mod simulate;
 mod tls_origination;
 mod traffic;
+mod wildcard;

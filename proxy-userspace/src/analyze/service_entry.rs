@@ -28,11 +28,37 @@ impl Analyzer<'_> {
             );
         }
         if resolution == "DYNAMIC_DNS" {
-            e.warn(
-                codes::UNSUPPORTED_FIELD,
-                "spec.resolution",
-                "DYNAMIC_DNS is not supported by nodeproxy, ignored",
-            );
+            // Istio's rules: the requested host (Host, SNI) is resolved, so every host is a
+            // wildcard, and there are no addresses or endpoints; HTTP, HTTP2, GRPC and TLS.
+            for (i, h) in s.hosts.iter().enumerate() {
+                if !h.starts_with("*.") {
+                    e.error(
+                        codes::SCHEMA,
+                        format!("spec.hosts[{i}]"),
+                        "host must be a wildcard for resolution DYNAMIC_DNS",
+                    );
+                }
+            }
+            if !s.addresses.is_empty() {
+                e.error(
+                    codes::SCHEMA,
+                    "spec.addresses",
+                    "addresses cannot be set for resolution DYNAMIC_DNS",
+                );
+            }
+            if !s.endpoints.is_empty() {
+                e.error(codes::SCHEMA, "spec.endpoints", "endpoints cannot be set for resolution DYNAMIC_DNS: the requested host is resolved");
+            }
+            for (i, p) in s.ports.iter().enumerate() {
+                let proto = p.protocol.as_deref().unwrap_or("").to_ascii_uppercase();
+                if !["HTTP", "HTTP2", "GRPC", "TLS"].contains(&proto.as_str()) {
+                    e.error(
+                        codes::SCHEMA,
+                        format!("spec.ports[{i}].protocol"),
+                        "only HTTP, HTTP2, GRPC and TLS ports for resolution DYNAMIC_DNS",
+                    );
+                }
+            }
         }
         for (i, a) in s.addresses.iter().enumerate() {
             let ip = a.parse::<std::net::IpAddr>().is_ok();

@@ -58,7 +58,7 @@ impl Analyzer<'_> {
                     "host `*` is only allowed for gateway-bound VirtualServices",
                 );
             }
-            if h.contains('*') && !(h == "*" || (h.starts_with("*.") && !h[1..].contains('*'))) {
+            if h != "*" && !wildcard_ok(h) {
                 e.error(
                     codes::SCHEMA,
                     format!("spec.hosts[{i}]"),
@@ -378,11 +378,12 @@ impl Analyzer<'_> {
         what: &str,
     ) {
         let host = expand_host(&d.host, ns, &self.set.cluster_domain);
-        if host.contains('*') {
+        // `*` is no destination; `*.x` is one when a ServiceEntry declares that very host.
+        if host == "*" || !wildcard_ok(&host) {
             e.error(
                 codes::SCHEMA,
                 format!("{field}.host"),
-                format!("destination host `{}` may not be a wildcard", d.host),
+                format!("invalid destination host `{}`", d.host),
             );
             return;
         }

@@ -266,6 +266,8 @@ impl Registry {
                 "STATIC" => Resolution::Static,
                 "DNS" => Resolution::Dns,
                 "DNS_ROUND_ROBIN" => Resolution::DnsRoundRobin,
+                // Per requested host: resolved for each host derived from the wildcard.
+                "DYNAMIC_DNS" => Resolution::Dns,
                 _ => Resolution::None,
             };
             let ports: Vec<ServicePort> = spec
@@ -406,6 +408,7 @@ impl Registry {
                 endpoints,
             });
         }
+        reg.derive_wildcard_hosts(set);
         for pod in &set.pods {
             for ip in pod.spec.ips() {
                 reg.workloads.entry(ip).or_insert_with(|| Workload {
@@ -416,6 +419,77 @@ impl Registry {
             }
         }
         reg
+    }
+
+    /// A host a VirtualService names (as a host, destination or mirror) that is no service
+    /// but falls under a wildcard ServiceEntry host (`reviews.eu.bookinfo.com` under
+    /// `*.eu.bookinfo.com`) becomes a service of its own, as Istio makes it a known
+    /// destination: the wildcard entry's ports, location and endpoints; with DNS resolution
+    /// and no endpoints, the requested host itself is resolved; with NONE, traffic goes to the
+    /// original destination.
+    fn derive_wildcard_hosts(&mut self, set: &ConfigSet) {
+        let wildcards: Vec<ServiceId> = (0..self.services.len())
+            .filter(|i| self.services[*i].host.starts_with("*."))
+            .collect();
+        if wildcards.is_empty() {
+            return;
+        }
+        let domain = &set.cluster_domain;
+        let mut named: Vec<String> = Vec::new();
+        for vs in &set.virtual_services {
+            let ns = &vs.namespace;
+            named.extend(vs.spec.hosts.iter().map(|h| expand_host(h, ns, domain)));
+            for r in &vs.spec.http {
+                named.extend(
+                    r.route
+                        .iter()
+                        .map(|d| expand_host(&d.destination.host, ns, domain)),
+                );
+                named.extend(r.mirror.iter().map(|d| expand_host(&d.host, ns, domain)));
+                named.extend(
+                    r.mirrors
+                        .iter()
+                        .map(|m| expand_host(&m.destination.host, ns, domain)),
+                );
+            }
+            for r in &vs.spec.tcp {
+                named.extend(
+                    r.route
+                        .iter()
+                        .map(|d| expand_host(&d.destination.host, ns, domain)),
+                );
+            }
+            for r in &vs.spec.tls {
+                named.extend(
+                    r.route
+                        .iter()
+                        .map(|d| expand_host(&d.destination.host, ns, domain)),
+                );
+            }
+        }
+        for host in named {
+            if host.contains('*') || self.by_host.contains_key(&host) {
+                continue;
+            }
+            let Some(w) = wildcards
+                .iter()
+                .filter(|i| host_matches(&self.services[**i].host, &host))
+                .max_by_key(|i| self.services[**i].host.len())
+            else {
+                continue;
+            };
+            let mut svc = self.services[*w].clone();
+            let pattern = std::mem::replace(&mut svc.host, host.clone());
+            for e in &mut svc.endpoints {
+                if e.address == EndpointAddress::Dns(pattern.clone()) {
+                    e.address = EndpointAddress::Dns(host.clone());
+                }
+            }
+            // The wildcard entry keeps its addresses; the host is reached by name or port.
+            svc.addresses.clear();
+            svc.cidrs.clear();
+            self.insert(svc);
+        }
     }
 
     fn insert(&mut self, svc: Service) {

@@ -89,6 +89,10 @@ pub struct Cluster {
     pub passthrough: bool,
     /// Endpoint names must be resolved (DNS resolution).
     pub dns: bool,
+    /// A wildcard host with DNS resolution and no endpoints: each request's own host is
+    /// resolved, at this port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolve_requested_host: Option<u16>,
 }
 
 /// A virtual host: the rules for a set of Host names.

@@ -184,6 +184,8 @@ pub enum Passthrough {
     To(SocketAddr),
     /// A passthrough cluster reached without capture: there is no original destination.
     Unavailable,
+    /// Resolve the request's own host, at this port (a wildcard DNS ServiceEntry).
+    Resolve(u16),
 }
 
 impl<'a> Decision<'a> {
@@ -441,7 +443,9 @@ impl Plan<'_> {
             _ if pool.use_client_protocol => downstream == Version::HTTP_2,
             _ => pool.h2_upgrade,
         };
-        if !c.passthrough {
+        if let Some(port) = c.resolve_requested_host {
+            self.passthrough = Passthrough::Resolve(port);
+        } else if !c.passthrough {
             self.passthrough = Passthrough::No;
         }
     }

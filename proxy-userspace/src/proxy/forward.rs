@@ -450,6 +450,20 @@ async fn attempt_once(
     let ep = match passthrough {
         // resolution NONE / PASSTHROUGH: the destination the client asked for (captured).
         Passthrough::To(addr) => Arc::new(EndpointState::transient(addr)),
+        // A wildcard DNS entry: the requested host, if it is under the wildcard.
+        Passthrough::Resolve(port) => {
+            let host = crate::compile::strip_port(&req.authority).to_ascii_lowercase();
+            if !crate::compile::registry::host_matches(&state.key.host, &host) {
+                return Err((
+                    AttemptError::Connect(format!(
+                        "host `{host}` is not under `{}`",
+                        state.key.host
+                    )),
+                    None,
+                ));
+            }
+            Arc::new(EndpointState::transient_name(host, port))
+        }
         _ => {
             let set = state.lb_set_for_request();
             let Some(ep) = lb::pick(&state.lb, &policy.lb.algorithm, &set, hash, tried) else {

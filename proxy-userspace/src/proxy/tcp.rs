@@ -58,7 +58,7 @@ pub async fn proxy(shared: Arc<Shared>, conn: Arc<ConnInfo>, down: TcpStream, sn
     };
     let state = view.clusters[cid].clone();
     let policy = state.policy.load_full();
-    let ep = match endpoint(snap, &state, &policy, cid, &conn) {
+    let ep = match endpoint(snap, &state, &policy, cid, &conn, sni.as_deref()) {
         Ok(ep) => ep,
         Err(flags) => {
             refused(sni.as_deref(), Some(name), flags);
@@ -198,7 +198,18 @@ fn endpoint(
     policy: &crate::compile::policy::ClusterPolicy,
     cid: ClusterId,
     conn: &ConnInfo,
+    sni: Option<&str>,
 ) -> Result<Arc<crate::upstream::EndpointState>, Flags> {
+    if let (Some(port), Some(sni)) = (snap.clusters[cid].resolve_requested_host, sni) {
+        // A wildcard DNS entry: the SNI's host, if it is under the wildcard.
+        let host = sni.to_ascii_lowercase();
+        if !crate::compile::registry::host_matches(&state.key.host, &host) {
+            return Err(Flags::UF);
+        }
+        return Ok(Arc::new(crate::upstream::EndpointState::transient_name(
+            host, port,
+        )));
+    }
     if snap.clusters[cid].passthrough {
         if conn.original_dst == conn.local {
             return Err(Flags::UF);
