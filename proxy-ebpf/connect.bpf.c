@@ -46,8 +46,16 @@ static __always_inline int np_connect(struct bpf_sock_addr *ctx, struct np_addr 
 	}
 	svc = bpf_map_lookup_elem(&np_svc, orig);
 	if (!svc) {
-		np_count(NP_R_NO_SERVICE);
-		return SYS_PROCEED;
+		/* A service identified by its port alone (a ServiceEntry without addresses, such
+		 * as an egress host): every connect to that port goes to the proxy, which routes
+		 * by Host or SNI and passes what it does not know to the original destination. */
+		struct np_addr any = { .port = orig->port, .family = orig->family };
+
+		svc = bpf_map_lookup_elem(&np_svc, &any);
+		if (!svc || svc->mode != NP_MODE_PROXY) {
+			np_count(NP_R_NO_SERVICE);
+			return SYS_PROCEED;
+		}
 	}
 	if (svc->mode == NP_MODE_FASTPATH) {
 		const struct np_backend_val *b = np_pick_backend(svc);

@@ -41,6 +41,9 @@ use crate::config::{
 use crate::diagnostic::{Diagnostic, Severity, codes};
 use registry::{expand_host, host_matches, hosts_intersect, kube_aliases};
 
+/// The cluster of requests a port's services do not claim (Envoy's name).
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+
 /// Compile a config set. Analysis must have passed; anything that still cannot be built is
 /// returned as error diagnostics, never a panic.
 pub fn compile(set: &ConfigSet) -> Result<Snapshot, Vec<Diagnostic>> {
@@ -235,6 +238,10 @@ impl<'a> Compiler<'a> {
             .cluster(&key)
             .map(ClusterRef::Cluster)
             .unwrap_or(ClusterRef::Missing(name.clone()));
+        self.default_rule_to(cluster, name)
+    }
+
+    fn default_rule_to(&self, cluster: ClusterRef, name: String) -> HttpRule {
         HttpRule {
             name: None,
             origin: "default".into(),
@@ -253,6 +260,47 @@ impl<'a> Compiler<'a> {
             headers: HeaderRules::default(),
             rewrite: None,
         }
+    }
+
+    /// A rule sending a request to its original destination (`PassthroughCluster`), the
+    /// cluster made on first use.
+    fn passthrough_rule(&mut self) -> HttpRule {
+        let key = ClusterKey::new(PASSTHROUGH_CLUSTER.into(), None, 0);
+        let id = match self.snap.cluster(&key) {
+            Some(id) => id,
+            None => {
+                let service = self.snap.registry.services.len();
+                self.snap.registry.services.push(Service {
+                    host: PASSTHROUGH_CLUSTER.into(),
+                    namespace: String::new(),
+                    defined_by: "outboundTrafficPolicy ALLOW_ANY".into(),
+                    origin: registry::ServiceOrigin::ServiceEntry,
+                    addresses: Vec::new(),
+                    cidrs: Vec::new(),
+                    ports: Vec::new(),
+                    resolution: Resolution::None,
+                    external: true,
+                    endpoints: Vec::new(),
+                });
+                let id = self.snap.clusters.len();
+                self.snap.cluster_index.insert(key.clone(), id);
+                self.snap.clusters.push(Cluster {
+                    name: PASSTHROUGH_CLUSTER.into(),
+                    key: key.clone(),
+                    service,
+                    protocol: Protocol::Http,
+                    policy: policy::effective(None, None, 0),
+                    endpoints: Vec::new(),
+                    passthrough: true,
+                    dns: false,
+                    resolve_requested_host: None,
+                });
+                id
+            }
+        };
+        let mut rule = self.default_rule_to(ClusterRef::Cluster(id), PASSTHROUGH_CLUSTER.into());
+        rule.origin = "allow_any".into();
+        rule
     }
 
     fn error(&mut self, vs: &Object<VirtualService>, field: String, msg: String) {

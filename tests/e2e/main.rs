@@ -4,6 +4,7 @@
 
 mod capture;
 mod demo;
+mod egress;
 mod kubernetes;
 mod lifecycle;
 mod wildcard;

@@ -172,3 +172,78 @@ pub async fn tcp_read(addr: &str) -> std::io::Result<String> {
     s.read_to_string(&mut out).await?;
     Ok(out)
 }
+
+/// What a TLS backend saw of each handshake: the SNI, and whether a client certificate came.
+pub type Seen = Arc<std::sync::Mutex<Vec<(Option<String>, bool)>>>;
+
+/// An HTTPS backend on `addr` answering `200 <name>`; with `client_ca`, it requires a client
+/// certificate issued by that CA.
+pub async fn https_backend(
+    addr: &str,
+    leaf: Leaf,
+    client_ca: Option<&TestCa>,
+    name: &'static str,
+) -> Seen {
+    let l = TcpListener::bind(addr).await.unwrap();
+    https_serve(l, leaf, client_ca, name)
+}
+
+/// As [`https_backend`], on a listener already bound (e.g. inside a pod's netns).
+pub fn https_serve(
+    l: TcpListener,
+    leaf: Leaf,
+    client_ca: Option<&TestCa>,
+    name: &'static str,
+) -> Seen {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        Some(ca) => builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(ca.roots()),
+                provider,
+            )
+            .build()
+            .unwrap(),
+        ),
+        None => builder.with_no_client_auth(),
+    };
+    let cfg = builder
+        .with_single_cert(vec![leaf.cert_der], leaf.key_der)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let seen: Seen = Arc::default();
+    let out = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                let Ok(mut t) = acceptor.accept(s).await else {
+                    return;
+                };
+                let (_, c) = t.get_ref();
+                seen.lock().unwrap().push((
+                    c.server_name().map(str::to_string),
+                    c.peer_certificates().is_some(),
+                ));
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match t.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{name}",
+                    name.len()
+                );
+                let _ = t.write_all(resp.as_bytes()).await;
+                let _ = t.shutdown().await;
+            });
+        }
+    });
+    out
+}

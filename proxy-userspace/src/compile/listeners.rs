@@ -50,6 +50,29 @@ impl Compiler<'_> {
                 vhost_of.insert((sid, port.number), idx);
             }
         }
+        // Ports served by a service without addresses: the kernel sends every connect to such
+        // a port here, so a Host no service claims goes to its original destination (Istio's
+        // `allow_any` virtual host, outboundTrafficPolicy ALLOW_ANY), not to that service.
+        let mut allow_any: HashMap<u16, usize> = HashMap::new();
+        for svc in services.iter().filter(|s| s.addresses.is_empty()) {
+            for port in &svc.ports {
+                let Some(table) = tables.get_mut(&port.number) else {
+                    continue;
+                };
+                if allow_any.contains_key(&port.number) {
+                    continue;
+                }
+                let rule = self.passthrough_rule();
+                let idx = table.add_vhost(VirtualHost {
+                    name: format!("allow_any:{}", port.number),
+                    domains: Vec::new(),
+                    rules: vec![rule.clone()],
+                    default_rules: vec![rule],
+                    https_redirect: false,
+                });
+                allow_any.insert(port.number, idx);
+            }
+        }
         let mut table_idx = HashMap::new();
         for (port, table) in tables {
             table_idx.insert(port, self.snap.http_tables.len());
@@ -80,13 +103,17 @@ impl Compiler<'_> {
                     .get(&port.number)
                     .copied()
                     .filter(|_| vhost_of.contains_key(&(sid, port.number)));
+                let fallback_vhost = match svc.addresses.is_empty() {
+                    true => allow_any.get(&port.number).copied(),
+                    false => vhost_of.get(&(sid, port.number)).copied(),
+                };
                 let base = Listener {
                     address: None,
                     port: port.number,
                     protocol: port.protocol,
                     kind: ListenerKind::Mesh { service: sid },
                     http,
-                    fallback_vhost: vhost_of.get(&(sid, port.number)).copied(),
+                    fallback_vhost,
                     tcp,
                     tls,
                     default_cluster,

@@ -8,7 +8,7 @@
 //! services that have it (istio/istio#27619); this check is what prevents that here.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::compile::policy::{LbAlgorithm, UNLIMITED};
 use crate::compile::{
@@ -68,7 +68,21 @@ pub fn kernel_services(snap: &Snapshot) -> BTreeMap<SocketAddr, KernelService> {
 fn scope_services(snap: &Snapshot) -> BTreeMap<SocketAddr, KernelService> {
     let mut out = BTreeMap::new();
     for l in &snap.listeners {
-        let (ListenerKind::Mesh { .. }, Some(ip)) = (&l.kind, l.address) else {
+        let ListenerKind::Mesh { .. } = &l.kind else {
+            continue;
+        };
+        let Some(ip) = l.address else {
+            // A service without addresses: every connect to its port, either family, goes to
+            // the proxy (the kernel matches these entries only in proxy mode).
+            for any in [
+                IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED),
+                IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+            ] {
+                out.insert(
+                    SocketAddr::new(any, l.port),
+                    KernelService::proxy("service without addresses: every connect to its port"),
+                );
+            }
             continue;
         };
         let svc = match l.protocol {
