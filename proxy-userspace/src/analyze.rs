@@ -20,6 +20,7 @@ mod destination_rule;
 mod gateway;
 mod service_entry;
 mod virtual_service;
+mod workload_entry;
 
 const MAX_RING_SIZE: u64 = 8 * 1024 * 1024;
 
@@ -46,8 +47,15 @@ pub fn analyze(set: &ConfigSet) -> Vec<Diagnostic> {
     for gw in &set.gateways {
         a.gateway(gw);
     }
+    a.gateway_conflicts();
     for se in &set.service_entries {
         a.service_entry(se);
+    }
+    for ks in &set.kube_services {
+        a.kube_service(ks);
+    }
+    for we in &set.workload_entries {
+        a.workload_entry(we);
     }
     a.out
 }

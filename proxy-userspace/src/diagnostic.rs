@@ -189,6 +189,41 @@ pub mod codes {
         id: "IST0174",
         name: "UnknownDestinationRuleHost",
     };
+    /// A deprecated field.
+    pub const DEPRECATED: Code = Code {
+        id: "IST0002",
+        name: "Deprecated",
+    };
+    /// A Service port whose name and appProtocol declare no protocol.
+    pub const PORT_NAME_CONVENTION: Code = Code {
+        id: "IST0118",
+        name: "PortNameIsNotUnderNamingConvention",
+    };
+    /// DestinationRule TLS (SIMPLE/MUTUAL) without caCertificates.
+    pub const NO_SERVER_CERT_VERIFICATION_DR: Code = Code {
+        id: "IST0128",
+        name: "NoServerCertificateVerificationDestinationLevel",
+    };
+    /// Port-level DestinationRule TLS (SIMPLE/MUTUAL) without caCertificates.
+    pub const NO_SERVER_CERT_VERIFICATION_PORT: Code = Code {
+        id: "IST0129",
+        name: "NoServerCertificateVerificationPortLevel",
+    };
+    /// Two gateways present the same certificate.
+    pub const GATEWAY_DUPLICATE_CERTIFICATE: Code = Code {
+        id: "IST0138",
+        name: "GatewayDuplicateCertificate",
+    };
+    /// Two gateways of one selector claim a host on one port.
+    pub const CONFLICTING_GATEWAYS: Code = Code {
+        id: "IST0145",
+        name: "ConflictingGateways",
+    };
+    /// An ExternalName Service port named so that its traffic is treated as plain TCP.
+    pub const EXTERNAL_NAME_PORT_NAME: Code = Code {
+        id: "IST0150",
+        name: "ExternalNameServiceTypeInvalidPortName",
+    };
     /// One ServiceEntry host and port declared with two protocols.
     pub const CONFLICTING_PROTOCOL: Code = Code {
         id: "IST0177",

@@ -6,6 +6,7 @@ use super::*;
 impl Analyzer<'_> {
     pub(super) fn destination_rule(&mut self, dr: &Object<config::DestinationRule>) {
         let e = Emit::new(dr.object_ref("DestinationRule"), &dr.source);
+        self.server_verification(&e, dr);
         check_export_to(
             &e,
             &dr.namespace,
@@ -266,6 +267,41 @@ impl Analyzer<'_> {
                 check_duration(e, format!("{of}.interval"), od.interval);
                 check_duration(e, format!("{of}.baseEjectionTime"), od.base_ejection_time);
             }
+        }
+    }
+}
+
+impl Analyzer<'_> {
+    /// Istio's IST0128/IST0129: top-level (and its port-level) TLS whose server is not
+    /// verified against a CA of the rule's own; nodeproxy then uses the system bundle.
+    fn server_verification(&self, e: &Emit<'_>, dr: &Object<config::DestinationRule>) {
+        let Some(tp) = &dr.spec.traffic_policy else {
+            return;
+        };
+        let levels = std::iter::once(("spec.trafficPolicy.tls".to_string(), tp.tls.as_ref(), None))
+            .chain(tp.port_level_settings.iter().enumerate().map(|(i, p)| {
+                (
+                    format!("spec.trafficPolicy.portLevelSettings[{i}].tls"),
+                    p.tls.as_ref(),
+                    p.port.as_ref().map(|p| p.number),
+                )
+            }));
+        for (f, t, port) in levels {
+            let Some(t) = t else { continue };
+            if !matches!(t.mode, config::TlsMode::Simple | config::TlsMode::Mutual)
+                || t.ca_certificates.is_some()
+                || (t.credential_name.is_some() && dr.spec.workload_selector.is_some())
+            {
+                continue;
+            }
+            let (code, at) = match port {
+                None => (codes::NO_SERVER_CERT_VERIFICATION_DR, String::new()),
+                Some(p) => (
+                    codes::NO_SERVER_CERT_VERIFICATION_PORT,
+                    format!(" on port {p}"),
+                ),
+            };
+            e.warn(code, f, format!("TLS mode {}{at} for host {} has no caCertificates to validate the server's identity (nodeproxy verifies it against the system bundle)", if t.mode == config::TlsMode::Simple { "SIMPLE" } else { "MUTUAL" }, dr.spec.host));
         }
     }
 }

@@ -114,18 +114,18 @@ impl Analyzer<'_> {
                 e.warn(codes::NODE_LOCAL_ENDPOINT, format!("spec.endpoints[{i}].address"), format!("`{ip}` is {}: with --capture ebpf the proxy runs in the node's network namespace and refuses to dial it for pods (503 UF, counted in nodeproxy_upstream_refused_total) unless --allow-upstream-cidr lets it through", if link_local { "link-local (the node's, e.g. a cloud metadata service)" } else { "the node's loopback on a nodeproxy port (its admin API or capture listener)" }));
             }
         }
-        if resolution == "STATIC" {
-            for (i, ep) in s.endpoints.iter().enumerate() {
-                if ep.address.parse::<std::net::IpAddr>().is_err()
-                    && !ep.address.starts_with("unix://")
-                {
-                    e.error(
-                        codes::SCHEMA,
-                        format!("spec.endpoints[{i}].address"),
-                        format!("`{}` is not an IP (STATIC resolution)", ep.address),
-                    );
-                }
-            }
+        // Endpoints have the WorkloadEntry shape: names only with DNS resolution, ports named
+        // as the entry names its ports.
+        let port_names: HashSet<String> = s.ports.iter().map(|p| p.name.clone()).collect();
+        let names_ok = resolution.starts_with("DNS");
+        for (i, ep) in s.endpoints.iter().enumerate() {
+            super::workload_entry::endpoint_fields(
+                &e,
+                &format!("spec.endpoints[{i}]"),
+                ep,
+                names_ok,
+                Some(&port_names),
+            );
         }
         let mut numbers = HashSet::new();
         let mut pnames = HashSet::new();
@@ -193,4 +193,70 @@ impl Analyzer<'_> {
         }
         self.out.extend(e.finish());
     }
+}
+
+impl Analyzer<'_> {
+    /// Kubernetes Service ports whose protocol Istio cannot tell from the name or
+    /// appProtocol (IST0118, info; IST0150 for ExternalName Services, whose port named `tcp`
+    /// is also reported). Istio's control plane namespace is skipped, as Istio does.
+    pub(super) fn kube_service(&mut self, ks: &Object<config::KubeService>) {
+        if ks.namespace == crate::compile::scopes::ROOT_NAMESPACE {
+            return;
+        }
+        let e = Emit::new(ks.object_ref("Service"), &ks.source);
+        let external_name = ks.spec.service_type.as_deref() == Some("ExternalName");
+        for (i, p) in ks.spec.ports.iter().enumerate() {
+            let name = p.name.as_deref().unwrap_or("");
+            let known = kube_port_protocol_known(p);
+            if external_name && (!known || name == "tcp") {
+                e.warn(codes::EXTERNAL_NAME_PORT_NAME, format!("spec.ports[{i}].name"), "port name for ExternalName service is invalid: the proxy may treat its traffic as plain TCP");
+            } else if !known {
+                let tp = p
+                    .target_port
+                    .as_ref()
+                    .map(|v| {
+                        serde_yaml::to_string(v)
+                            .unwrap_or_default()
+                            .trim()
+                            .to_string()
+                    })
+                    .unwrap_or_else(|| p.port.to_string());
+                e.info(codes::PORT_NAME_CONVENTION, format!("spec.ports[{i}].name"), format!("port name {name} (port: {}, targetPort: {tp}) doesn't follow the naming convention of Istio port (`<protocol>[-<suffix>]` or appProtocol): its protocol is unknown", p.port));
+            }
+        }
+        self.out.extend(e.finish());
+    }
+}
+
+/// Istio's protocol for a Service port: UDP; appProtocol, else the port name's prefix before
+/// `-` (`grpc-web` whole); well-known ports (SMTP, DNS, MySQL, MongoDB) are TCP.
+fn kube_port_protocol_known(p: &config::KubeServicePort) -> bool {
+    if p.protocol.as_deref() == Some("UDP") {
+        return true;
+    }
+    let name = p
+        .app_protocol
+        .as_deref()
+        .or(p.name.as_deref())
+        .unwrap_or("");
+    if p.app_protocol.is_some()
+        && matches!(
+            name,
+            "kubernetes.io/h2c" | "kubernetes.io/ws" | "kubernetes.io/wss"
+        )
+    {
+        return true;
+    }
+    let lower = name.to_ascii_lowercase();
+    let prefix = if lower.starts_with("grpc-web") {
+        "grpc-web"
+    } else {
+        lower.split('-').next().unwrap_or("")
+    };
+    [
+        "tcp", "udp", "grpc", "grpc-web", "http", "http2", "https", "tls", "mongo", "redis",
+        "mysql",
+    ]
+    .contains(&prefix)
+        || [25, 53, 3306, 27017].contains(&p.port)
 }

@@ -226,7 +226,16 @@ fn destination_rule_tls_as_istio_validates_it() {
             "{REGISTRY}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: r}}\nspec:\n  host: reviews\n  trafficPolicy:\n    tls: {tls}\n"
         ))
     };
-    assert!(dr("{mode: SIMPLE, sni: reviews.example}").is_empty());
+    // No caCertificates: Istio's IST0128 (top level) and IST0129 (port level) warnings.
+    assert_eq!(
+        codes_of(&dr("{mode: SIMPLE, sni: reviews.example}")),
+        vec![("IST0128", Severity::Warning)]
+    );
+    assert!(dr("{mode: SIMPLE, caCertificates: /ca.pem}").is_empty());
+    let port = run(&format!(
+        "{REGISTRY}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: r}}\nspec:\n  host: reviews\n  trafficPolicy:\n    portLevelSettings:\n    - port: {{number: 80}}\n      tls: {{mode: SIMPLE}}\n"
+    ));
+    assert_eq!(codes_of(&port), vec![("IST0129", Severity::Warning)]);
     let mutual = dr("{mode: MUTUAL, caCertificates: /ca.pem}");
     assert_eq!(codes_of(&mutual), vec![("IST0106", Severity::Error)]);
     assert!(
@@ -234,7 +243,10 @@ fn destination_rule_tls_as_istio_validates_it() {
         "{mutual:?}"
     );
     let both = dr("{mode: SIMPLE, insecureSkipVerify: true, subjectAltNames: [a]}");
-    assert_eq!(codes_of(&both), vec![("IST0106", Severity::Error)]);
+    assert!(
+        codes_of(&both).contains(&("IST0106", Severity::Error)),
+        "{both:?}"
+    );
     let istio = dr("{mode: ISTIO_MUTUAL}");
     assert_eq!(codes_of(&istio).len(), 1);
     assert_eq!(istio[0].severity, Severity::Warning);
@@ -314,4 +326,184 @@ spec:
     assert!(!run_dr("[.]"));
     assert!(run_dr("[other]"));
     assert!(run_dr("[., other]"));
+}
+
+/// The codes (with severity) of a YAML's analysis; load diagnostics allowed.
+fn verdict(yaml: &str) -> Vec<(&'static str, Severity)> {
+    let mut set = ConfigSet::default();
+    let mut diags = Vec::new();
+    set.load_str(Path::new("t.yaml"), yaml, &mut diags);
+    let mut out = codes_of(&diags);
+    out.extend(codes_of(&analyze(&set)));
+    out
+}
+
+const GW_HTTPS: &str = "apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: NAME}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 443, name: https, protocol: HTTPS}
+    hosts: [HOSTS]
+    tls: TLS
+";
+
+fn gw(name: &str, hosts: &str, tls: &str) -> String {
+    GW_HTTPS
+        .replace("NAME", name)
+        .replace("HOSTS", hosts)
+        .replace("TLS", tls)
+}
+
+#[test]
+fn gateways_of_one_selector_conflict_on_a_host_and_share_certificates() {
+    let a = gw(
+        "a",
+        "a.example.com",
+        "{mode: SIMPLE, credentialName: a-cert}",
+    );
+    let b = gw(
+        "b",
+        "a.example.com",
+        "{mode: SIMPLE, credentialName: b-cert}",
+    );
+    let d = verdict(&format!("{a}---\n{b}"));
+    assert_eq!(
+        d.iter().filter(|c| c.0 == "IST0145").count(),
+        2,
+        "both gateways reported: {d:?}"
+    );
+    assert!(d.iter().all(|c| c.0 != "IST0138"), "{d:?}");
+    let c = gw(
+        "c",
+        "c.example.com",
+        "{mode: SIMPLE, credentialName: a-cert}",
+    );
+    let d = verdict(&format!("{a}---\n{c}"));
+    assert!(d.iter().all(|c| c.0 != "IST0145"), "other hosts: {d:?}");
+    assert!(
+        d.contains(&("IST0138", Severity::Warning)),
+        "one certificate in two gateways: {d:?}"
+    );
+    // Another selector: another workload, no conflict.
+    let other = b.replace("istio: ingressgateway", "istio: other");
+    assert!(
+        verdict(&format!("{a}---\n{other}"))
+            .iter()
+            .all(|c| c.0 != "IST0145")
+    );
+}
+
+#[test]
+fn gateway_certificate_sources_as_istio_validates_them() {
+    let ok = |tls: &str| {
+        let d = verdict(&gw("a", "a.example.com", tls));
+        assert!(d.iter().all(|c| c.1 != Severity::Error), "{tls}: {d:?}");
+        d
+    };
+    let bad = |tls: &str| {
+        let d = verdict(&gw("a", "a.example.com", tls));
+        assert!(d.contains(&("IST0106", Severity::Error)), "{tls}: {d:?}");
+    };
+    ok("{mode: SIMPLE, credentialNames: [rsa, ecdsa]}");
+    ok("{mode: SIMPLE, tlsCertificates: [{serverCertificate: /c.pem, privateKey: /k.pem}]}");
+    ok("{mode: MUTUAL, credentialName: a}");
+    ok("{mode: MUTUAL, serverCertificate: /c.pem, privateKey: /k.pem, caCertificates: /ca.pem}");
+    bad("{mode: SIMPLE}");
+    bad("{mode: SIMPLE, credentialName: a, serverCertificate: /c.pem, privateKey: /k.pem}");
+    bad("{mode: MUTUAL, serverCertificate: /c.pem, privateKey: /k.pem}");
+    bad("{mode: SIMPLE, tlsCertificates: [{serverCertificate: /c.pem}]}");
+    bad("{mode: ISTIO_MUTUAL, credentialName: a}");
+    let d = ok("{mode: PASSTHROUGH, credentialName: a}");
+    assert!(d.contains(&("IST0133", Severity::Warning)), "{d:?}");
+}
+
+#[test]
+fn service_port_names_as_istio_reads_them() {
+    let svc = |ty: &str, port: &str| {
+        verdict(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: s, namespace: shop}}\nspec:\n  type: {ty}\n  selector: {{app: s}}\n  ports: [{port}]\n"
+        ))
+    };
+    assert!(svc("ClusterIP", "{name: http-web, port: 80}").is_empty());
+    assert!(svc("ClusterIP", "{name: web, port: 80, appProtocol: http}").is_empty());
+    assert!(
+        svc("ClusterIP", "{name: db, port: 3306}").is_empty(),
+        "well-known port"
+    );
+    assert!(svc("ClusterIP", "{name: dns, port: 5353, protocol: UDP}").is_empty());
+    assert_eq!(
+        svc("ClusterIP", "{name: web, port: 80}"),
+        vec![("IST0118", Severity::Info)]
+    );
+    assert_eq!(
+        svc("ExternalName", "{name: tcp, port: 80}"),
+        vec![("IST0150", Severity::Warning)]
+    );
+}
+
+#[test]
+fn deprecated_fields_are_reported() {
+    let d = verdict(&format!(
+        "{REGISTRY}apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: r}}
+spec:
+  hosts: [reviews]
+  http:
+  - fault: {{delay: {{fixedDelay: 1s, percent: 10}}}}
+    mirror: {{host: reviews}}
+    mirrorPercent: 5
+    route: [{{destination: {{host: reviews}}}}]
+"
+    ));
+    assert!(d.contains(&("IST0002", Severity::Warning)), "{d:?}");
+    assert!(d.contains(&("IST0133", Severity::Warning)), "{d:?}");
+    assert!(d.iter().all(|c| c.1 != Severity::Error), "{d:?}");
+}
+
+#[test]
+fn workload_entries_are_validated_as_istio_does() {
+    let we = |spec: &str| {
+        verdict(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: w}}\nspec: {spec}\n"
+        ))
+    };
+    let errs = |spec: &str| we(spec).iter().filter(|c| c.1 == Severity::Error).count();
+    assert_eq!(
+        errs("{address: 10.0.0.1, labels: {app: a}, ports: {http: 8080}}"),
+        0
+    );
+    assert_eq!(
+        errs("{address: vm1.example.com}"),
+        0,
+        "a DNS name is allowed"
+    );
+    assert_eq!(errs("{address: 'unix:///var/run/a.sock'}"), 0);
+    assert_eq!(errs("{labels: {app: a}}"), 1, "address required");
+    assert_eq!(
+        we("{network: n1}"),
+        vec![("IST0133", Severity::Warning)],
+        "no address on another network: a warning"
+    );
+    assert_eq!(errs("{address: 'unix://rel.sock'}"), 1);
+    assert_eq!(errs("{address: 'unix:///a.sock', ports: {http: 80}}"), 1);
+    assert_eq!(errs("{address: bad_name!}"), 1);
+    assert_eq!(errs("{address: 10.0.0.1, ports: {Http: 80}}"), 1);
+    assert_eq!(errs("{address: 10.0.0.1, ports: {http: 70000}}"), 1);
+    assert_eq!(errs("{address: 10.0.0.1, labels: {'-bad': x}}"), 1);
+    // ServiceEntry endpoints: ports named as the entry's ports; names only with DNS.
+    let se = |res: &str, ep: &str| {
+        verdict(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: s}}\nspec:\n  hosts: [s.example.com]\n  addresses: [10.9.9.9]\n  resolution: {res}\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  endpoints: [{ep}]\n"
+        ))
+        .iter()
+        .filter(|c| c.1 == Severity::Error)
+        .count()
+    };
+    assert_eq!(se("STATIC", "{address: 10.0.0.1, ports: {http: 8080}}"), 0);
+    assert_eq!(se("STATIC", "{address: 10.0.0.1, ports: {grpc: 8080}}"), 1);
+    assert_eq!(se("STATIC", "{address: a.example.com}"), 1);
+    assert_eq!(se("DNS", "{address: a.example.com}"), 0);
 }

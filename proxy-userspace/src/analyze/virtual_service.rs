@@ -427,6 +427,13 @@ impl Analyzer<'_> {
                 "mirrorPercent is above 100",
             );
         }
+        if r.mirror_percent.is_some() {
+            e.warn(
+                codes::SCHEMA_WARNING,
+                format!("{base}.mirrorPercent"),
+                "using deprecated setting mirrorPercent, use mirrorPercentage instead",
+            );
+        }
         if let Err(msg) = header_rules(r.headers.as_deref()) {
             e.error(codes::SCHEMA, format!("{base}.headers"), msg);
         }
@@ -491,6 +498,13 @@ impl Analyzer<'_> {
                 }
                 check_duration(e, format!("{f}.delay.fixedDelay"), d.fixed_delay);
                 check_percent(e, format!("{f}.delay.percentage"), d.percentage);
+                if d.percent.is_some_and(|p| p > 0) {
+                    e.warn(
+                        codes::DEPRECATED,
+                        format!("{f}.delay.percent"),
+                        "HTTPRoute.fault.delay.percent is deprecated; use HTTPRoute.fault.delay.percentage",
+                    );
+                }
                 if d.percentage.is_none() && d.percent.is_none() {
                     e.info(
                         codes::FAULT_NEVER_FIRES,

@@ -160,10 +160,30 @@ impl Compiler<'_> {
                     tls_mode: tls
                         .filter(|t| !t.https_redirect || t.mode.is_some())
                         .map(|t| t.mode.clone().unwrap_or_else(|| "PASSTHROUGH".into())),
-                    credential_name: tls.and_then(|t| t.credential_name.clone()),
-                    ca_certificates: tls.and_then(|t| t.ca_certificates.clone()),
-                    cert_files: tls
-                        .and_then(|t| t.server_certificate.clone().zip(t.private_key.clone())),
+                    // One certificate is served: the first of `credentialNames` or
+                    // `tlsCertificates` when those are used (analysis says so).
+                    credential_name: tls.and_then(|t| {
+                        t.credential_name
+                            .clone()
+                            .or_else(|| t.credential_names.first().cloned())
+                    }),
+                    ca_certificates: tls.and_then(|t| {
+                        t.ca_certificates.clone().or_else(|| {
+                            t.tls_certificates
+                                .first()
+                                .and_then(|c| c.ca_certificates.clone())
+                        })
+                    }),
+                    cert_files: tls.and_then(|t| {
+                        t.server_certificate
+                            .clone()
+                            .zip(t.private_key.clone())
+                            .or_else(|| {
+                                t.tls_certificates
+                                    .first()
+                                    .map(|c| (c.server_certificate.clone(), c.private_key.clone()))
+                            })
+                    }),
                     https_redirect: tls.is_some_and(|t| t.https_redirect),
                 };
                 by_port

@@ -56,6 +56,22 @@ pub struct GatewayPort {
     pub target_port: Option<u32>,
 }
 
+/// `ServerTLSSettings.TLSCertificate`: one of a server's certificates (Istio allows an RSA
+/// and an ECDSA one).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsCertificate {
+    /// Certificate chain file.
+    #[serde(default)]
+    pub server_certificate: String,
+    /// Private key file.
+    #[serde(default)]
+    pub private_key: String,
+    /// Client CA bundle (MUTUAL).
+    #[serde(default)]
+    pub ca_certificates: Option<String>,
+}
+
 /// `ServerTLSSettings`.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -71,7 +87,7 @@ pub struct ServerTlsSettings {
     pub credential_name: Option<String>,
     /// Several secrets. [later]
     #[serde(default)]
-    pub credential_names: Option<serde_yaml::Value>,
+    pub credential_names: Vec<String>,
     /// Certificate file path.
     #[serde(default)]
     pub server_certificate: Option<String>,
@@ -83,7 +99,7 @@ pub struct ServerTlsSettings {
     pub ca_certificates: Option<String>,
     /// Certificate list. [later]
     #[serde(default)]
-    pub tls_certificates: Option<serde_yaml::Value>,
+    pub tls_certificates: Vec<TlsCertificate>,
     /// CRL. [later]
     #[serde(default)]
     pub ca_crl: Option<serde_yaml::Value>,

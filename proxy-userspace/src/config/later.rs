@@ -45,8 +45,6 @@ pub(super) fn later_fields(kind: Kind) -> Vec<String> {
                 "bind",
                 "name",
                 "defaultEndpoint",
-                "tls.credentialNames",
-                "tls.tlsCertificates",
                 "tls.caCrl",
                 "tls.caCertCredentialName",
                 "tls.subjectAltNames",
