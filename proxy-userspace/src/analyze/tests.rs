@@ -507,3 +507,116 @@ fn workload_entries_are_validated_as_istio_does() {
     assert_eq!(se("STATIC", "{address: a.example.com}"), 1);
     assert_eq!(se("DNS", "{address: a.example.com}"), 0);
 }
+
+/// Istio's unreachable-rule and ineffective-match findings (IST0130 warning, IST0131 info),
+/// for http, tcp and tls rules.
+#[test]
+fn unreachable_rules_and_ineffective_matches_as_istio_finds_them() {
+    let vs = |rules: &str| {
+        let d = verdict(&format!(
+            "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: s}}
+spec:
+  hosts: [s.example.com]
+  addresses: [10.8.0.1]
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}, {{number: 5432, name: tcp, protocol: TCP}}, {{number: 443, name: tls, protocol: TLS}}]
+  endpoints: [{{address: 10.8.0.2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: v}}
+spec:
+  hosts: [s.example.com]
+{rules}"
+        ));
+        let mut found: Vec<&str> = d
+            .iter()
+            .filter(|c| c.0 == "IST0130" || c.0 == "IST0131")
+            .map(|c| c.0)
+            .collect();
+        found.sort();
+        found
+    };
+    let to = "route: [{destination: {host: s.example.com, port: {number: 80}}}]";
+    let tcp_to = "route: [{destination: {host: s.example.com, port: {number: 5432}}}]";
+    let tls_to = "route: [{destination: {host: s.example.com, port: {number: 443}}}]";
+    let cases: Vec<(String, Vec<&str>)> = vec![
+        // A rule after one without matches, each of its blocks.
+        (
+            format!(
+                "  http:\n  - {to}\n  - match: [{{uri: {{prefix: /a}}}}, {{uri: {{prefix: /b}}}}]\n    {to}\n"
+            ),
+            vec!["IST0130", "IST0130"],
+        ),
+        // Two rules without matches.
+        (format!("  http:\n  - {to}\n  - {to}\n"), vec!["IST0130"]),
+        // A duplicate block; the whole rule duplicated: also unreachable.
+        (
+            format!(
+                "  http:\n  - match: [{{uri: {{exact: /a}}}}]\n    {to}\n  - match: [{{uri: {{exact: /a}}}}]\n    {to}\n"
+            ),
+            vec!["IST0130", "IST0131"],
+        ),
+        (
+            format!(
+                "  http:\n  - match: [{{uri: {{exact: /a}}}}]\n    {to}\n  - match: [{{uri: {{exact: /a}}}}, {{uri: {{exact: /b}}}}]\n    {to}\n"
+            ),
+            vec!["IST0131"],
+        ),
+        // Named blocks differ from unnamed ones (Istio compares the whole block).
+        (
+            format!(
+                "  http:\n  - match: [{{uri: {{exact: /a}}}}]\n    {to}\n  - match: [{{name: n, uri: {{exact: /a}}}}]\n    {to}\n"
+            ),
+            vec![],
+        ),
+        // A prefix covering a longer one with the same conditions; not with other headers.
+        (
+            format!(
+                "  http:\n  - match: [{{uri: {{prefix: /api}}}}]\n    {to}\n  - match: [{{uri: {{prefix: /api/v2}}}}]\n    {to}\n"
+            ),
+            vec!["IST0131"],
+        ),
+        (
+            format!(
+                "  http:\n  - match: [{{uri: {{prefix: /api}}}}]\n    {to}\n  - match: [{{uri: {{prefix: /api/v2}}, headers: {{x: {{exact: '1'}}}}}}]\n    {to}\n"
+            ),
+            vec![],
+        ),
+        (
+            format!(
+                "  http:\n  - match: [{{uri: {{prefix: /api/v2}}}}]\n    {to}\n  - match: [{{uri: {{prefix: /api}}}}]\n    {to}\n"
+            ),
+            vec![],
+        ),
+        // A catch-all prefix is not a rule without matches: later prefixes are covered.
+        (
+            format!(
+                "  http:\n  - match: [{{uri: {{prefix: /}}}}]\n    {to}\n  - match: [{{uri: {{prefix: /x}}}}]\n    {to}\n"
+            ),
+            vec!["IST0131"],
+        ),
+        // tcp and tls.
+        (
+            format!(
+                "  tcp:\n  - match: [{{port: 5432}}]\n    {tcp_to}\n  - match: [{{port: 5432}}]\n    {tcp_to}\n"
+            ),
+            vec!["IST0130", "IST0131"],
+        ),
+        (
+            format!("  tcp:\n  - {tcp_to}\n  - match: [{{port: 5432}}]\n    {tcp_to}\n"),
+            vec!["IST0130"],
+        ),
+        (
+            format!(
+                "  tls:\n  - match: [{{sniHosts: [s.example.com]}}]\n    {tls_to}\n  - match: [{{sniHosts: [s.example.com]}}]\n    {tls_to}\n"
+            ),
+            vec!["IST0130", "IST0131"],
+        ),
+    ];
+    for (rules, want) in cases {
+        assert_eq!(vs(&rules), want, "{rules}");
+    }
+}

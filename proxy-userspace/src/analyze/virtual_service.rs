@@ -84,17 +84,9 @@ impl Analyzer<'_> {
                 );
             }
         }
-        let mut catch_all_at: Option<usize> = None;
-        let mut seen_blocks: Vec<(usize, config::HttpMatchRequest)> = Vec::new();
+        self.reachability(&e, spec);
         for (i, r) in spec.http.iter().enumerate() {
             let base = format!("spec.http[{i}]");
-            if let Some(c) = catch_all_at {
-                e.warn(
-                    codes::UNREACHABLE_RULE,
-                    base.clone(),
-                    format!("rule is unreachable: rule {c} before it matches every request"),
-                );
-            }
             if r.delegate.is_some() {
                 if delegate {
                     e.error(
@@ -171,32 +163,6 @@ impl Analyzer<'_> {
                         );
                     }
                 }
-                let mut plain = m.clone();
-                plain.name = None;
-                if let Some((pi, _)) = seen_blocks.iter().find(|(_, b)| *b == plain) {
-                    e.info(
-                        codes::INEFFECTIVE_MATCH,
-                        mf.clone(),
-                        format!("match block duplicates one of rule {pi}"),
-                    );
-                }
-                seen_blocks.push((i, plain));
-            }
-            let catch_all = r.matches.is_empty()
-                || r.matches.iter().any(|m| {
-                    let mut only_uri = config::HttpMatchRequest {
-                        uri: m.uri.clone(),
-                        name: m.name.clone(),
-                        ..Default::default()
-                    };
-                    only_uri.ignore_uri_case = m.ignore_uri_case;
-                    *m == only_uri
-                        && m.uri
-                            .as_ref()
-                            .is_some_and(|u| u.prefix.as_deref() == Some("/"))
-                });
-            if catch_all && catch_all_at.is_none() {
-                catch_all_at = Some(i);
             }
             self.route_destinations(&e, ns, &base, r);
             self.http_policies(&e, &base, r);
@@ -247,7 +213,7 @@ impl Analyzer<'_> {
                     if s.parse::<std::net::IpAddr>().is_ok() {
                         // Istio warns and accepts it: clients rarely send an IP as SNI.
                         e.warn(
-                            codes::SCHEMA,
+                            codes::SCHEMA_WARNING,
                             format!("{base}.match[{j}].sniHosts[{k}]"),
                             format!(
                                 "SNI host `{sni}` is an IP address: against the SNI spec, and most clients never send one"
