@@ -18,13 +18,12 @@ fn rule_name(name: Option<&str>, i: usize) -> String {
     }
 }
 
-/// Report unreachable rules and duplicate blocks of one rule list: each rule is its name and
-/// its blocks (compared as a whole).
-fn blocks<M: PartialEq>(
-    e: &Emit<'_>,
-    kind: &str,
-    rules: &[(Option<&str>, Vec<(Option<&str>, &M)>)],
-) {
+/// A rule as the check sees it: its name and its blocks (each with its name).
+type Rule<'a, M> = (Option<&'a str>, Vec<(Option<&'a str>, &'a M)>);
+
+/// Report unreachable rules and duplicate blocks of one rule list (blocks compared as a
+/// whole).
+fn blocks<M: PartialEq>(e: &Emit<'_>, kind: &str, rules: &[Rule<'_, M>]) {
     let mut seen: Vec<(&M, usize)> = Vec::new();
     let mut empty_at: Option<usize> = None;
     for (i, (name, matches)) in rules.iter().enumerate() {
