@@ -10,16 +10,52 @@ impl Analyzer<'_> {
         if s.hosts.is_empty() {
             e.error(codes::SCHEMA, "spec.hosts", "ServiceEntry has no hosts");
         }
+        let resolution = s.resolution.as_deref().unwrap_or("NONE");
         for (i, h) in s.hosts.iter().enumerate() {
+            let name = h.strip_prefix("*.").unwrap_or(h);
             if h == "*" {
                 e.error(
                     codes::SCHEMA,
                     format!("spec.hosts[{i}]"),
                     "host `*` is not allowed",
                 );
+            } else if !super::workload_entry::is_fqdn(name) {
+                e.error(
+                    codes::SCHEMA,
+                    format!("spec.hosts[{i}]"),
+                    format!("invalid host `{h}`: a DNS name, with at most a leading `*.`"),
+                );
+            } else if s.endpoints.is_empty()
+                && matches!(resolution, "DNS" | "DNS_ROUND_ROBIN")
+                && !name.contains('.')
+            {
+                // Istio: without endpoints each host is resolved, so it must be an FQDN.
+                e.error(
+                    codes::SCHEMA,
+                    format!("spec.hosts[{i}]"),
+                    format!("hosts must be FQDN or contain only prefix wildcards if no endpoints are provided for resolution mode {resolution}"),
+                );
             }
         }
-        let resolution = s.resolution.as_deref().unwrap_or("NONE");
+        // Several hosts on a plain TCP port cannot be told apart unless the entry passes
+        // traffic through (NONE).
+        if resolution != "NONE" && s.hosts.len() > 1 {
+            let opaque = s.ports.iter().any(|p| {
+                let proto = crate::compile::Protocol::parse(p.protocol.as_deref().unwrap_or(""));
+                !proto.is_http()
+                    && !matches!(
+                        proto,
+                        crate::compile::Protocol::Https | crate::compile::Protocol::Tls
+                    )
+            });
+            if opaque {
+                e.error(
+                    codes::SCHEMA,
+                    "spec.hosts",
+                    "multiple hosts provided with non-HTTP, non-TLS ports",
+                );
+            }
+        }
         if !["NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN", "DYNAMIC_DNS"].contains(&resolution) {
             e.error(
                 codes::SCHEMA,

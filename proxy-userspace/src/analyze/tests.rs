@@ -620,3 +620,41 @@ spec:
         assert_eq!(vs(&rules), want, "{rules}");
     }
 }
+
+#[test]
+fn host_rules_of_service_entries_and_virtual_services() {
+    let se = |hosts: &str, res: &str, ports: &str| {
+        verdict(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: s}}\nspec:\n  hosts: {hosts}\n  addresses: [10.7.0.1]\n  resolution: {res}\n  ports: {ports}\n"
+        ))
+        .iter()
+        .filter(|c| c.1 == Severity::Error)
+        .count()
+    };
+    let http = "[{number: 80, name: http, protocol: HTTP}]";
+    let tcp = "[{number: 5432, name: tcp, protocol: TCP}]";
+    assert_eq!(se("[api.example.com]", "DNS", http), 0);
+    assert_eq!(se("['*.example.com']", "DNS", http), 0);
+    assert_eq!(
+        se("[api]", "DNS", http),
+        1,
+        "DNS without endpoints needs an FQDN"
+    );
+    assert_eq!(se("[api]", "STATIC", http), 0);
+    assert_eq!(se("['foo.*.com']", "NONE", http), 1);
+    assert_eq!(se("[a.example.com, b.example.com]", "DNS", tcp), 1);
+    assert_eq!(se("[a.example.com, b.example.com]", "NONE", tcp), 0);
+    assert_eq!(se("[a.example.com, b.example.com]", "DNS", http), 0);
+    let vs = |hosts: &str| {
+        verdict(&format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v}}\nspec:\n  hosts: {hosts}\n  gateways: [gw]\n  http: [{{directResponse: {{status: 200}}}}]\n---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: gw}}\nspec:\n  servers: [{{port: {{number: 80, name: http, protocol: HTTP}}, hosts: ['*']}}]\n"
+        ))
+        .iter()
+        .filter(|c| c.1 == Severity::Error)
+        .count()
+    };
+    assert_eq!(vs("[a.foo.com, b.foo.com]"), 0);
+    assert_eq!(vs("[a.foo.com, a.foo.com]"), 1);
+    assert_eq!(vs("['*.foo.com', a.foo.com]"), 1);
+    assert_eq!(vs("['*.com', '*.foo.com']"), 1);
+}

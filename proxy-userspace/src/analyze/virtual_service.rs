@@ -66,6 +66,22 @@ impl Analyzer<'_> {
                 );
             }
         }
+        // Duplicate hosts, literal or by wildcard (`*.foo.com` and `a.foo.com`), as Istio.
+        for (i, a) in spec.hosts.iter().enumerate() {
+            for b in &spec.hosts[i + 1..] {
+                let (x, y) = (a.to_ascii_lowercase(), b.to_ascii_lowercase());
+                if wildcard_ok(&x)
+                    && wildcard_ok(&y)
+                    && (x == y || host_matches(&x, &y) || host_matches(&y, &x))
+                {
+                    e.error(
+                        codes::SCHEMA,
+                        "spec.hosts",
+                        format!("duplicate hosts in virtual service: {a} & {b}"),
+                    );
+                }
+            }
+        }
         for (i, g) in spec.gateways.iter().enumerate() {
             if g == MESH_GATEWAY {
                 continue;
