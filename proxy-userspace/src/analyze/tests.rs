@@ -658,3 +658,26 @@ fn host_rules_of_service_entries_and_virtual_services() {
     assert_eq!(vs("['*.foo.com', a.foo.com]"), 1);
     assert_eq!(vs("['*.com', '*.foo.com']"), 1);
 }
+
+#[test]
+fn cors_policies_are_validated_as_istio_does() {
+    let cors = |policy: &str| {
+        verdict(&format!(
+            "{REGISTRY}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r}}\nspec:\n  hosts: [reviews]\n  http:\n  - corsPolicy: {policy}\n    route: [{{destination: {{host: reviews}}}}]\n"
+        ))
+        .iter()
+        .filter(|c| c.1 == Severity::Error)
+        .count()
+    };
+    assert_eq!(
+        cors(
+            "{allowOrigins: [{exact: 'https://a.example'}], allowMethods: [GET, POST, '*'], allowHeaders: [x-a, '*'], exposeHeaders: [x-b], maxAge: 24h}"
+        ),
+        0
+    );
+    assert_eq!(cors("{allowMethods: [get]}"), 1);
+    assert_eq!(cors("{allowMethods: [FETCH]}"), 1);
+    assert_eq!(cors("{allowHeaders: ['bad header']}"), 1);
+    assert_eq!(cors("{exposeHeaders: ['']}"), 1);
+    assert_eq!(cors("{maxAge: 1.5s}"), 1);
+}

@@ -644,6 +644,48 @@ impl Analyzer<'_> {
                     );
                 }
             }
+            // Istio's rules: methods from a fixed list (or `*`), header names as RFC 7230
+            // tokens (or `*`), maxAge in whole seconds.
+            const METHODS: [&str; 10] = [
+                "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "OPTIONS", "TRACE", "*",
+            ];
+            for (k, m) in c.allow_methods.iter().enumerate() {
+                if !METHODS.contains(&m.as_str()) {
+                    e.error(
+                        codes::SCHEMA,
+                        format!("{base}.corsPolicy.allowMethods[{k}]"),
+                        format!("{m:?} is not a supported HTTP method"),
+                    );
+                }
+            }
+            let token = |h: &str| {
+                !h.is_empty()
+                    && h.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+            };
+            for (field, names) in [
+                ("allowHeaders", &c.allow_headers),
+                ("exposeHeaders", &c.expose_headers),
+            ] {
+                for (k, h) in names.iter().enumerate() {
+                    if h != "*" && !token(h) {
+                        e.error(
+                            codes::SCHEMA,
+                            format!("{base}.corsPolicy.{field}[{k}]"),
+                            format!("header name {h:?} is not a valid header name"),
+                        );
+                    }
+                }
+            }
+            if let Some(age) = c.max_age
+                && age.get().subsec_nanos() > 0
+            {
+                e.error(
+                    codes::SCHEMA,
+                    format!("{base}.corsPolicy.maxAge"),
+                    "max_age duration is accurate only to seconds precision",
+                );
+            }
         }
     }
 }
