@@ -149,11 +149,20 @@ impl<'a> Compiler<'a> {
                         port: port.number,
                         scope: None,
                     };
-                    let policy = policy::effective(
+                    let mut policy = policy::effective(
                         dr.as_ref(),
                         subset.map(|s| s.name.as_str()),
                         port.number,
                     );
+                    // A ServiceEntry's subjectAltNames, when the rule's TLS names none.
+                    if let Some(t) = &policy.tls
+                        && t.settings.subject_alt_names.is_empty()
+                        && !svc.subject_alt_names.is_empty()
+                    {
+                        let mut settings = t.settings.clone();
+                        settings.subject_alt_names = svc.subject_alt_names.clone();
+                        policy.tls = tls::TlsOrigination::of(&settings);
+                    }
                     let endpoints = svc
                         .endpoints
                         .iter()
@@ -281,6 +290,7 @@ impl<'a> Compiler<'a> {
                     resolution: Resolution::None,
                     external: true,
                     endpoints: Vec::new(),
+                    subject_alt_names: Vec::new(),
                 });
                 let id = self.snap.clusters.len();
                 self.snap.cluster_index.insert(key.clone(), id);

@@ -166,3 +166,46 @@ async fn a_rotated_ca_file_is_used_by_the_next_connection() {
     let (status, body) = get(&net).await;
     assert_eq!((status, body.as_str()), (200, "rotated"));
 }
+
+/// A ServiceEntry's `subjectAltNames` are verified when the DestinationRule's TLS names none
+/// (Istio's rule for external services), and the rule's own take precedence.
+#[tokio::test]
+async fn service_entry_subject_alt_names_are_verified() {
+    for (sans, tls, ok) in [
+        (
+            "[billing.example]",
+            "{mode: SIMPLE, caCertificates: DIR/ca.pem}",
+            false,
+        ),
+        (
+            "[api.example]",
+            "{mode: SIMPLE, caCertificates: DIR/ca.pem}",
+            true,
+        ),
+        (
+            "[billing.example]",
+            "{mode: SIMPLE, caCertificates: DIR/ca.pem, subjectAltNames: [api.example]}",
+            true,
+        ),
+    ] {
+        let (net, ca, dir) = pki();
+        let _seen = https_backend(
+            &format!("{net}11:8443"),
+            ca.leaf(&["api.example"]),
+            None,
+            "secret",
+        )
+        .await;
+        let yaml = config(&net, &dir.0, tls).replace(
+            "  endpoints: [",
+            &format!("  subjectAltNames: {sans}\n  endpoints: ["),
+        );
+        let s = Scenario::from_yaml_on(yaml, net.clone());
+        let _p = proxy::start(&s, None).await;
+        let (status, body) = get(&net).await;
+        assert_eq!(status == 200, ok, "{sans} {tls}: {status} {body}");
+        if !ok {
+            assert!(body.contains("TLS_error"), "{body}");
+        }
+    }
+}

@@ -192,6 +192,10 @@ pub struct Service {
     pub external: bool,
     /// Endpoints (all ports).
     pub endpoints: Vec<Endpoint>,
+    /// A ServiceEntry's `subjectAltNames`: verified when TLS is originated to it and the
+    /// DestinationRule names none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
 }
 
 impl Service {
@@ -336,6 +340,7 @@ impl Registry {
                     resolution,
                     external: spec.location.as_deref() != Some("MESH_INTERNAL"),
                     endpoints: eps,
+                    subject_alt_names: spec.subject_alt_names.clone(),
                 });
             }
         }
@@ -406,6 +411,7 @@ impl Registry {
                 resolution: Resolution::Static,
                 external: false,
                 endpoints,
+                subject_alt_names: Vec::new(),
             });
         }
         reg.derive_wildcard_hosts(set);

@@ -57,7 +57,7 @@ pub(super) fn later_fields(kind: Kind) -> Vec<String> {
                 out.push(format!("spec.servers[].{f}"));
             }
         }
-        Kind::ServiceEntry => out.push("spec.subjectAltNames".into()),
+        Kind::ServiceEntry => {}
         Kind::WorkloadEntry | Kind::KubeService | Kind::EndpointSlice | Kind::Pod => {}
     }
     out

@@ -35,9 +35,10 @@ pub struct ServiceEntry {
     /// Namespaces the service is visible to.
     #[serde(default)]
     pub export_to: Vec<String>,
-    /// SANs for TLS origination. [later]
+    /// SANs the server certificate must match when TLS is originated to the entry and the
+    /// DestinationRule names none.
     #[serde(default)]
-    pub subject_alt_names: Option<serde_yaml::Value>,
+    pub subject_alt_names: Vec<String>,
 }
 
 /// ServiceEntry `Port{number, protocol, name, targetPort}`.
