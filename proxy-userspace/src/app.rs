@@ -129,7 +129,8 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
     let mut watch = None;
     if opts.kubernetes.is_none() {
         let mut source = FileSource::new(opts.config.clone(), publisher.clone())
-            .with_cluster_domain(opts.cluster_domain.clone());
+            .with_cluster_domain(opts.cluster_domain.clone())
+            .with_credentials_dir(opts.credentials_dir.clone());
         if let Reload::Rejected(diags) = source.reload(crate::publish::STARTUP) {
             bail!(
                 "configuration rejected, nothing to serve:\n{}",
@@ -210,6 +211,7 @@ pub async fn start(opts: Options) -> anyhow::Result<Running> {
                 publisher.clone(),
                 crate::kubernetes::Options {
                     cluster_domain: opts.cluster_domain.clone(),
+                    credentials_dir: Some(opts.credentials_dir.clone()),
                     ..k.options.clone()
                 },
                 enrollment,

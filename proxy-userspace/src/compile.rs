@@ -154,14 +154,17 @@ impl<'a> Compiler<'a> {
                         subset.map(|s| s.name.as_str()),
                         port.number,
                     );
-                    // A ServiceEntry's subjectAltNames, when the rule's TLS names none.
-                    if let Some(t) = &policy.tls
-                        && t.settings.subject_alt_names.is_empty()
-                        && !svc.subject_alt_names.is_empty()
-                    {
+                    // A ServiceEntry's subjectAltNames, when the rule's TLS names none; a
+                    // credentialName's files.
+                    if let Some(t) = &policy.tls {
                         let mut settings = t.settings.clone();
-                        settings.subject_alt_names = svc.subject_alt_names.clone();
-                        policy.tls = tls::TlsOrigination::of(&settings);
+                        if settings.subject_alt_names.is_empty() {
+                            settings.subject_alt_names = svc.subject_alt_names.clone();
+                        }
+                        tls::with_credential(&mut settings, self.set.credentials_dir.as_deref());
+                        if settings != t.settings {
+                            policy.tls = tls::TlsOrigination::of(&settings);
+                        }
                     }
                     let endpoints = svc
                         .endpoints

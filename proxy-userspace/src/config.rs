@@ -124,6 +124,10 @@ pub struct ConfigSet {
     /// The cluster domain short host names expand into (`--cluster-domain`).
     #[serde(skip)]
     pub cluster_domain: ClusterDomain,
+    /// Where `credentialName` certificates are read (`--credentials-dir`); None for
+    /// `validate` and `simulate`, which read no certificates.
+    #[serde(skip)]
+    pub credentials_dir: Option<std::path::PathBuf>,
 }
 
 /// A Kubernetes namespace or other DNS-1123 label: 1-63 of `a-z0-9-`, alphanumeric at both
@@ -731,14 +735,14 @@ mod tests {
     #[test]
     fn later_fields_are_warned_not_rejected() {
         let (set, diags) = load(
-            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a\n  trafficPolicy:\n    tls: {mode: SIMPLE, credentialName: c}\n  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy:\n      loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 10s}\n",
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: d}\nspec:\n  host: a\n  trafficPolicy:\n    tls: {mode: SIMPLE, caCrl: /crl.pem}\n  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy:\n      loadBalancer: {simple: ROUND_ROBIN, warmupDurationSecs: 10s}\n",
         );
         assert_eq!(set.destination_rules.len(), 1);
         let fields: Vec<_> = diags.iter().filter_map(|d| d.field.clone()).collect();
         assert_eq!(
             fields,
             vec![
-                "spec.trafficPolicy.tls.credentialName",
+                "spec.trafficPolicy.tls.caCrl",
                 "spec.subsets[0].trafficPolicy.loadBalancer.warmupDurationSecs"
             ]
         );

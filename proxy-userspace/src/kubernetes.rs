@@ -89,6 +89,8 @@ pub struct Options {
     pub enroll_retry: Duration,
     /// The cluster domain of service hosts.
     pub cluster_domain: crate::config::ClusterDomain,
+    /// Where `credentialName` certificates are read.
+    pub credentials_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -99,6 +101,7 @@ impl Default for Options {
             max_delay: Duration::from_secs(1),
             enroll_retry: Duration::from_secs(2),
             cluster_domain: Default::default(),
+            credentials_dir: None,
         }
     }
 }
@@ -581,6 +584,7 @@ async fn run_store(
 ) {
     let mut store = Store::default();
     store.set.cluster_domain = opts.cluster_domain.clone();
+    store.set.credentials_dir = opts.credentials_dir.clone();
     let mut retry = tokio::time::interval(opts.enroll_retry);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -40,6 +40,7 @@ async fn watch_updates_resumes_relists_and_survives_an_outage() {
         max_delay: Duration::from_millis(500),
         enroll_retry: Duration::from_millis(200),
         cluster_domain: Default::default(),
+        credentials_dir: None,
     };
     let _source = KubeSource::start(
         client,

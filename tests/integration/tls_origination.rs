@@ -209,3 +209,39 @@ async fn service_entry_subject_alt_names_are_verified() {
         }
     }
 }
+
+/// `credentialName` on a DestinationRule: the client certificate and key come from
+/// `<credentials-dir>/<name>.crt|.key`, the CA from `<name>-cacert.crt` (the files a Gateway's
+/// credential uses).
+#[tokio::test]
+async fn mutual_with_a_credential_name_reads_the_credentials_directory() {
+    let (net, ca, dir) = pki();
+    let creds = nodeproxy_tests::proxy::TempDir::new();
+    ca.write_credential(&creds.0, "billing-client", &["client.example"]);
+    std::fs::write(creds.0.join("billing-client-cacert.crt"), ca.cert_pem()).unwrap();
+    let seen = https_backend(
+        &format!("{net}11:8443"),
+        ca.leaf(&["api.example"]),
+        Some(&ca),
+        "mtls",
+    )
+    .await;
+    let s = Scenario::from_yaml_on(
+        config(
+            &net,
+            &dir.0,
+            "{mode: MUTUAL, credentialName: billing-client}",
+        ),
+        net.clone(),
+    );
+    let out = nodeproxy_tests::nodeproxy(&["validate", s.path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let _p = proxy::start_with(&s, None, creds.0.clone()).await;
+    let (status, body) = get(&net).await;
+    assert_eq!((status, body.as_str()), (200, "mtls"));
+    assert_eq!(seen.lock().unwrap().first().map(|s| s.1), Some(true));
+}

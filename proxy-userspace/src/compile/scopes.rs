@@ -135,6 +135,7 @@ impl Scope {
             endpoint_slices: set.endpoint_slices.clone(),
             pods: set.pods.clone(),
             cluster_domain: set.cluster_domain.clone(),
+            credentials_dir: set.credentials_dir.clone(),
         }
     }
 }

@@ -78,6 +78,23 @@ impl TlsOrigination {
     }
 }
 
+/// `credentialName: X`: (MUTUAL) the client certificate `<credentials-dir>/X.crt` and key
+/// `X.key`, and `X-cacert.crt` as the CA when it exists and `caCertificates` is unset (the files a Gateway's
+/// credential uses). Without a credentials directory (`validate`), nothing changes.
+pub fn with_credential(tls: &mut ClientTls, dir: Option<&std::path::Path>) {
+    let (Some(name), Some(dir)) = (tls.credential_name.clone(), dir) else {
+        return;
+    };
+    let file = |suffix: &str| dir.join(format!("{name}{suffix}")).display().to_string();
+    if tls.mode == TlsMode::Mutual {
+        tls.client_certificate = Some(file(".crt"));
+        tls.private_key = Some(file(".key"));
+    }
+    if tls.ca_certificates.is_none() && dir.join(format!("{name}-cacert.crt")).exists() {
+        tls.ca_certificates = Some(file("-cacert.crt"));
+    }
+}
+
 /// The files a setting is made from.
 fn files(tls: &ClientTls) -> Vec<&str> {
     let ca = match (tls.insecure_skip_verify, &tls.ca_certificates) {

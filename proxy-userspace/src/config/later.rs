@@ -13,7 +13,6 @@ pub(super) fn later_fields(kind: Kind) -> Vec<String> {
         "connectionPool.http.http2KeepAlive",
         "outlierDetection.outlierDetectionHttpErrorCodes",
         "loadBalancer.consistentHash.httpCookie.attributes",
-        "tls.credentialName",
         "tls.caCrl",
     ];
     let policy_only = ["tunnel", "proxyProtocol", "retryBudget"];

@@ -73,6 +73,7 @@ pub struct FileSource {
     /// Per file, what the snapshot in force was built from.
     accepted: Option<BTreeMap<PathBuf, FileRead>>,
     cluster_domain: crate::config::ClusterDomain,
+    credentials_dir: Option<PathBuf>,
 }
 
 impl FileSource {
@@ -84,7 +85,14 @@ impl FileSource {
             debounce: DEFAULT_DEBOUNCE,
             accepted: None,
             cluster_domain: Default::default(),
+            credentials_dir: None,
         }
+    }
+
+    /// Read `credentialName` certificates (DestinationRule TLS) from `dir`.
+    pub fn with_credentials_dir(mut self, dir: PathBuf) -> Self {
+        self.credentials_dir = Some(dir);
+        self
     }
 
     /// Expand short host names into `domain` instead of `cluster.local`.
@@ -143,6 +151,7 @@ impl FileSource {
         }
         let (mut set, load_diags) = ConfigSet::load_texts(&texts);
         set.cluster_domain = self.cluster_domain.clone();
+        set.credentials_dir = self.credentials_dir.clone();
         diags.extend(load_diags);
         let built = build_set(&set, diags);
         let all = built.diagnostics.clone();
