@@ -18,6 +18,7 @@ use crate::diagnostic::{Code, Diagnostic, Severity, codes};
 /// larger `minimumRingSize` would allocate without limit on the request path.
 mod destination_rule;
 mod gateway;
+mod headers;
 mod reachability;
 mod service_entry;
 mod virtual_service;

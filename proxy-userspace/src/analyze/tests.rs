@@ -681,3 +681,35 @@ fn cors_policies_are_validated_as_istio_does() {
     assert_eq!(cors("{exposeHeaders: ['']}"), 1);
     assert_eq!(cors("{maxAge: 1.5s}"), 1);
 }
+
+#[test]
+fn header_operations_as_istio_validates_them() {
+    let ops = |headers: &str, rewrite: &str| {
+        verdict(&format!(
+            "{REGISTRY}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r}}\nspec:\n  hosts: [reviews]\n  http:\n  - headers: {headers}\n    {rewrite}route: [{{destination: {{host: reviews}}}}]\n"
+        ))
+    };
+    let errors = |h: &str, rw: &str| ops(h, rw).iter().filter(|c| c.1 == Severity::Error).count();
+    assert_eq!(
+        errors("{request: {set: {x-a: '100%%'}, remove: [x-b]}}", ""),
+        0
+    );
+    assert_eq!(errors("{request: {set: {x-a: 'abc%123'}}}", ""), 1);
+    assert_eq!(errors("{request: {set: {':path': /x}}}", ""), 1);
+    assert_eq!(errors("{request: {remove: [host]}}", ""), 1);
+    assert_eq!(errors("{response: {set: {host: a}}}", ""), 1);
+    assert_eq!(errors("{request: {set: {':authority': a.example}}}", ""), 0);
+    assert_eq!(
+        errors(
+            "{request: {set: {host: a.example}}}",
+            "rewrite: {authority: b.example}\n    "
+        ),
+        1,
+        "the authority rewritten twice"
+    );
+    let variable = ops("{request: {set: {x-host: '%HOSTNAME%'}}}", "");
+    assert!(
+        variable.contains(&("NP0003", Severity::Warning)),
+        "{variable:?}"
+    );
+}

@@ -334,6 +334,12 @@ impl Analyzer<'_> {
             if let Err(msg) = header_rules(d.headers.as_deref()) {
                 e.error(codes::SCHEMA, format!("{base}.route[{k}].headers"), msg);
             }
+            super::headers::check_headers(
+                e,
+                &format!("{base}.route[{k}].headers"),
+                d.headers.as_deref(),
+                None,
+            );
         }
         if let Some(m) = &r.mirror {
             self.destination(e, ns, &format!("{base}.mirror"), m, "mirror host");
@@ -419,6 +425,12 @@ impl Analyzer<'_> {
         if let Err(msg) = header_rules(r.headers.as_deref()) {
             e.error(codes::SCHEMA, format!("{base}.headers"), msg);
         }
+        super::headers::check_headers(
+            e,
+            &format!("{base}.headers"),
+            r.headers.as_deref(),
+            r.rewrite.as_ref().and_then(|rw| rw.authority.as_deref()),
+        );
         if let Some(rt) = &r.retries {
             let f = format!("{base}.retries");
             if rt.attempts > i64::from(i32::MAX) {

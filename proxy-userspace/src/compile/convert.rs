@@ -148,7 +148,12 @@ pub fn header_rules(h: Option<&config::Headers>) -> Result<HeaderRules, String> 
             Ok((
                 HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes())
                     .map_err(|_| format!("invalid header name `{k}`"))?,
-                HeaderValue::from_str(v).map_err(|_| format!("invalid value for header `{k}`"))?,
+                // `%%` is Envoy's literal `%` (a value with a variable is sent as written).
+                HeaderValue::from_str(&match envoy_header_value(v) {
+                    Ok(false) => v.replace("%%", "%"),
+                    _ => v.clone(),
+                })
+                .map_err(|_| format!("invalid value for header `{k}`"))?,
             ))
         };
         for (list, dst) in [(&o.set, &mut r.set), (&o.add, &mut r.add)] {
@@ -180,9 +185,69 @@ pub fn header_rules(h: Option<&config::Headers>) -> Result<HeaderRules, String> 
     Ok(HeaderRules::new(out))
 }
 
+/// Is the value valid for Envoy's header formatter, and does it use a variable? `%%` is a
+/// literal `%`; `%NAME%` and `%NAME(args)%` are variables; any other `%` is an error.
+pub fn envoy_header_value(v: &str) -> Result<bool, String> {
+    if v.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(format!("{v:?} has control characters"));
+    }
+    let b = v.as_bytes();
+    let mut i = 0;
+    let mut variables = false;
+    while i < b.len() {
+        if b[i] != b'%' {
+            i += 1;
+            continue;
+        }
+        if b.get(i + 1) == Some(&b'%') {
+            i += 2;
+            continue;
+        }
+        // A variable: a name, optional (args), then the closing %.
+        let start = i + 1;
+        let mut j = start;
+        while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
+            j += 1;
+        }
+        if j == start {
+            return Err("invalid header configuration. Un-escaped %".into());
+        }
+        if b.get(j) == Some(&b'(') {
+            match v[j..].find(")%") {
+                Some(end) => j += end + 1,
+                None => return Err("invalid header configuration. Missing ')'".into()),
+            }
+        }
+        if b.get(j) != Some(&b'%') {
+            return Err("invalid header configuration. Un-terminated variable expression".into());
+        }
+        variables = true;
+        i = j + 1;
+    }
+    Ok(variables)
+}
+
 pub(super) fn decode_base64(s: &str) -> Option<Vec<u8>> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD
         .decode(s.trim())
         .ok()
+}
+
+#[cfg(test)]
+mod header_value_tests {
+    use super::envoy_header_value as header_value;
+
+    #[test]
+    fn values_as_envoy_parses_them() {
+        assert_eq!(header_value("foo"), Ok(false));
+        assert_eq!(header_value("100%%"), Ok(false));
+        assert_eq!(header_value("%HOSTNAME%"), Ok(true));
+        assert_eq!(header_value("prefix %HOSTNAME% suffix"), Ok(true));
+        assert_eq!(header_value("%START_TIME(%s)%"), Ok(true));
+        assert!(header_value("abc%123").is_err());
+        assert!(header_value("%START_TIME%%").is_err());
+        assert!(header_value("50%").is_err());
+        assert!(header_value("a\nb").is_err());
+    }
 }
