@@ -87,6 +87,21 @@ pub fn compile(set: &ConfigSet) -> Result<Snapshot, Vec<Diagnostic>> {
             snapshot: std::sync::Arc::new(snap),
         });
     }
+    // A gateway port whose Gateways share one namespace sees what that namespace sees.
+    for (port, &li) in &base.gateway_index {
+        let ListenerKind::Gateway { servers } = &base.listeners[li].kind else {
+            continue;
+        };
+        let namespaces: std::collections::BTreeSet<&str> = servers
+            .iter()
+            .filter_map(|s| s.gateway.split_once('/').map(|x| x.0))
+            .collect();
+        if let [ns] = namespaces.into_iter().collect::<Vec<_>>()[..]
+            && let Some(&i) = base.scope_index.get(ns)
+        {
+            base.gateway_scope.insert(*port, i);
+        }
+    }
     Ok(base)
 }
 

@@ -221,6 +221,14 @@ impl ConnInfo {
             .get_or_init(|| snap.source_info(self.peer.ip()))
     }
 
+    /// The gateway port the connection arrived on, if a gateway's.
+    pub fn gateway_port(&self) -> Option<u16> {
+        match self.listener {
+            ListenerRef::Gateway(p) => Some(p),
+            ListenerRef::Mesh(_) => None,
+        }
+    }
+
     /// The listener port.
     pub fn port(&self) -> u16 {
         self.original_dst.port()

@@ -308,13 +308,14 @@ pub struct View {
 }
 
 impl View {
-    /// The view a client at `ip` routes by: its namespace's scope, or this one.
+    /// The view a connection routes by: at a gateway port, its Gateways' namespace's scope;
+    /// else the client's (by the workload at `ip`); or this one.
     #[inline]
-    pub fn for_client(&self, ip: std::net::IpAddr) -> &View {
+    pub fn for_client(&self, gateway_port: Option<u16>, ip: std::net::IpAddr) -> &View {
         if self.scoped.is_empty() {
             return self;
         }
-        match self.snapshot.scope_of(ip) {
+        match self.snapshot.scope_of_connection(gateway_port, ip) {
             Some(i) => &self.scoped[i],
             None => self,
         }

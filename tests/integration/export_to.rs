@@ -230,3 +230,65 @@ spec:
         assert_eq!(out.status.success(), !conflict, "{text}");
     }
 }
+
+/// A gateway is a client of its Gateways' namespace: a VirtualService bound to it applies
+/// only when exported to that namespace.
+#[tokio::test]
+async fn a_gateway_sees_what_is_exported_to_its_namespace() {
+    let net = unique_net();
+    let _b = Backend::start(&format!("{net}21:8080"), "shop").await;
+    let mut yaml = format!(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: shop, namespace: shop}}
+spec:
+  hosts: [shop.example.com]
+  addresses: [{net}1]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  endpoints: [{{address: {net}21}}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw, namespace: ingress}}
+spec:
+  servers:
+  - port: {{number: 18080, name: http, protocol: HTTP}}
+    hosts: ['*/*.example.com']
+"
+    );
+    for (name, host, export) in [
+        ("visible", "a.example.com", "[ingress]"),
+        ("hidden", "b.example.com", "[.]"),
+    ] {
+        yaml += &format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  hosts: [{host}]
+  gateways: [ingress/gw]
+  exportTo: {export}
+  http: [{{route: [{{destination: {{host: shop.example.com}}}}]}}]
+"
+        );
+    }
+    let s = Scenario::from_yaml_on(yaml, net.clone());
+    let gw_ip = s.ip(100);
+    let _p = proxy::start(&s, Some(&gw_ip)).await;
+    let gw = format!("{gw_ip}:18080");
+    let r = eventually_async(Duration::from_secs(5), || {
+        nodeproxy_tests::get_from(None, &gw, "a.example.com", "/")
+    })
+    .await;
+    assert_eq!((r.status, r.body.as_str()), (200, "shop"), "{r:?}");
+    let r = nodeproxy_tests::get_from(None, &gw, "b.example.com", "/")
+        .await
+        .expect("an answer");
+    assert_eq!(
+        r.status, 404,
+        "not exported to the gateway's namespace: {r:?}"
+    );
+}

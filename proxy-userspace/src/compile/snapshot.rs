@@ -286,6 +286,10 @@ pub struct Snapshot {
     pub scoped: Vec<Scoped>,
     #[serde(skip)]
     pub(super) scope_index: FastMap<String, usize>,
+    /// Gateway ports whose Gateways all live in one namespace of a scope: that scope's view
+    /// of `exportTo` applies there (the gateway is that namespace's client).
+    #[serde(skip)]
+    pub(super) gateway_scope: FastMap<u16, usize>,
 }
 
 /// The snapshot a group of client namespaces sees.
@@ -311,6 +315,18 @@ impl Snapshot {
     /// The scope of clients of namespace `ns`.
     pub fn scope_of_namespace(&self, ns: &str) -> Option<usize> {
         self.scope_index.get(ns).copied()
+    }
+
+    /// The scope of a connection: a gateway port's (its Gateways' namespace), else the
+    /// client's.
+    pub fn scope_of_connection(&self, gateway_port: Option<u16>, ip: IpAddr) -> Option<usize> {
+        if self.scoped.is_empty() {
+            return None;
+        }
+        match gateway_port {
+            Some(p) => self.gateway_scope.get(&p).copied(),
+            None => self.scope_of(ip),
+        }
     }
 
     /// The snapshot clients at `ip` see.

@@ -80,7 +80,7 @@ pub fn handle(
         let http1 = req.version() < http::Version::HTTP_2;
         let start = Instant::now();
         let views = shared.view.load_full();
-        let view = views.for_client(conn.peer.ip());
+        let view = views.for_client(conn.gateway_port(), conn.peer.ip());
         let mut rec = RequestRecord::start(&req, conn.peer, start);
         // Cheap handles (shared bytes) kept for the metric labels after the request is consumed.
         let (uri_authority, host) = (

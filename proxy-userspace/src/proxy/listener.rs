@@ -370,7 +370,7 @@ pub async fn serve_connection(shared: Arc<Shared>, conn: Arc<ConnInfo>, accepted
     let _active = shared.track_connection();
     let (protocol, tls_config) = {
         let views = shared.view.load();
-        let view = views.for_client(conn.peer.ip());
+        let view = views.for_client(conn.gateway_port(), conn.peer.ip());
         let Some(l) = conn.listener.lookup(&view.snapshot) else {
             return;
         };

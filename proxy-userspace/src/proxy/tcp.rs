@@ -24,7 +24,7 @@ const SNI_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn proxy(shared: Arc<Shared>, conn: Arc<ConnInfo>, down: TcpStream, sni_routed: bool) {
     let start = Instant::now();
     let views = shared.view.load_full();
-    let view = views.for_client(conn.peer.ip());
+    let view = views.for_client(conn.gateway_port(), conn.peer.ip());
     let snap = &view.snapshot;
     let mut sni = None;
     // A connection closed before any upstream byte: log it with its flag.
