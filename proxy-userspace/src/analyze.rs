@@ -35,7 +35,6 @@ pub fn analyze(set: &ConfigSet) -> Vec<Diagnostic> {
         registry,
         drs,
         out: Vec::new(),
-        se_ports: HashMap::new(),
         vs_export: Exported::All,
     };
     for vs in &set.virtual_services {
@@ -53,6 +52,7 @@ pub fn analyze(set: &ConfigSet) -> Vec<Diagnostic> {
     for se in &set.service_entries {
         a.service_entry(se);
     }
+    a.protocol_conflicts();
     for ks in &set.kube_services {
         a.kube_service(ks);
     }
@@ -67,8 +67,6 @@ struct Analyzer<'a> {
     registry: Registry,
     drs: DrIndex,
     out: Vec<Diagnostic>,
-    /// (host, port) → (protocol, `ns/name`) of the first ServiceEntry declaring it.
-    se_ports: HashMap<(String, u32), (String, String)>,
     /// Who sees the VirtualService being analyzed (its subsets must be defined for them).
     vs_export: Exported,
 }
@@ -246,36 +244,87 @@ impl Analyzer<'_> {
     /// Two mesh VirtualServices for one host that some client namespace both sees (IST0109;
     /// `exportTo` scopes them, as Istio's analyzer does).
     fn host_conflicts(&mut self) {
-        let mut owners: HashMap<String, Vec<(String, Exported)>> = HashMap::new();
-        for vs in &self.set.virtual_services {
+        // Every mesh VirtualService of each host, with who sees it.
+        let mut claims: HashMap<String, Vec<(usize, usize, Exported)>> = HashMap::new();
+        for (v, vs) in self.set.virtual_services.iter().enumerate() {
             let on_mesh =
                 vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == MESH_GATEWAY);
             if !on_mesh {
                 continue;
             }
-            let me = format!("{}/{}", vs.namespace, vs.name);
             let seen_by = Exported::of(&vs.spec.export_to, &vs.namespace);
             for (i, h) in vs.spec.hosts.iter().enumerate() {
                 let host = expand_host(h, &vs.namespace, &self.set.cluster_domain);
-                let claimed = owners.entry(host.clone()).or_default();
-                let other = claimed
+                let claimed = claims.entry(host).or_default();
+                if !claimed.iter().any(|(o, _, _)| *o == v) {
+                    claimed.push((v, i, seen_by.clone()));
+                }
+            }
+        }
+        // A VirtualService exported to some namespaces also conflicts with a public one whose
+        // host overlaps its own by wildcard (`*.productpage.d` and `*.d`), as Istio finds it.
+        let mut wild: Vec<(String, usize, usize, String)> = Vec::new();
+        for (host, claimed) in &claims {
+            for (v, i, seen_by) in claimed {
+                if !seen_by.restricted() {
+                    continue;
+                }
+                for (other, public) in &claims {
+                    if other == host || !crate::compile::registry::hosts_intersect(host, other) {
+                        continue;
+                    }
+                    for (o, _, x) in public {
+                        if !x.restricted() && o != v {
+                            wild.push((host.clone(), *v, *i, other.clone()));
+                            wild.push((other.clone(), *o, 0, host.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        // As Istio, each VirtualService of a conflict is reported, once.
+        wild.sort();
+        let mut reported = std::collections::BTreeSet::new();
+        for (host, v, i, other) in wild {
+            if !reported.insert(v) {
+                continue;
+            }
+            let vs = &self.set.virtual_services[v];
+            self.out.push(
+                Diagnostic::new(
+                    codes::CONFLICTING_HOSTS,
+                    Severity::Error,
+                    format!("host `{host}` overlaps `{other}` of a VirtualService some namespace also sees (exportTo): mesh VirtualServices are not merged, one would be ignored"),
+                )
+                .on(vs.object_ref("VirtualService"), vs.source.clone())
+                .at(format!("spec.hosts[{i}]")),
+            );
+        }
+        let mut hosts: Vec<_> = claims.into_iter().collect();
+        hosts.sort_by(|a, b| a.0.cmp(&b.0));
+        for (host, claimed) in hosts {
+            for (v, i, seen_by) in &claimed {
+                let others: Vec<String> = claimed
                     .iter()
-                    .find(|(o, x)| *o != me && x.overlaps(&seen_by))
-                    .map(|(o, _)| o.clone());
-                if !claimed.iter().any(|(o, _)| *o == me) {
-                    claimed.push((me.clone(), seen_by.clone()));
+                    .filter(|(o, _, x)| o != v && x.overlaps(seen_by))
+                    .map(|(o, _, _)| {
+                        let vs = &self.set.virtual_services[*o];
+                        format!("{}/{}", vs.namespace, vs.name)
+                    })
+                    .collect();
+                if others.is_empty() || !reported.insert(*v) {
+                    continue;
                 }
-                if let Some(other) = other {
-                    self.out.push(
-                        Diagnostic::new(
-                            codes::CONFLICTING_HOSTS,
-                            Severity::Error,
-                            format!("host `{host}` is also claimed by VirtualService {other}, and some namespace sees both (exportTo): mesh VirtualServices are not merged, one would be ignored"),
-                        )
-                        .on(vs.object_ref("VirtualService"), vs.source.clone())
-                        .at(format!("spec.hosts[{i}]")),
-                    );
-                }
+                let vs = &self.set.virtual_services[*v];
+                self.out.push(
+                    Diagnostic::new(
+                        codes::CONFLICTING_HOSTS,
+                        Severity::Error,
+                        format!("host `{host}` is also claimed by VirtualService {}, and some namespace sees both (exportTo): mesh VirtualServices are not merged, one would be ignored", others.join(", ")),
+                    )
+                    .on(vs.object_ref("VirtualService"), vs.source.clone())
+                    .at(format!("spec.hosts[{i}]")),
+                );
             }
         }
     }

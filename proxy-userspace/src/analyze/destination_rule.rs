@@ -47,9 +47,10 @@ impl Analyzer<'_> {
             }
             for sid in &services {
                 let svc = &self.registry.services[*sid];
-                // NONE services and services without endpoints (a Kubernetes Service with no
-                // WorkloadEntry in file mode) have nothing to select from.
-                if svc.resolution == Resolution::None || svc.endpoints.is_empty() {
+                // NONE services and ServiceEntries without endpoints have nothing to select
+                // from; a Kubernetes Service without pods selects none (Istio reports it).
+                let kube = svc.origin == crate::compile::registry::ServiceOrigin::Kubernetes;
+                if svc.resolution == Resolution::None || (svc.endpoints.is_empty() && !kube) {
                     continue;
                 }
                 if !svc

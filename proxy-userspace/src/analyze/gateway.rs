@@ -83,40 +83,6 @@ impl Analyzer<'_> {
             }
         }
         self.out.extend(e.finish());
-        // VirtualServices bound to this gateway whose hosts match no server host (IST0132).
-        let me = format!("{}/{}", gw.namespace, gw.name);
-        for vs in &self.set.virtual_services {
-            if !vs
-                .spec
-                .gateways
-                .iter()
-                .any(|g| qualify_gateway(g, &vs.namespace) == me)
-            {
-                continue;
-            }
-            for (i, h) in vs.spec.hosts.iter().enumerate() {
-                let vh = expand_host(h, &vs.namespace, &self.set.cluster_domain);
-                let hit = gw.spec.servers.iter().flat_map(|s| &s.hosts).any(|sh| {
-                    let name = sh
-                        .split_once('/')
-                        .map(|x| x.1)
-                        .unwrap_or(sh)
-                        .to_ascii_lowercase();
-                    crate::compile::registry::hosts_intersect(&vh, &name)
-                });
-                if !hit {
-                    self.out.push(
-                        Diagnostic::new(
-                            codes::HOST_NOT_IN_GATEWAY,
-                            Severity::Warning,
-                            format!("host `{vh}` matches no server host of gateway {me}"),
-                        )
-                        .on(vs.object_ref("VirtualService"), vs.source.clone())
-                        .at(format!("spec.hosts[{i}]")),
-                    );
-                }
-            }
-        }
     }
 }
 

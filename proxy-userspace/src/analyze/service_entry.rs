@@ -197,41 +197,70 @@ impl Analyzer<'_> {
                 e.warn(codes::ADDRESSES_REQUIRED, format!("spec.ports[{i}]"), "TCP (or undeclared) port without addresses: the port alone identifies the service, so it must be unique on the node");
             }
         }
-        // Same host and port declared by an earlier ServiceEntry with another protocol (IST0177).
-        for h in &s.hosts {
-            for p in &s.ports {
-                let proto = p.protocol.clone().unwrap_or_default();
-                let key = (h.to_ascii_lowercase(), p.number);
-                match self.se_ports.get(&key) {
-                    Some((other_proto, owner)) if !other_proto.eq_ignore_ascii_case(&proto) => {
-                        e.warn(
-                            codes::CONFLICTING_PROTOCOL,
-                            "spec.ports",
-                            format!(
-                                "{h}:{} is declared {} here and {} by ServiceEntry {owner}",
-                                p.number,
-                                if proto.is_empty() { "(unset)" } else { &proto },
-                                if other_proto.is_empty() {
-                                    "(unset)"
-                                } else {
-                                    other_proto
-                                },
-                            ),
-                        );
-                    }
-                    Some(_) => {}
-                    None => {
-                        self.se_ports
-                            .insert(key, (proto, format!("{}/{}", se.namespace, se.name)));
-                    }
-                }
-            }
-        }
         self.out.extend(e.finish());
     }
 }
 
 impl Analyzer<'_> {
+    /// One host and port declared with different protocols by ServiceEntries some namespace
+    /// sees together (IST0177): each of them is reported, as Istio does.
+    pub(super) fn protocol_conflicts(&mut self) {
+        let mut by_port: std::collections::BTreeMap<(String, u32), Vec<(usize, String)>> =
+            Default::default();
+        for (k, se) in self.set.service_entries.iter().enumerate() {
+            for h in &se.spec.hosts {
+                for p in &se.spec.ports {
+                    let proto = p.protocol.clone().unwrap_or_default().to_ascii_uppercase();
+                    by_port
+                        .entry((h.to_ascii_lowercase(), p.number))
+                        .or_default()
+                        .push((k, proto));
+                }
+            }
+        }
+        let mut reported = HashSet::new();
+        for ((host, port), decls) in by_port {
+            for (k, proto) in &decls {
+                let se = &self.set.service_entries[*k];
+                let seen = Exported::of(&se.spec.export_to, &se.namespace);
+                let others: Vec<String> = decls
+                    .iter()
+                    .filter(|(o, p)| {
+                        let other = &self.set.service_entries[*o];
+                        o != k
+                            && p != proto
+                            && Exported::of(&other.spec.export_to, &other.namespace).overlaps(&seen)
+                    })
+                    .map(|(o, p)| {
+                        let other = &self.set.service_entries[*o];
+                        format!(
+                            "{}/{} ({})",
+                            other.namespace,
+                            other.name,
+                            if p.is_empty() { "unset" } else { p }
+                        )
+                    })
+                    .collect();
+                if others.is_empty() || !reported.insert(*k) {
+                    continue;
+                }
+                self.out.push(
+                    Diagnostic::new(
+                        codes::CONFLICTING_PROTOCOL,
+                        Severity::Warning,
+                        format!(
+                            "{host}:{port} is declared {} here and otherwise by ServiceEntry {}",
+                            if proto.is_empty() { "(unset)" } else { proto },
+                            others.join(", ")
+                        ),
+                    )
+                    .on(se.object_ref("ServiceEntry"), se.source.clone())
+                    .at("spec.ports"),
+                );
+            }
+        }
+    }
+
     /// Kubernetes Service ports whose protocol Istio cannot tell from the name or
     /// appProtocol (IST0118, info; IST0150 for ExternalName Services, whose port named `tcp`
     /// is also reported). Istio's control plane namespace is skipped, as Istio does.

@@ -110,12 +110,17 @@ fn missing_host_and_gateway_are_errors() {
     let d = run(&format!(
         "{REGISTRY}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r}}\nspec:\n  hosts: [reviews]\n  gateways: [mesh, ingress]\n  http:\n  - route:\n    - destination: {{host: nowhere}}\n"
     ));
+    // A missing gateway: IST0101, and (as Istio) IST0132, since it has no host.
     assert_eq!(
         codes_of(&d),
-        vec![("IST0101", Severity::Error), ("IST0101", Severity::Error)]
+        vec![
+            ("IST0101", Severity::Error),
+            ("IST0132", Severity::Warning),
+            ("IST0101", Severity::Error)
+        ]
     );
     assert!(d[0].message.contains("default/ingress"));
-    assert!(d[1].message.contains("nowhere.default.svc.cluster.local"));
+    assert!(d[2].message.contains("nowhere.default.svc.cluster.local"));
 }
 
 #[test]
@@ -126,8 +131,12 @@ fn two_mesh_virtual_services_for_one_host_conflict() {
         )
     };
     let d = run(&format!("{REGISTRY}{}---\n{}", vs("a"), vs("b")));
-    assert_eq!(codes_of(&d), vec![("IST0109", Severity::Error)]);
-    assert!(d[0].message.contains("default/a"));
+    // As Istio, each VirtualService of the conflict is reported.
+    assert_eq!(
+        codes_of(&d),
+        vec![("IST0109", Severity::Error), ("IST0109", Severity::Error)]
+    );
+    assert!(d[0].message.contains("default/b") && d[1].message.contains("default/a"));
 }
 
 #[test]
@@ -711,5 +720,51 @@ fn header_operations_as_istio_validates_them() {
     assert!(
         variable.contains(&("NP0003", Severity::Warning)),
         "{variable:?}"
+    );
+}
+
+/// Cross-object findings as Istio's analyzers make them: destinations exist for the
+/// namespaces that use them; gateway hosts by `ns/host` scope, per gateway; every
+/// ServiceEntry of a protocol conflict.
+#[test]
+fn cross_object_findings_as_istio_makes_them() {
+    let count = |yaml: &str, code: &str| verdict(yaml).iter().filter(|c| c.0 == code).count();
+    // A Service exported to another namespace only is not a destination here.
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: details, namespace: default, annotations: {networking.istio.io/exportTo: banana}}\nspec:\n  ports: [{port: 9080, name: http}]\n  selector: {app: details}\n---\n";
+    let vs = |ns: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: d, namespace: {ns}}}\nspec:\n  hosts: [details]\n  http: [{{route: [{{destination: {{host: details.default.svc.cluster.local}}}}]}}]\n"
+        )
+    };
+    assert_eq!(count(&format!("{svc}{}", vs("istio-system")), "IST0101"), 1);
+    assert_eq!(count(&format!("{svc}{}", vs("banana")), "IST0101"), 0);
+    // `./host` on a Gateway: only VirtualServices of the Gateway's namespace.
+    let gw = "apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: istio-system}\nspec:\n  servers: [{port: {number: 80, name: http, protocol: HTTP}, hosts: [./a.example.com]}]\n---\n";
+    let bound = |ns: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: v, namespace: {ns}}}\nspec:\n  hosts: [a.example.com]\n  gateways: [istio-system/gw]\n  http: [{{directResponse: {{status: 200}}}}]\n"
+        )
+    };
+    assert_eq!(
+        count(&format!("{gw}{}", bound("istio-system")), "IST0132"),
+        0
+    );
+    assert_eq!(count(&format!("{gw}{}", bound("default")), "IST0132"), 1);
+    // Two ServiceEntries, one host and port, two protocols: both reported.
+    let se = |n: &str, proto: &str| {
+        format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {n}}}\nspec:\n  hosts: [api.example.com]\n  ports: [{{number: 443, name: p, protocol: {proto}}}]\n  resolution: DNS\n"
+        )
+    };
+    assert_eq!(
+        count(
+            &format!("{}{}", se("a", "HTTPS"), se("b", "TLS")),
+            "IST0177"
+        ),
+        2
+    );
+    assert_eq!(
+        count(&format!("{}{}", se("a", "TLS"), se("b", "TLS")), "IST0177"),
+        0
     );
 }

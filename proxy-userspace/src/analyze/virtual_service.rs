@@ -87,16 +87,25 @@ impl Analyzer<'_> {
                 continue;
             }
             let q = qualify_gateway(g, ns);
-            if !self
+            let gw = self
                 .set
                 .gateways
                 .iter()
-                .any(|gw| format!("{}/{}", gw.namespace, gw.name) == q)
-            {
+                .find(|gw| format!("{}/{}", gw.namespace, gw.name) == q);
+            if gw.is_none() {
                 e.error(
                     codes::NOT_FOUND,
                     format!("spec.gateways[{i}]"),
                     format!("gateway `{q}` referenced by the VirtualService does not exist"),
+                );
+            }
+            // IST0132, per gateway as Istio: no host of the VirtualService is among the
+            // gateway's server hosts visible to this namespace (a missing gateway has none).
+            if !gw.is_some_and(|gw| self.hosts_in_gateway(gw, ns, &spec.hosts)) {
+                e.warn(
+                    codes::HOST_NOT_IN_GATEWAY,
+                    format!("spec.gateways[{i}]"),
+                    format!("one or more host {:?} defined in VirtualService {ns}/{} not found in Gateway {q}", spec.hosts, vs.name),
                 );
             }
         }
@@ -365,6 +374,14 @@ impl Analyzer<'_> {
         d: &Destination,
         what: &str,
     ) {
+        if d.host.is_empty() {
+            e.error(
+                codes::NOT_FOUND,
+                format!("{field}.host"),
+                format!("referenced {what} not found: the destination names no host"),
+            );
+            return;
+        }
         let host = expand_host(&d.host, ns, &self.set.cluster_domain);
         // `*` is no destination; `*.x` is one when a ServiceEntry declares that very host.
         if host == "*" || !wildcard_ok(&host) {
@@ -380,6 +397,22 @@ impl Analyzer<'_> {
             return;
         };
         let svc = &self.registry.services[sid];
+        // The host must exist for the clients the VirtualService serves: its own namespace, or
+        // each namespace it is exported to (Istio's destination-host analyzer).
+        let clients: Vec<String> = match &self.vs_export {
+            Exported::To(list) => list.iter().cloned().collect(),
+            Exported::All => vec![ns.to_string()],
+        };
+        if let Some(blind) = clients.iter().find(|c| !self.host_visible(&host, c)) {
+            e.error(
+                codes::NOT_FOUND,
+                format!("{field}.host"),
+                format!(
+                    "referenced {what} not found: `{host}` is not exported to namespace {blind}"
+                ),
+            );
+            return;
+        }
         match d.port {
             Some(p) if svc.port(p.number as u16).is_none() => {
                 e.error(
@@ -699,5 +732,47 @@ impl Analyzer<'_> {
                 );
             }
         }
+    }
+
+    /// Does a ServiceEntry or Service defining `host` (or a wildcard entry covering it) export
+    /// it to namespace `ns`?
+    fn host_visible(&self, host: &str, ns: &str) -> bool {
+        let se = self.set.service_entries.iter().any(|se| {
+            se.spec.hosts.iter().any(|h| {
+                h.eq_ignore_ascii_case(host) || host_matches(&h.to_ascii_lowercase(), host)
+            }) && Exported::of(&se.spec.export_to, &se.namespace).visible_to(Some(ns))
+        });
+        se || self.set.kube_services.iter().any(|ks| {
+            format!(
+                "{}.{}.svc.{}",
+                ks.name,
+                ks.namespace,
+                self.set.cluster_domain.as_str()
+            )
+            .eq_ignore_ascii_case(host)
+                && crate::compile::scopes::Exported::of_annotation(&ks.annotations, &ks.namespace)
+                    .visible_to(Some(ns))
+        })
+    }
+
+    /// Does some host of a VirtualService of namespace `ns` match a server host of `gw`
+    /// (`ns/host` scoping: `*` any namespace, `.` the Gateway's, else that one)?
+    fn hosts_in_gateway(&self, gw: &Object<config::Gateway>, ns: &str, hosts: &[String]) -> bool {
+        gw.spec.servers.iter().flat_map(|s| &s.hosts).any(|sh| {
+            let (scope, name) = sh.split_once('/').unwrap_or(("*", sh));
+            let ns_ok = match scope {
+                "*" => true,
+                "." => ns == gw.namespace,
+                other => ns == other,
+            };
+            let name = name.to_ascii_lowercase();
+            ns_ok
+                && hosts.iter().any(|h| {
+                    let lit = h.to_ascii_lowercase();
+                    let full = expand_host(h, ns, &self.set.cluster_domain);
+                    crate::compile::registry::hosts_intersect(&lit, &name)
+                        || crate::compile::registry::hosts_intersect(&full, &name)
+                })
+        })
     }
 }

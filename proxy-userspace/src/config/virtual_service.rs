@@ -151,7 +151,8 @@ pub struct HttpMatchRequest {
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteDestination {
-    /// Target service.
+    /// Target service (an empty one is reported by analysis, as Istio's analyzer does).
+    #[serde(default)]
     pub destination: Destination,
     /// Relative weight.
     #[serde(default)]
