@@ -145,11 +145,7 @@ fn qualify(mut r: HttpRoute, ns: &str, set: &ConfigSet) -> HttpRoute {
 /// A delegate rule under its root rule, or None when its matches conflict with the root's.
 fn merge_route(root: &HttpRoute, mut child: HttpRoute) -> Option<HttpRoute> {
     child.matches = merge_matches(&root.matches, &child.matches)?;
-    child.name = match (&root.name, child.name.take()) {
-        (r, None) => r.clone(),
-        (Some(r), Some(c)) => Some(format!("{r}-{c}")),
-        (None, c) => c,
-    };
+    child.name = joined(&root.name, &child.name);
     macro_rules! inherit {
         ($($f:ident),*) => { $( if child.$f.is_none() { child.$f = root.$f.clone(); } )* };
     }
@@ -200,13 +196,18 @@ fn merge_matches(
     (!out.is_empty()).then_some(out)
 }
 
-fn and(r: &HttpMatchRequest, c: &HttpMatchRequest) -> HttpMatchRequest {
-    let mut out = c.clone();
-    out.name = match (&r.name, &c.name) {
+/// Istio's merged name: `root-child`, or whichever is set.
+fn joined(root: &Option<String>, child: &Option<String>) -> Option<String> {
+    match (root, child) {
         (r, None) => r.clone(),
         (Some(r), Some(c)) => Some(format!("{r}-{c}")),
         (None, c) => c.clone(),
-    };
+    }
+}
+
+fn and(r: &HttpMatchRequest, c: &HttpMatchRequest) -> HttpMatchRequest {
+    let mut out = c.clone();
+    out.name = joined(&r.name, &c.name);
     if out.uri.is_none() {
         out.uri = r.uri.clone();
     }

@@ -143,21 +143,14 @@ impl Scope {
 /// The scopes of a set: the default scope first, then one per group of client namespaces
 /// that see something else.
 pub fn plan(set: &ConfigSet) -> Vec<Scope> {
-    let vs: Vec<Exported> = set
-        .virtual_services
-        .iter()
-        .map(|o| Exported::of(&o.spec.export_to, &o.namespace))
-        .collect();
-    let dr: Vec<Exported> = set
-        .destination_rules
-        .iter()
-        .map(|o| Exported::of(&o.spec.export_to, &o.namespace))
-        .collect();
-    let se: Vec<Exported> = set
-        .service_entries
-        .iter()
-        .map(|o| Exported::of(&o.spec.export_to, &o.namespace))
-        .collect();
+    fn exports<T>(objs: &[Object<T>], list: impl Fn(&T) -> &[String]) -> Vec<Exported> {
+        objs.iter()
+            .map(|o| Exported::of(list(&o.spec), &o.namespace))
+            .collect()
+    }
+    let vs = exports(&set.virtual_services, |s| &s.export_to);
+    let dr = exports(&set.destination_rules, |s| &s.export_to);
+    let se = exports(&set.service_entries, |s| &s.export_to);
     let ks: Vec<Exported> = set
         .kube_services
         .iter()
