@@ -172,7 +172,7 @@ impl Scene {
         serde_json::from_str(&body).expect("kernel json")
     }
 
-    fn counter(&self, reason: &str) -> u64 {
+    pub(super) fn counter(&self, reason: &str) -> u64 {
         self.kernel()["counters"][reason].as_u64().unwrap_or(0)
     }
 

@@ -7,6 +7,7 @@ mod demo;
 mod egress;
 mod kubernetes;
 mod lifecycle;
+mod splice;
 mod wildcard;
 
 /// One proxy attaches to the cgroup root at a time.
