@@ -37,8 +37,11 @@ static __always_inline int np_sockmap_add(struct bpf_sock_ops *skops, struct np_
 		return 0;
 	if (key->local_ip != np_capture_ip4 && key->remote_ip != np_capture_ip4)
 		return 0;
-	if (!bpf_sock_hash_update(skops, &np_sock_hash, key, BPF_NOEXIST))
+	if (!bpf_sock_hash_update(skops, &np_sock_hash, key, BPF_NOEXIST)) {
 		np_count(NP_R_SOCKMAP_ADD);
+		/* Told of its state changes: it leaves the splice when it sends its FIN. */
+		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	}
 	return 1;
 }
 
@@ -71,6 +74,7 @@ static __always_inline void np_upstream_accepted(struct bpf_sock_ops *skops,
 		return;
 	if (bpf_sock_hash_update(skops, &np_sock_hash, key, BPF_NOEXIST))
 		return;
+	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
 	*state = 1;
 	np_count(NP_R_SOCKMAP_UPSTREAM);
 }
@@ -84,6 +88,18 @@ int np_sockops(struct bpf_sock_ops *skops)
 	struct np_sock_key key = {};
 	__u64 cookie;
 
+	/* A spliced end that sends its FIN leaves the splice first (the state changes to
+	 * FIN_WAIT1 before the FIN goes out): kept in, a half-closing client's FIN did not reach
+	 * the proxy until the client closed, and its answer was lost (tests/e2e/splice.rs). The
+	 * receiving end stays: leaving would drop what the splice queued for it, unread. */
+	if (skops->op == BPF_SOCK_OPS_STATE_CB) {
+		if (skops->family == NP_AF_INET &&
+		    skops->args[1] == BPF_TCP_FIN_WAIT1) {
+			np_sock_key_of(skops, &key);
+			bpf_map_delete_elem(&np_sock_hash, &key);
+		}
+		return 1;
+	}
 	if (skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
 	    skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
 		return 1;

@@ -56,11 +56,10 @@ fn reset_server(l: std::net::TcpListener) {
     });
 }
 
-/// Known to fail (issue 25): through the splice, a client's half-close loses the answer within
-/// the first few connections (the same test passes without `--sockmap`). Kept out of the suite
-/// until the splice handles FIN; run it with `--ignored`.
+/// Before the fix in `sockops.bpf.c` (a spliced end leaves the splice when it sends its FIN),
+/// the half-close lost the answer within the first few connections; without `--sockmap` it
+/// never did.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "issue 25: half-close through the --sockmap splice loses the answer (reproduces in the first connections)"]
 async fn spliced_connections_half_close_reset_and_leave_no_map_entries() {
     if !require_root("spliced_connections_half_close_reset_and_leave_no_map_entries") {
         return;
