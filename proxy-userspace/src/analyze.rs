@@ -36,6 +36,15 @@ pub fn analyze(set: &ConfigSet) -> Vec<Diagnostic> {
         drs,
         out: Vec::new(),
         vs_export: Exported::All,
+        // Only then can a host exist but be hidden from a namespace.
+        services_restricted: set
+            .service_entries
+            .iter()
+            .any(|se| Exported::of(&se.spec.export_to, &se.namespace).restricted())
+            || set
+                .kube_services
+                .iter()
+                .any(|ks| Exported::of_annotation(&ks.annotations, &ks.namespace).restricted()),
     };
     for vs in &set.virtual_services {
         a.virtual_service(vs);
@@ -69,6 +78,8 @@ struct Analyzer<'a> {
     out: Vec<Diagnostic>,
     /// Who sees the VirtualService being analyzed (its subsets must be defined for them).
     vs_export: Exported,
+    /// Some ServiceEntry or Service is exported to some namespaces only.
+    services_restricted: bool,
 }
 
 /// Collects the diagnostics of one object: `e.error(code, field, message)` instead of

@@ -403,7 +403,10 @@ impl Analyzer<'_> {
             Exported::To(list) => list.iter().cloned().collect(),
             Exported::All => vec![ns.to_string()],
         };
-        if let Some(blind) = clients.iter().find(|c| !self.host_visible(&host, c)) {
+        if let Some(blind) = clients
+            .iter()
+            .find(|c| self.services_restricted && !self.host_visible(&host, c))
+        {
             e.error(
                 codes::NOT_FOUND,
                 format!("{field}.host"),
